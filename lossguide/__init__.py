@@ -1,0 +1,38 @@
+"""lossguide: training-free, loss-based guidance of pretrained diffusion models.
+
+One guidance engine (:mod:`lossguide.guidance`) drives any sampler (:mod:`lossguide.samplers`);
+the methods (DPS, FreeDoM, UGD, LGD-MC, MPGD, TFG, Shen et al. 2024, classifier guidance) are
+presets of it (:mod:`lossguide.presets`).
+"""
+
+from lossguide.denoiser import Denoiser, DenoiserOutput, from_diffusers, from_module
+from lossguide.guidance import GuidanceConfig, GuidanceEngine, GuidanceStats
+from lossguide.presets import PRESETS, with_techniques
+from lossguide.presets import get as preset
+from lossguide.rng import make_generators
+from lossguide.samplers import DDIM, DDPM, DiffusersSampler, Sampler
+from lossguide.sampling import SampleResult, sample
+from lossguide.schedule import NoiseSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DDIM",
+    "DDPM",
+    "PRESETS",
+    "Denoiser",
+    "DenoiserOutput",
+    "DiffusersSampler",
+    "GuidanceConfig",
+    "GuidanceEngine",
+    "GuidanceStats",
+    "NoiseSchedule",
+    "SampleResult",
+    "Sampler",
+    "from_diffusers",
+    "from_module",
+    "make_generators",
+    "preset",
+    "sample",
+    "with_techniques",
+]

@@ -1,0 +1,313 @@
+"""The guidance engine: one guided step for any sampler (Shen et al. 2024, Algs. 1–3; TFG, Ye et al. 2024).
+
+Per step and per sample:
+
+1. ε_hat, x0_hat = D(x_t, t), with autograd to x_t when the ρ part needs it;
+2. ρ part: g = ∇_{x_t} ℓ̃(x0_hat(x_t)) through the denoiser (DPS, FreeDoM, UGD-forward, TFG ρ), or
+   ∇_{x_t} ℓ(x_t, t) of a noise-aware loss (classifier guidance); applied to x_{t'} (−step·g) or to
+   ε (ε + step·√(1−ᾱ_t)·g);
+3. μ part: ``n_iter`` steps x0 ← x0 − step·∇_{x0} ℓ̃(x0) without the denoiser (MPGD, UGD-backward,
+   TFG μ), then an optional projection hook (MPGD's autoencoder);
+4. x_{t'} = sampler.step(x_t, x0, ε) + the ρ correction.
+
+ℓ̃ is ℓ smoothed by random augmentation (mean over |T| copies, Alg. 1) and/or by Monte-Carlo Gaussian
+noise (−log mean exp(−ℓ), LGD-MC and TFG's γ). A non-finite loss or gradient in one sample skips that
+sample's step and is counted; x0_hat is never clamped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from lossguide.augment import augmentation_to_dict
+from lossguide.denoiser import Denoiser
+from lossguide.rng import Generators, randn
+from lossguide.samplers import Sampler
+from lossguide.steps import StepContext, StepRule
+
+RHO_TARGETS = ("x_prev", "eps")
+LOSS_INPUTS = ("x0", "x_t")
+MC_SCHEDULES = ("decrease", "constant")
+
+
+@dataclass
+class GuidanceConfig:
+    """Everything a guidance method is, as named parameters (see :mod:`lossguide.presets`).
+
+    Args:
+        rho: step rule for the gradient through the denoiser (None: no ρ part).
+        rho_target: ``"x_prev"`` subtracts step·g from x_{t'}; ``"eps"`` adds step·√(1−ᾱ_t)·g to ε_hat.
+        mu: step rule for x0-space gradient steps (None: no μ part).
+        n_iter: number of x0-space steps per diffusion step.
+        loss_input: ``"x0"`` (the loss sees x0_hat) or ``"x_t"`` (a noise-aware loss ``ℓ(x_t, t)``).
+        augment: augmentation callable (e.g. :class:`~lossguide.augment.DiffAugment`) or None.
+        n_aug: |T|, copies per sample (0: no augmentation).
+        mc_sigma: γ̄ of the Monte-Carlo Gaussian smoothing (0: none).
+        mc_schedule: ``"decrease"`` (γ_t = γ̄·√(1−ᾱ_t)) or ``"constant"`` (γ_t = γ̄).
+        n_mc: Monte-Carlo samples per sample.
+        n_recur: time-travel repeats s per step inside ``recur_window`` (1: none).
+        recur_window: (lo, hi) fractions of the training timesteps, t/T ∈ [lo, hi].
+        window: (lo, hi) fractions t/T in which guidance is applied.
+        x0_projection: hook ``P(x0) -> x0`` after the μ steps (MPGD-Z's autoencoder projection).
+        name: the preset this config came from, for records.
+    """
+
+    rho: StepRule | None = None
+    rho_target: str = "x_prev"
+    mu: StepRule | None = None
+    n_iter: int = 1
+    loss_input: str = "x0"
+    augment: Callable | None = None
+    n_aug: int = 0
+    mc_sigma: float = 0.0
+    mc_schedule: str = "decrease"
+    n_mc: int = 1
+    n_recur: int = 1
+    recur_window: tuple[float, float] = (0.0, 1.0)
+    window: tuple[float, float] = (0.0, 1.0)
+    x0_projection: Callable | None = None
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.rho_target not in RHO_TARGETS:
+            raise ValueError(f"rho_target must be one of {RHO_TARGETS}, got {self.rho_target!r}")
+        if self.loss_input not in LOSS_INPUTS:
+            raise ValueError(f"loss_input must be one of {LOSS_INPUTS}, got {self.loss_input!r}")
+        if self.mc_schedule not in MC_SCHEDULES:
+            raise ValueError(f"mc_schedule must be one of {MC_SCHEDULES}, got {self.mc_schedule!r}")
+        for name in ("n_iter", "n_mc", "n_recur"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.n_aug < 0:
+            raise ValueError(f"n_aug must be ≥ 0, got {self.n_aug}")
+        if self.n_aug > 0 and self.augment is None:
+            raise ValueError(f"n_aug={self.n_aug} but no augmentation; pass augment=DiffAugment() or set n_aug=0")
+        if self.mc_sigma < 0:
+            raise ValueError(f"mc_sigma must be ≥ 0, got {self.mc_sigma}")
+        for name in ("window", "recur_window"):
+            lo, hi = getattr(self, name)
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"{name} must be (lo, hi) with 0 ≤ lo ≤ hi ≤ 1 (fractions of t/T), got {(lo, hi)}")
+        if self.loss_input == "x_t" and (self.mu is not None or self.n_aug or self.mc_sigma):
+            raise ValueError("a noise-aware loss (loss_input='x_t') takes no μ steps, augmentation or MC smoothing")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rho is not None or self.mu is not None
+
+    def replace(self, **changes) -> GuidanceConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """A serialisable description (for ``config.yaml``)."""
+        return {
+            "name": self.name,
+            "rho": self.rho.to_dict() if self.rho else None,
+            "rho_target": self.rho_target,
+            "mu": self.mu.to_dict() if self.mu else None,
+            "n_iter": self.n_iter,
+            "loss_input": self.loss_input,
+            "augment": augmentation_to_dict(self.augment),
+            "n_aug": self.n_aug,
+            "mc_sigma": self.mc_sigma,
+            "mc_schedule": self.mc_schedule,
+            "n_mc": self.n_mc,
+            "n_recur": self.n_recur,
+            "recur_window": list(self.recur_window),
+            "window": list(self.window),
+            "x0_projection": None if self.x0_projection is None else getattr(self.x0_projection, "__name__", "hook"),
+        }
+
+
+@dataclass
+class GuidanceStats:
+    """Counters of one sampling run; per-sample tensors are ``[B]``."""
+
+    nfe: int = 0  # denoiser forward passes (each sample sees the same count)
+    denoiser_grads: int = 0  # backward passes through the denoiser
+    loss_evals: int = 0  # loss evaluations per sample (every augmented / MC copy counts)
+    loss_grads: int = 0  # loss gradients per sample
+    skipped: torch.Tensor | None = None  # steps skipped for a non-finite loss/gradient
+    zero_grad: torch.Tensor | None = None  # steps the ‖g‖ ≈ 0 guard held back
+    last_loss: torch.Tensor | None = None  # ℓ̃ of the last guided evaluation
+    loss_trace: list = field(default_factory=list)  # (i, t, ℓ [B]) per guided step
+
+    def init(self, batch: int) -> None:
+        self.skipped = torch.zeros(batch, dtype=torch.long)
+        self.zero_grad = torch.zeros(batch, dtype=torch.long)
+        self.last_loss = torch.full((batch,), float("nan"), dtype=torch.float64)
+
+    def to_dict(self) -> dict:
+        return {
+            "nfe": self.nfe,
+            "denoiser_grads": self.denoiser_grads,
+            "loss_evals": self.loss_evals,
+            "loss_grads": self.loss_grads,
+            "skipped": self.skipped.tolist() if self.skipped is not None else None,
+            "zero_grad": self.zero_grad.tolist() if self.zero_grad is not None else None,
+        }
+
+
+def _check_loss_output(L, n: int, where: str) -> torch.Tensor:
+    if not isinstance(L, torch.Tensor):
+        raise TypeError(
+            f"the loss returned {type(L).__name__}; it must return a tensor of shape [{n}] (one per sample)"
+        )
+    if L.shape != (n,):
+        hint = " (a scalar: did you reduce with .mean()/.sum()? return one value per sample)" if L.ndim == 0 else ""
+        raise ValueError(f"the loss returned shape {tuple(L.shape)} for {n} inputs {where}; expected [{n}]{hint}")
+    return L
+
+
+class GuidanceEngine:
+    """Applies a :class:`GuidanceConfig` with a per-sample loss to one sampler step."""
+
+    def __init__(self, config: GuidanceConfig | None, loss: Callable | None):
+        config = config or GuidanceConfig(name="none")
+        if config.enabled and loss is None:
+            raise ValueError(f"guidance '{config.name}' needs a loss: pass loss=callable(x0) -> [B]")
+        self.config = config
+        self.loss = loss
+
+    # -- windows -----------------------------------------------------------------------------------
+    def active(self, sampler: Sampler, i: int) -> bool:
+        if not self.config.enabled:
+            return False
+        lo, hi = self.config.window
+        frac = int(sampler.timesteps[i]) / sampler.schedule.num_train_timesteps
+        return lo <= frac <= hi
+
+    def recurrences(self, sampler: Sampler, i: int) -> int:
+        """Time-travel repeats s at step i (1 outside ``recur_window`` or where guidance is off)."""
+        if self.config.n_recur == 1 or not self.active(sampler, i):
+            return 1
+        lo, hi = self.config.recur_window
+        frac = int(sampler.timesteps[i]) / sampler.schedule.num_train_timesteps
+        return self.config.n_recur if lo <= frac <= hi else 1
+
+    # -- the smoothed loss ℓ̃ --------------------------------------------------------------------------
+    def smoothed_loss(self, x0: torch.Tensor, generators: Generators, alpha_bar: float, stats) -> torch.Tensor:
+        """ℓ̃(x0) [B]: mean over |T| augmentations, then −log mean_k exp(−ℓ) over MC noise."""
+        cfg = self.config
+        B = x0.shape[0]
+        x, gens = x0, list(generators)
+        n_mc = cfg.n_mc if cfg.mc_sigma > 0 else 1
+        if n_mc > 1 or cfg.mc_sigma > 0:
+            gamma = cfg.mc_sigma * ((1 - alpha_bar) ** 0.5 if cfg.mc_schedule == "decrease" else 1.0)
+            noise = randn((n_mc, *x0.shape[1:]), gens, dtype=x0.dtype, device=x0.device)
+            x = (x0.unsqueeze(1) + gamma * noise).reshape(B * n_mc, *x0.shape[1:])
+            gens = [g for g in gens for _ in range(n_mc)]
+        n_aug = cfg.n_aug
+        if n_aug > 0:
+            x = cfg.augment(x, gens, n_aug)
+        n_copies = n_mc * max(n_aug, 1)
+        L = _check_loss_output(self.loss(x), B * n_copies, "(after augmentation/MC copies)" if n_copies > 1 else "")
+        stats.loss_evals += n_copies
+        L = L.reshape(B, n_mc, max(n_aug, 1)).mean(dim=2)
+        if n_mc > 1:
+            L = -(torch.logsumexp(-L, dim=1) - math.log(n_mc))
+        else:
+            L = L[:, 0]
+        return L
+
+    # -- gradients -----------------------------------------------------------------------------------
+    @staticmethod
+    def _grad(L: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
+        if not L.requires_grad:
+            raise ValueError(
+                f"the loss does not depend on {what}: its output has no gradient. Build it from the input "
+                "tensor with differentiable torch ops (no .detach(), .numpy() or torch.no_grad())"
+            )
+        (g,) = torch.autograd.grad(L.sum(), x, allow_unused=True)
+        if g is None:
+            raise ValueError(f"the loss does not depend on {what}; a guidance loss must be a function of its input")
+        return g
+
+    def _sanitize(self, L, g, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample NaN/Inf guard: zero the bad samples' gradients and count them."""
+        bad = ~torch.isfinite(L.detach()) | ~torch.isfinite(g).flatten(1).all(dim=1)
+        if bad.any():
+            stats.skipped += bad.cpu().long()
+            g = torch.where(bad.view(-1, *([1] * (g.ndim - 1))), torch.zeros_like(g), g)
+        return g, bad
+
+    def _step_size(self, rule, ctx: StepContext, bad, stats) -> torch.Tensor:
+        step = rule(ctx).to(ctx.grad.dtype)
+        zero = ctx.stats.pop("zero_grad", None)
+        if zero is not None:
+            stats.zero_grad += (zero & ~bad).cpu().long()
+        nonfinite = ~torch.isfinite(step)
+        if nonfinite.any():
+            stats.skipped += (nonfinite & ~bad).cpu().long()
+        return torch.where(bad | nonfinite, torch.zeros_like(step), step)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(
+        self, denoiser: Denoiser, sampler: Sampler, x_t: torch.Tensor, i: int, generators: Generators, stats
+    ) -> torch.Tensor:
+        """x_{t'} from x_t at step i, guided where the window says so."""
+        cfg = self.config
+        t = int(sampler.timesteps[i])
+        ab_t, _ = sampler.alpha_bars(i)
+        active = self.active(sampler, i)
+        view = (-1,) + (1,) * (x_t.ndim - 1)
+        grad_through_denoiser = active and cfg.rho is not None and cfg.loss_input == "x0"
+        x_t = x_t.detach()
+        with torch.set_grad_enabled(grad_through_denoiser):
+            if grad_through_denoiser:
+                x_t.requires_grad_(True)
+            out = denoiser(x_t, t)
+        stats.nfe += 1
+        eps, x0 = out.eps, out.x0_hat
+        delta_prev = None
+        alpha_bars = None
+        if active and cfg.rho is not None:
+            alpha_bars = [sampler.alpha_bars(j) for j in range(len(sampler))]
+            with torch.enable_grad():
+                if cfg.loss_input == "x0":
+                    L = self.smoothed_loss(x0, generators, ab_t, stats)
+                    g = self._grad(L, x_t, "x0_hat")
+                    stats.denoiser_grads += 1
+                else:
+                    xt = x_t.detach().requires_grad_(True)
+                    L = _check_loss_output(self.loss(xt, t), x_t.shape[0], "")
+                    stats.loss_evals += 1
+                    g = self._grad(L, xt, "x_t")
+            stats.loss_grads += 1
+            g, bad = self._sanitize(L, g, stats)
+            ctx = StepContext(i=i, alpha_bars=alpha_bars, eps=eps.detach(), grad=g, loss=L.detach())
+            step = self._step_size(cfg.rho, ctx, bad, stats).view(view)
+            stats.last_loss = L.detach().double().cpu()
+            stats.loss_trace.append((i, t, L.detach().cpu()))
+            if cfg.rho_target == "x_prev":
+                delta_prev = -step * g
+            else:
+                s_t = (1 - ab_t) ** 0.5
+                eps = eps.detach() + step * s_t * g
+                x0 = (x_t.detach() - s_t * eps) / ab_t**0.5
+        eps, x0 = eps.detach(), x0.detach()
+        if active and cfg.mu is not None:
+            alpha_bars = alpha_bars or [sampler.alpha_bars(j) for j in range(len(sampler))]
+            for _ in range(cfg.n_iter):
+                with torch.enable_grad():
+                    x0_var = x0.detach().requires_grad_(True)
+                    L = self.smoothed_loss(x0_var, generators, ab_t, stats)
+                    g0 = self._grad(L, x0_var, "x0")
+                stats.loss_grads += 1
+                g0, bad = self._sanitize(L, g0, stats)
+                ctx = StepContext(i=i, alpha_bars=alpha_bars, eps=eps, grad=g0, loss=L.detach())
+                step = self._step_size(cfg.mu, ctx, bad, stats).view(view)
+                x0 = x0 - step * g0
+                if cfg.rho is None:
+                    stats.last_loss = L.detach().double().cpu()
+                    stats.loss_trace.append((i, t, L.detach().cpu()))
+            if cfg.x0_projection is not None:
+                x0 = cfg.x0_projection(x0).detach()
+        x_prev = sampler.step(x_t.detach(), x0, eps, i, generators)
+        if delta_prev is not None:
+            x_prev = x_prev + delta_prev.detach()
+        return x_prev

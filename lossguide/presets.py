@@ -1,0 +1,180 @@
+"""Guidance methods as configurations of the one engine, each citing its source.
+
+Every preset is a function returning a :class:`~lossguide.guidance.GuidanceConfig`; its keyword
+arguments are the method's named parameters with documented defaults. The paper's three techniques
+(random augmentation, Polyak step, time travel) combine with any preset through :func:`with_techniques`,
+so an ablation is one argument. Step scales depend on the loss's scale: tune them per task
+(``lossguide bench``) except for the Polyak step, which is scale-free in the loss.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from lossguide.augment import DiffAugment
+from lossguide.guidance import GuidanceConfig
+from lossguide.steps import AlphaBarPower, Constant, LossNormalized, Polyak, TFGSchedule
+
+
+def none() -> GuidanceConfig:
+    """Unguided sampling."""
+    return GuidanceConfig(name="none")
+
+
+def dps(scale: float = 1.0, power: float = 0.5) -> GuidanceConfig:
+    """DPS (Chung et al. 2023, Alg. 1): x_{t'} −= ζ_t·∇_{x_t} ℓ(x0_hat(x_t)), ζ_t = scale/ℓ^power.
+
+    With ℓ = ‖y − A(x0)‖² and power = 1/2 this is the paper's ζ'/‖y − A(x0_hat)‖.
+    """
+    return GuidanceConfig(name="dps", rho=LossNormalized(scale, power))
+
+
+def freedom(scale: float = 1.0, n_recur: int = 1, recur_window=(0.5, 0.8)) -> GuidanceConfig:
+    """FreeDoM (Yu et al. 2023, eq. 11 and Alg. 1): x_{t'} −= scale·√ᾱ_t·∇_{x_t} ℓ(x0_hat(x_t)),
+    with time travel of ``n_recur`` repeats in ``recur_window`` (their ImageNet code: 10 in t ∈ [500, 800])."""
+    return GuidanceConfig(name="freedom", rho=AlphaBarPower(scale, 0.5), n_recur=n_recur, recur_window=recur_window)
+
+
+def ugd(scale: float = 1.0, backward_scale: float = 0.1, n_iter: int = 1, n_recur: int = 1) -> GuidanceConfig:
+    """Universal Guidance (Bansal et al. 2023, Alg. 1): forward guidance ε̂ = ε + scale·√(1−ᾱ_t)·∇_{x_t} ℓ,
+    ``n_iter`` backward steps x0 −= backward_scale·∇_{x0} ℓ, and ``n_recur`` self-recurrences.
+
+    The backward step moves x0 with ε fixed (TFG's μ convention), which equals UG's ε-update up to a
+    per-step rescaling (Ye et al. 2024).
+    """
+    return GuidanceConfig(
+        name="ugd",
+        rho=Constant(scale),
+        rho_target="eps",
+        mu=Constant(backward_scale) if n_iter > 0 and backward_scale else None,
+        n_iter=max(n_iter, 1),
+        n_recur=n_recur,
+    )
+
+
+def lgd_mc(scale: float = 1.0, n_mc: int = 10, mc_sigma: float = 1.0) -> GuidanceConfig:
+    """LGD-MC (Song et al. 2023, eq. 6; Shen et al. 2024, eq. 6): ∇_{x_t} −log (1/n)Σ exp(−ℓ(x0_hat + r_t δ_i)),
+    δ_i ~ N(0, I), r_t = mc_sigma·√(1−ᾱ_t), n = ``n_mc`` (10 in Shen et al.). The gradient of the
+    log-sum-exp is already a weighted mean: no extra 1/n (TFG's ``lgd.py`` divides twice)."""
+    return GuidanceConfig(name="lgd_mc", rho=Constant(scale), mc_sigma=mc_sigma, mc_schedule="decrease", n_mc=n_mc)
+
+
+def mpgd(scale: float = 1.0, projection: Callable | None = None) -> GuidanceConfig:
+    """MPGD (He et al. 2024, Alg. 2): x0' = x0_hat − scale·∇_{x0} ℓ(x0_hat), no backprop through the
+    denoiser; the sampler then uses x0' (DDIM scales it by √ᾱ_{t'}). ``projection`` is the hook for
+    MPGD-Z's autoencoder projection x0' ← D(E(x0'))."""
+    return GuidanceConfig(name="mpgd", mu=Constant(scale), n_iter=1, x0_projection=projection)
+
+
+def tfg(
+    rho: float = 1.0,
+    mu: float = 1.0,
+    gamma: float = 0.01,
+    n_recur: int = 1,
+    n_iter: int = 4,
+    n_mc: int = 1,
+    rho_schedule: str = "increase",
+    mu_schedule: str = "increase",
+    gamma_schedule: str = "decrease",
+) -> GuidanceConfig:
+    """TFG (Ye et al. 2024, Alg. 1 as in their code): ρ_t-step through the denoiser (with 1/√α_t), N_iter
+    μ_t-steps on x0, both on ℓ smoothed by N(0, γ_t²) noise (``n_mc`` samples, log-sum-exp), and N_recur
+    recurrences; ρ_t, μ_t follow ``*_schedule`` normalised to mean 1 over the trajectory."""
+    return GuidanceConfig(
+        name="tfg",
+        rho=TFGSchedule(rho, rho_schedule, inv_sqrt_alpha=True) if rho else None,
+        mu=TFGSchedule(mu, mu_schedule) if mu else None,
+        n_iter=n_iter,
+        mc_sigma=gamma,
+        mc_schedule=gamma_schedule,
+        n_mc=n_mc,
+        n_recur=n_recur,
+    )
+
+
+def shen2024(
+    eta: float = 1.0,
+    n_aug: int = 10,
+    n_recur: int = 3,
+    recur_window=(0.3, 0.8),
+    polyak: bool = True,
+    scale: float = 1.0,
+    augment: Callable | None = None,
+) -> GuidanceConfig:
+    """Shen et al. (2024), "Understanding and Improving Training-free Loss-based Diffusion Guidance", §5:
+    FreeDoM + random augmentation (Alg. 1, |T| = ``n_aug`` DiffAugment copies) + Polyak step
+    η·‖ε‖/‖g‖² (Alg. 2) + time travel (Alg. 3, ``n_recur`` repeats for t/T ∈ ``recur_window``;
+    the paper's ImageNet setting is 10 in [0.3, 0.8]). ``polyak=False`` falls back to FreeDoM's
+    scale·√ᾱ_t step, ``n_aug=0`` and ``n_recur=1`` switch the other techniques off."""
+    rule = Polyak(eta) if polyak else AlphaBarPower(scale, 0.5)
+    return GuidanceConfig(
+        name="shen2024",
+        rho=rule,
+        augment=(augment or DiffAugment()) if n_aug else None,
+        n_aug=n_aug,
+        n_recur=n_recur,
+        recur_window=recur_window,
+    )
+
+
+def cg(scale: float = 1.0) -> GuidanceConfig:
+    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 in ε form): ε̂ = ε + scale·√(1−ᾱ_t)·∇_{x_t} ℓ(x_t, t)
+    with ℓ = −log p(y | x_t, t) of a noise-aware classifier; the training-based reference. With the exact
+    p(y | x_t) and scale = 1, ε̂ is the exact conditional score."""
+    return GuidanceConfig(name="cg", rho=Constant(scale), rho_target="eps", loss_input="x_t")
+
+
+PRESETS: dict[str, Callable[..., GuidanceConfig]] = {
+    f.__name__: f for f in (none, dps, freedom, ugd, lgd_mc, mpgd, tfg, shen2024, cg)
+}
+
+
+def get(name: str, **params) -> GuidanceConfig:
+    """The preset ``name`` with ``params``; unknown names or parameters raise a one-line error."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESETS)}")
+    fn = PRESETS[name]
+    allowed = inspect.signature(fn).parameters
+    bad = [k for k in params if k not in allowed]
+    if bad:
+        raise ValueError(
+            f"method {name!r} has no parameter {', '.join(map(repr, bad))}; its parameters are: "
+            f"{', '.join(allowed) or '(none)'}"
+        )
+    return fn(**params)
+
+
+def with_techniques(
+    config: GuidanceConfig,
+    *,
+    n_aug: int | None = None,
+    polyak: float | None = None,
+    n_recur: int | None = None,
+    recur_window: tuple[float, float] | None = None,
+    augment: Callable | None = None,
+) -> GuidanceConfig:
+    """Switch the paper's techniques on (or off) on any preset.
+
+    Args:
+        n_aug: |T| random augmentations (0 switches augmentation off).
+        polyak: η of a Polyak step replacing the ρ rule (the μ rule if the method has no ρ part).
+        n_recur, recur_window: time travel (n_recur = 1 switches it off).
+        augment: the augmentation to use (default :class:`DiffAugment`).
+    """
+    changes: dict = {}
+    if n_aug is not None:
+        changes["n_aug"] = n_aug
+        changes["augment"] = (augment or config.augment or DiffAugment()) if n_aug else None
+    if polyak is not None:
+        if config.rho is not None:
+            changes["rho"] = Polyak(polyak)
+        elif config.mu is not None:
+            changes["mu"] = Polyak(polyak)
+        else:
+            raise ValueError(f"method {config.name!r} takes no guidance step, so a Polyak step has nothing to scale")
+    if n_recur is not None:
+        changes["n_recur"] = n_recur
+    if recur_window is not None:
+        changes["recur_window"] = recur_window
+    return config.replace(**changes)

@@ -1,0 +1,100 @@
+"""The sampling loop: x_T ~ N(0, I), then guided steps with time travel (Shen et al. 2024, Alg. 3)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from lossguide.denoiser import Denoiser
+from lossguide.guidance import GuidanceConfig, GuidanceEngine, GuidanceStats
+from lossguide.rng import check_generators, make_generators, randn
+from lossguide.samplers import Sampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleResult:
+    """Final samples x0 ``[B, ...]`` and the run's counters."""
+
+    x0: torch.Tensor
+    stats: GuidanceStats
+
+
+def sample(
+    denoiser: Denoiser,
+    sampler: Sampler,
+    guidance: GuidanceConfig | None = None,
+    loss: Callable | None = None,
+    *,
+    shape: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    x_T: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    callback: Callable[[dict], None] | None = None,
+) -> SampleResult:
+    """Draw guided samples.
+
+    Args:
+        denoiser: the model (:mod:`lossguide.denoiser`).
+        sampler: DDIM, DDPM or a diffusers scheduler (:mod:`lossguide.samplers`).
+        guidance: a config from :mod:`lossguide.presets` (None: unguided).
+        loss: per-sample loss ``loss(x0) -> [B]`` (``loss(x_t, t)`` for noise-aware guidance).
+        shape: per-sample shape, e.g. ``(1, 28, 28)``; not needed when ``x_T`` is given.
+        seeds / generators: one per sample; every random draw of sample k uses only its generator.
+        x_T: initial noise; drawn from the generators when None.
+        progress: show a tqdm bar with the mean guidance loss.
+        callback: called after every step with ``{"i", "t", "x", "stats"}``.
+    """
+    engine = GuidanceEngine(guidance, loss)
+    if generators is None:
+        if seeds is None:
+            n = x_T.shape[0] if x_T is not None else None
+            if n is None:
+                raise ValueError("pass seeds=[...] (one per sample), generators=[...], or x_T")
+            seeds = range(n)
+        generators = make_generators(seeds)
+    generators = list(generators)
+    if x_T is None:
+        if shape is None:
+            raise ValueError("pass shape=(C, H, W) (per sample) or x_T")
+        x = randn(tuple(shape), generators, dtype=dtype, device=device)
+    else:
+        x = x_T.to(device=device, dtype=dtype)
+    check_generators(generators, x.shape[0])
+    if engine.config.n_recur > 1 and sampler.stateful:
+        raise ValueError(
+            f"time travel (n_recur={engine.config.n_recur}) repeats steps, which a stateful multistep sampler "
+            f"({type(sampler).__name__}) cannot do; use DDIM/DDPM or set n_recur=1"
+        )
+    stats = GuidanceStats()
+    stats.init(x.shape[0])
+    bar = tqdm(range(len(sampler)), disable=not progress, unit="step", ncols=79, ascii=True, desc=engine.config.name)
+    for i in bar:
+        reps = engine.recurrences(sampler, i)
+        for r in range(reps):
+            x_prev = engine.step(denoiser, sampler, x, i, generators, stats)
+            if r < reps - 1:
+                x = sampler.renoise(x_prev, i, generators)
+        x = x_prev
+        if progress and engine.active(sampler, i):
+            bar.set_postfix(loss=f"{float(stats.last_loss.nanmean()):.4g}")
+        if callback is not None:
+            callback({"i": i, "t": int(sampler.timesteps[i]), "x": x, "stats": stats})
+    n_skip = int(stats.skipped.sum())
+    if n_skip:
+        log.warning(
+            "skipped %d guidance steps with a non-finite loss or gradient in %d of %d samples "
+            "(per-sample counts in stats.skipped)",
+            n_skip,
+            int((stats.skipped > 0).sum()),
+            len(stats.skipped),
+        )
+    return SampleResult(x0=x, stats=stats)

@@ -1,0 +1,150 @@
+"""Step-size rules: each maps the state of one guidance step to a per-sample step size ``[B]``.
+
+The guidance update is ``−step·g`` with g the loss gradient; every norm is taken per sample over all
+dimensions but the batch, so a sample's step never depends on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class StepContext:
+    """What a rule may look at: the step, its ᾱ pair, and the per-sample ε, gradient and loss."""
+
+    i: int
+    alpha_bars: list[tuple[float, float]]  # (ᾱ_t, ᾱ_{t'}) for every step of the sampler
+    eps: torch.Tensor  # ε_hat [B, ...] (unguided)
+    grad: torch.Tensor  # g [B, ...]
+    loss: torch.Tensor  # ℓ [B]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def alpha_bar(self) -> float:
+        return self.alpha_bars[self.i][0]
+
+    @property
+    def alpha_bar_prev(self) -> float:
+        return self.alpha_bars[self.i][1]
+
+
+def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x_b‖₂ over all dimensions but the batch, ``[B]``."""
+    return x.flatten(1).norm(dim=1)
+
+
+class StepRule:
+    """Base class; subclasses are dataclasses whose fields are their named parameters."""
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"rule": type(self).__name__, **asdict(self)}
+
+    def _full(self, ctx: StepContext, value: float) -> torch.Tensor:
+        return torch.full((ctx.loss.shape[0],), float(value), dtype=ctx.loss.dtype, device=ctx.loss.device)
+
+
+@dataclass
+class Constant(StepRule):
+    """step = scale."""
+
+    scale: float = 1.0
+
+    def __call__(self, ctx):
+        return self._full(ctx, self.scale)
+
+
+@dataclass
+class AlphaBarPower(StepRule):
+    """step = scale·ᾱ_t^power; power = 1/2 is FreeDoM's ρ_t = scale·√ᾱ_t (Yu et al. 2023)."""
+
+    scale: float = 1.0
+    power: float = 0.5
+
+    def __call__(self, ctx):
+        return self._full(ctx, self.scale * ctx.alpha_bar**self.power)
+
+
+@dataclass
+class LossNormalized(StepRule):
+    """step = scale/|ℓ|^power per sample; power = 1/2 on ℓ = ‖y − A(x0)‖² is DPS's ζ'/‖y − A(x0)‖
+    (Chung et al. 2023, Alg. 1), power = 1 is TFG's DPS baseline. Samples with ℓ ≤ ``min_loss`` get 0."""
+
+    scale: float = 1.0
+    power: float = 0.5
+    min_loss: float = 1e-12
+
+    def __call__(self, ctx):
+        L = ctx.loss.detach().abs()
+        ok = L > self.min_loss
+        return torch.where(ok, self.scale / L.clamp_min(self.min_loss) ** self.power, torch.zeros_like(L))
+
+
+@dataclass
+class TFGSchedule(StepRule):
+    """TFG's ρ_t or μ_t (Ye et al. 2024): scale·s(t)·N/Σ_t' s(t'), with α_t = ᾱ_t/ᾱ_{t'} and
+    s = α_t ('increase'), 1 − α_t ('decrease') or 1 ('constant'); ``inv_sqrt_alpha`` adds TFG's 1/√α_t
+    factor of the ρ term."""
+
+    scale: float = 1.0
+    schedule: str = "increase"
+    inv_sqrt_alpha: bool = False
+
+    def __post_init__(self):
+        if self.schedule not in ("increase", "decrease", "constant"):
+            raise ValueError(f"unknown TFG schedule {self.schedule!r}; choose increase, decrease or constant")
+
+    def _s(self, ab_t: float, ab_prev: float) -> float:
+        a = ab_t / ab_prev
+        return {"increase": a, "decrease": 1 - a, "constant": 1.0}[self.schedule]
+
+    def __call__(self, ctx):
+        s_all = [self._s(*p) for p in ctx.alpha_bars]
+        value = self.scale * self._s(*ctx.alpha_bars[ctx.i]) * len(s_all) / sum(s_all)
+        if self.inv_sqrt_alpha:
+            value /= math.sqrt(ctx.alpha_bar / ctx.alpha_bar_prev)
+        return self._full(ctx, value)
+
+
+@dataclass
+class Polyak(StepRule):
+    """Polyak step of Shen et al. (2024), Alg. 2: step = η·‖ε_θ(x_t, t)‖₂/‖g‖₂², per sample.
+
+    The update −step·g then has norm η·‖ε‖/‖g‖, which grows without bound as ‖g‖ → 0 (a classifier's
+    cross-entropy has vanishing gradients once a sample is confidently classified). Two guards:
+    samples with ‖g‖ < ``min_grad_norm`` take no step and are counted (the guard the reference code
+    meant to have), and the update norm is capped at ``max_ratio``·‖ε‖ (None: no cap).
+    """
+
+    eta: float = 1.0
+    min_grad_norm: float = 1e-6
+    max_ratio: float | None = 1.0
+
+    def __call__(self, ctx):
+        g = per_sample_norm(ctx.grad.detach())
+        e = per_sample_norm(ctx.eps.detach())
+        ok = g >= self.min_grad_norm
+        ctx.stats["zero_grad"] = ~ok
+        g = g.clamp_min(self.min_grad_norm)
+        step = self.eta * e / g**2
+        if self.max_ratio is not None:  # ‖step·g‖ = step·‖g‖ ≤ max_ratio·‖ε‖
+            step = torch.minimum(step, self.max_ratio * e / g)
+        return torch.where(ok, step, torch.zeros_like(step))
+
+
+RULES = {cls.__name__: cls for cls in (Constant, AlphaBarPower, LossNormalized, TFGSchedule, Polyak)}
+
+
+def rule_from_dict(d: dict) -> StepRule:
+    """Inverse of :meth:`StepRule.to_dict`."""
+    d = dict(d)
+    name = d.pop("rule")
+    if name not in RULES:
+        raise ValueError(f"unknown step rule {name!r}; choose one of {sorted(RULES)}")
+    return RULES[name](**d)

@@ -1,0 +1,1 @@
+"""Training scripts for the project's default models (``python -m lossguide.training NAME``)."""
