@@ -3,7 +3,11 @@
 import importlib
 import sys
 
-SCRIPTS = {"ddpm": "lossguide.training.ddpm", "classifiers": "lossguide.training.classifiers"}
+SCRIPTS = {
+    "ddpm": "lossguide.training.ddpm",
+    "classifiers": "lossguide.training.classifiers",
+    "evaluate-ddpm": "lossguide.training.evaluate_ddpm",
+}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in SCRIPTS:

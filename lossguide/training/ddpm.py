@@ -141,13 +141,14 @@ def main(argv=None) -> None:
                 ckpt,
             )
     meta = {
+        "command": f"python -m lossguide.training ddpm --out {args.out} --iters {args.iters} --export {args.export}",
         "iters": args.iters,
         "batch": args.batch,
         "lr": args.lr,
         "seed": args.seed,
         "ema": args.ema,
         "train_seconds": round(elapsed, 1),
-        "final_loss_ema": loss_avg,
+        "final_loss_ema": loss_avg,  # None when the run only exported a finished checkpoint
         "data": "MNIST-5k gen split (4000)",
     }
     if args.export is not None:

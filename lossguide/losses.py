@@ -1,0 +1,119 @@
+"""Per-sample guidance losses ``ℓ(x0) -> [B]`` and their combinators.
+
+Every loss returns one value per sample and is differentiable in its input; networks are passed in
+(frozen: eval mode, no parameter gradients). Any callable ``x0 -> [B]`` is a loss too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lossguide.denoiser import freeze
+
+Loss = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).sum(1)
+
+
+class ClassLoss:
+    """Cross-entropy −log p(y | x0) under any classifier ``logits = classifier(x0)``.
+
+    ``target`` is one class for every sample, or one per sample (augmented copies of sample b,
+    which the engine passes as consecutive rows, inherit target b).
+    """
+
+    def __init__(self, classifier: torch.nn.Module, target: int | Sequence[int]):
+        self.classifier = freeze(classifier)
+        self.target = torch.as_tensor(target).long().view(-1)
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(x0)
+        n, k = len(x0), len(self.target)
+        if n % k:
+            raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")
+        y = self.target.to(logits.device).repeat_interleave(n // k)
+        return F.cross_entropy(logits.float(), y, reduction="none").to(x0.dtype)
+
+
+class NoisyClassLoss:
+    """−log p(y | x_t, t) under a noise-aware classifier ``classifier(x_t, t)``: the loss of ``cg``."""
+
+    def __init__(self, classifier: torch.nn.Module, target: int):
+        self.classifier = freeze(classifier)
+        self.target = int(target)
+
+    def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        tt = torch.full((len(x_t),), int(t), dtype=torch.long, device=x_t.device)
+        logits = self.classifier(x_t, tt)
+        y = torch.full((len(x_t),), self.target, dtype=torch.long, device=x_t.device)
+        return F.cross_entropy(logits.float(), y, reduction="none").to(x_t.dtype)
+
+
+def sobel_edges(x: torch.Tensor) -> torch.Tensor:
+    """Gradient magnitude √(G_x² + G_y² + ε) of each channel with 3×3 Sobel kernels (replicate padding)."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device) / 8
+    k = torch.stack([kx, kx.T]).unsqueeze(1)  # [2, 1, 3, 3]
+    B, C, H, W = x.shape
+    g = F.conv2d(F.pad(x.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="replicate"), k)
+    return (g.pow(2).sum(1) + 1e-8).sqrt().reshape(B, C, H, W)
+
+
+class SketchLoss:
+    """Squared distance between Sobel edge maps of x0 and of a reference image, summed over pixels."""
+
+    def __init__(self, reference: torch.Tensor):
+        self.ref_edges = sobel_edges(_as_batch(reference))
+
+    def __call__(self, x0):
+        return _per_sample((sobel_edges(x0) - self.ref_edges.to(x0)) ** 2)
+
+
+class InpaintLoss:
+    """Squared distance to a reference on the known pixels: Σ mask·(x0 − ref)² (mask = 1 where known)."""
+
+    def __init__(self, reference: torch.Tensor, mask: torch.Tensor):
+        self.ref = _as_batch(reference)
+        self.mask = _as_batch(mask)
+        if self.mask.shape[-2:] != self.ref.shape[-2:]:
+            raise ValueError(f"mask {tuple(self.mask.shape)} and reference {tuple(self.ref.shape)} differ in size")
+
+    def __call__(self, x0):
+        return _per_sample(self.mask.to(x0) * (x0 - self.ref.to(x0)) ** 2)
+
+
+class SuperResLoss:
+    """Squared distance after ``factor``× average pooling: ‖A(x0) − y‖² with A = avg-pool, y = A(reference)."""
+
+    def __init__(self, reference: torch.Tensor, factor: int = 4, reference_is_lowres: bool = False):
+        ref = _as_batch(reference)
+        self.factor = factor
+        self.y = ref if reference_is_lowres else F.avg_pool2d(ref, factor)
+
+    def __call__(self, x0):
+        return _per_sample((F.avg_pool2d(x0, self.factor) - self.y.to(x0)) ** 2)
+
+
+class WeightedSum:
+    """Σ_i w_i·ℓ_i(x0), per sample."""
+
+    def __init__(self, terms: Sequence[tuple[float, Loss]]):
+        if not terms:
+            raise ValueError("WeightedSum needs at least one (weight, loss) term")
+        self.terms = list(terms)
+
+    def __call__(self, x0):
+        return sum(w * loss(x0) for w, loss in self.terms)
+
+
+def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one reference image [C, H, W] or [1, C, H, W], got {tuple(x.shape)}")
+    return x.detach()

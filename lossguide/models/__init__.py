@@ -1,0 +1,157 @@
+"""Model registry: the project's shipped MNIST models by name, diffusers folders and hub ids by path.
+
+``load_denoiser("mnist-ddpm")`` takes the same path a diffusers user takes (``UNet2DModel`` and its
+scheduler via ``from_pretrained``) on the folder shipped inside this package; a local diffusers folder or
+a hub id works the same way. ``load_classifier("mnist-guide")`` returns a frozen classifier. Shipped files
+are listed with their hashes, training commands and held-out metrics in ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lossguide.denoiser import Denoiser, freeze, from_diffusers
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).with_name("weights")
+MANIFEST = Path(__file__).with_name("manifest.json")
+DENOISERS = {"mnist-ddpm": WEIGHTS / "mnist-ddpm"}
+CLASSIFIERS = ("mnist-guide", "mnist-judge", "mnist-noise-aware", "mnist-robust")
+HUB_HOST = ("huggingface.co", 443)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name, folder or hub id that cannot be loaded here; the message says what to pass instead."""
+
+
+@dataclass
+class LoadedDenoiser:
+    """A denoiser with what a sampler needs: its diffusers scheduler and the per-sample shape."""
+
+    denoiser: Denoiser
+    scheduler: object
+    sample_shape: tuple[int, ...]
+    source: str
+
+
+def manifest() -> dict:
+    return json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens within ``timeout`` seconds (DNS included)."""
+    ok = []
+
+    def probe():
+        try:
+            with socket.create_connection(HUB_HOST, timeout=timeout):
+                ok.append(True)
+        except OSError:
+            pass
+
+    th = threading.Thread(target=probe, daemon=True)
+    th.start()
+    th.join(timeout)
+    return bool(ok)
+
+
+def _resolve(name_or_path: str) -> tuple[str, bool]:
+    """(source, local_files_only) for a registry name, a local folder or a hub id; raises a clear error."""
+    if name_or_path in DENOISERS:
+        folder = DENOISERS[name_or_path]
+        if not (folder / "unet").exists():
+            raise ModelNotFoundError(
+                f"the shipped model {name_or_path!r} is missing from {folder}; reinstall lossguide or retrain it "
+                "with `python -m lossguide.training ddpm` (see the manifest)"
+            )
+        return str(folder), True
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return str(p), True
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"no model {name_or_path!r}: not a shipped name ({', '.join(DENOISERS)}), not an existing folder, "
+            "and not a hub id of the form owner/name"
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        return name_or_path, True  # the local cache is the only chance; _load turns a miss into a clear error
+    return name_or_path, False
+
+
+def load_denoiser(name_or_path: str = "mnist-ddpm", device="cpu", dtype=torch.float32) -> LoadedDenoiser:
+    """Load a diffusers UNet (``unet/``) and scheduler (``scheduler/``) folder, hub id or shipped name."""
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ImportError("loading diffusion models needs diffusers: pip install 'lossguide[diffusers]'") from e
+    src, local_only = _resolve(name_or_path)
+    kw = dict(local_files_only=local_only)
+    try:
+        cfg = diffusers.UNet2DModel.load_config(src, subfolder="unet", **kw)
+        unet_cls = getattr(diffusers, cfg.get("_class_name", "UNet2DModel"))
+        unet = unet_cls.from_pretrained(src, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False, **kw)
+        scheduler = diffusers.DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        hint = "pass a local diffusers folder (with unet/ and scheduler/)"
+        if local_only and not Path(src).exists():
+            raise ModelNotFoundError(
+                f"cannot load {name_or_path!r}: the hub is not reachable from here and it is not in the local "
+                f"cache; {hint}"
+            ) from e
+        raise ModelNotFoundError(
+            f"cannot load {name_or_path!r} as a diffusers model ({e.__class__.__name__}); {hint}"
+        ) from e
+    unet = unet.to(device)
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return LoadedDenoiser(
+        denoiser=from_diffusers(unet, scheduler),
+        scheduler=scheduler,
+        sample_shape=(unet.config.in_channels, *size),
+        source=src,
+    )
+
+
+def load_classifier(name: str, device="cpu", check_hash: bool = False) -> torch.nn.Module:
+    """A shipped classifier by name, frozen (eval mode, no parameter gradients)."""
+    from safetensors.torch import load_file
+
+    from lossguide.models.nets import ARCHS
+
+    entry = manifest().get(name)
+    if name not in CLASSIFIERS or entry is None:
+        raise ModelNotFoundError(f"unknown classifier {name!r}; shipped: {', '.join(CLASSIFIERS)}")
+    path = WEIGHTS / entry["file"]
+    if not path.exists():
+        raise ModelNotFoundError(f"{path} is missing; retrain with `{entry['command']}`")
+    if check_hash and sha256(path) != entry["sha256"]:
+        raise ValueError(f"{path} does not match the manifest's sha256; retrain with `{entry['command']}`")
+    model = ARCHS[entry["arch"]]()
+    model.load_state_dict(load_file(str(path)))
+    return freeze(model.to(device))
+
+
+def load(name: str, device="cpu"):
+    """Convenience: a :class:`LoadedDenoiser` for diffusion models, a frozen module for classifiers."""
+    if name in CLASSIFIERS:
+        return load_classifier(name, device)
+    return load_denoiser(name, device)

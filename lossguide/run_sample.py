@@ -1,0 +1,264 @@
+"""The main job, ``lossguide sample``: guided samples from the default MNIST model, written to a run folder.
+
+The folder holds one PNG per seed (``{seed:06d}.png``), ``grid.png``, the resolved ``config.yaml`` and
+``metrics.json``; every file is written atomically. Seeds are the unit of work: a per-seed record is
+written after each batch, and rerunning the same command skips the seeds already done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lossguide import losses, presets
+from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lossguide.samplers import DDIM
+from lossguide.sampling import sample
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("class", "sketch", "inpaint", "sr", "class+sketch")
+#: step parameters for the default MNIST model and guide classifier (class loss); other losses and
+#: models should be tuned (``lossguide bench``)
+MNIST_DEFAULTS: dict[str, dict] = {}
+
+
+@dataclass
+class SampleConfig:
+    """Everything ``lossguide sample`` does, as named parameters (written to ``config.yaml``)."""
+
+    model: str = "mnist-ddpm"
+    guide: str = "mnist-guide"
+    judge: str = "mnist-judge"
+    loss: str = "class"
+    target: int = 3
+    reference: int = 0  # index into the held-out split's digits of class `target` (sketch/inpaint/sr)
+    method: str = "shen2024"
+    params: dict = field(default_factory=dict)
+    steps: int = 50
+    ddim_eta: float = 0.0
+    seeds: list[int] = field(default_factory=lambda: list(range(16)))
+    batch: int = 16
+    device: str = "cpu"
+
+    def resolved_params(self) -> dict:
+        base = dict(MNIST_DEFAULTS.get(self.method, {})) if self.model == "mnist-ddpm" else {}
+        base.update(self.params)
+        return base
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """``"0-15,100"`` → [0, 1, ..., 15, 100] (as EDM's ``--seeds``)."""
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-", 1)
+            if int(b) < int(a):
+                raise ValueError(f"bad seed range {part!r}: the end is before the start")
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"seeds {spec!r} must name at least one seed and no seed twice")
+    return out
+
+
+def parse_params(items: list[str]) -> dict:
+    """``["eta=0.5", "n_aug=10", "recur_window=0.3,0.8"]`` → typed values."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        vals = [_num(x) for x in v.split(",")]
+        out[k.strip()] = tuple(vals) if len(vals) > 1 else vals[0]
+    return out
+
+
+def _num(s: str):
+    s = s.strip()
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(s.lower(), s)
+
+
+def build_loss(cfg: SampleConfig, guide, reference: torch.Tensor | None):
+    """The guidance loss of ``cfg.loss``: class cross-entropy, sketch, inpainting, ×4 SR or class+sketch."""
+    if cfg.loss == "class":
+        return losses.ClassLoss(guide, cfg.target)
+    if cfg.loss == "sketch":
+        return losses.SketchLoss(reference)
+    if cfg.loss == "inpaint":
+        mask = torch.ones_like(reference)
+        mask[..., reference.shape[-2] // 2 :, :] = 0  # the lower half is unknown
+        return losses.InpaintLoss(reference, mask)
+    if cfg.loss == "sr":
+        return losses.SuperResLoss(reference, factor=4)
+    if cfg.loss == "class+sketch":
+        return losses.WeightedSum([(1.0, losses.ClassLoss(guide, cfg.target)), (0.1, losses.SketchLoss(reference))])
+    raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+
+
+def reference_digit(target: int, index: int) -> torch.Tensor:
+    """The ``index``-th held-out digit of class ``target`` (never from the generative training split)."""
+    from lossguide.data import load_mnist
+
+    x, y = load_mnist("heldout")
+    pool = x[y == target]
+    if not 0 <= index < len(pool):
+        raise ValueError(f"--reference must be in [0, {len(pool) - 1}] for class {target}")
+    return pool[index : index + 1]
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def png_bytes(img: torch.Tensor) -> bytes:
+    """[C, H, W] uint8 → PNG bytes."""
+    from PIL import Image
+
+    arr = img.permute(1, 2, 0).cpu().numpy()
+    im = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid(images: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """Square-ish grid of [C, H, W] uint8 images."""
+    n = len(images)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    C, H, W = images[0].shape
+    out = torch.zeros(C, rows * (H + pad) + pad, cols * (W + pad) + pad, dtype=torch.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        out[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = img
+    return out
+
+
+def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:
+    import yaml
+
+    d = asdict(cfg)
+    d["params"] = cfg.resolved_params()
+    d["guidance"] = guidance_dict
+    return yaml.safe_dump(json.loads(json.dumps(d, default=list)), sort_keys=False)
+
+
+def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = False) -> dict:
+    """Sample ``cfg.seeds`` into ``out`` (resuming finished seeds) and return the aggregate metrics."""
+    from lossguide.models import load_classifier, load_denoiser
+
+    if cfg.batch < 1:
+        raise ValueError(f"--batch must be ≥ 1, got {cfg.batch}")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    if not 0 <= cfg.target <= 9:
+        raise ValueError(f"--target must be a digit class 0..9, got {cfg.target}")
+    guidance = presets.get(cfg.method, **cfg.resolved_params())
+    config_text = _config_yaml(cfg, guidance.to_dict())
+    out = Path(out)
+    cfg_file = out / "config.yaml"
+    if cfg_file.exists() and not overwrite and cfg_file.read_text() != config_text:
+        raise ValueError(
+            f"{out} holds a run with a different config; pass another --out, or --overwrite to replace it"
+        )
+    if overwrite and (out / "records").exists():
+        for f in (out / "records").glob("*.json"):
+            f.unlink()
+    atomic_write_text(cfg_file, config_text)
+
+    model = load_denoiser(cfg.model, device=cfg.device)
+    guide = load_classifier(cfg.guide, device=cfg.device)
+    judge = load_classifier(cfg.judge, device=cfg.device)
+    needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
+    reference = reference_digit(cfg.target, cfg.reference).to(cfg.device) if needs_ref else None
+    loss = build_loss(cfg, guide, reference)
+    if cfg.method == "cg":
+        loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device), cfg.target)
+    eval_loss = losses.ClassLoss(guide, cfg.target) if cfg.loss != "class" else loss
+    sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
+
+    records_dir = out / "records"
+    todo = [s for s in cfg.seeds if not (records_dir / f"{s:06d}.json").exists()]
+    if len(todo) < len(cfg.seeds):
+        log.info("resuming: %d of %d seeds already done", len(cfg.seeds) - len(todo), len(cfg.seeds))
+    for b in range(0, len(todo), cfg.batch):
+        seeds = todo[b : b + cfg.batch]
+        t0 = time.perf_counter()
+        res = sample(
+            model.denoiser,
+            sampler,
+            guidance,
+            loss,
+            shape=model.sample_shape,
+            seeds=seeds,
+            device=cfg.device,
+            progress=progress,
+        )
+        wall = time.perf_counter() - t0
+        x = res.x0.clamp(-1, 1)
+        with torch.no_grad():
+            probs = torch.softmax(judge(x), dim=1)
+            guide_loss = eval_loss(x) if cfg.loss == "class" else loss(x)
+            guide_label = guide(x).argmax(1)
+        for k, s in enumerate(seeds):
+            atomic_write_bytes(out / f"{s:06d}.png", png_bytes(to_uint8(x[k])))
+            rec = {
+                "seed": s,
+                "guide_loss": float(guide_loss[k]),
+                "guide_label": int(guide_label[k]),
+                "judge_label": int(probs[k].argmax()),
+                "judge_confidence": float(probs[k].max()),
+                "judge_p_target": float(probs[k, cfg.target]),
+                "skipped_steps": int(res.stats.skipped[k]),
+                "zero_grad_steps": int(res.stats.zero_grad[k]),
+                "nfe": res.stats.nfe,
+                "denoiser_grads": res.stats.denoiser_grads,
+                "wall_s_per_sample": wall / len(seeds),
+            }
+            atomic_write_json(records_dir / f"{s:06d}.json", rec)
+    return finalize(cfg, out)
+
+
+def finalize(cfg: SampleConfig, out: Path) -> dict:
+    """Aggregate the per-seed records into ``metrics.json`` and draw ``grid.png``."""
+    from PIL import Image
+
+    recs = [json.loads((out / "records" / f"{s:06d}.json").read_text()) for s in cfg.seeds]
+    n = len(recs)
+    metrics = {
+        "n_samples": n,
+        "target": cfg.target,
+        "method": cfg.method,
+        "judge_validity": sum(r["judge_label"] == cfg.target for r in recs) / n,
+        "guide_validity": sum(r["guide_label"] == cfg.target for r in recs) / n,
+        "mean_guide_loss": sum(r["guide_loss"] for r in recs) / n,
+        "mean_judge_confidence": sum(r["judge_confidence"] for r in recs) / n,
+        "nfe": recs[0]["nfe"],
+        "denoiser_grads": recs[0]["denoiser_grads"],
+        "wall_s_per_sample": sum(r["wall_s_per_sample"] for r in recs) / n,
+        "skipped_steps": sum(r["skipped_steps"] for r in recs),
+        "per_sample": recs,
+    }
+    imgs = [torch.from_numpy(np.array(Image.open(out / f"{s:06d}.png"))) for s in cfg.seeds]
+    imgs = [i.unsqueeze(0) if i.ndim == 2 else i.permute(2, 0, 1) for i in imgs]
+    atomic_write_bytes(out / "grid.png", png_bytes(grid(imgs)))
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
