@@ -42,6 +42,28 @@ def cmd_oracle(args) -> int:
         return 0
     methods = args.methods.split(",") if args.methods else list(oracle_bench.METHODS)
     rows = oracle_bench.run(n=args.n, steps=args.steps, methods=methods)
+    return _print_oracle(args, rows)
+
+
+def _one_thread(fn):
+    """Run ``fn`` with one torch thread: the oracle's tensors are tiny and threads only add overhead."""
+
+    def wrapped(args):
+        import torch
+
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(args)
+        finally:
+            torch.set_num_threads(n)
+
+    return wrapped
+
+
+def _print_oracle(args, rows) -> int:
+    from lossguide.io import atomic_write_json
+
     print(
         _fmt_table(
             rows,
@@ -136,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true", help="grid-search each method's step on tuning seeds instead")
     p.add_argument("--tune-n", type=int, default=128, help="samples per tuning run")
     p.add_argument("--write-settings", action="store_true", help="with --tune: store the chosen settings")
-    p.set_defaults(func=cmd_oracle)
+    p.set_defaults(func=_one_thread(cmd_oracle))
     return ap
 
 
@@ -145,8 +167,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"lossguide {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        if args.verbose:
+            raise
+        print(f"lossguide {args.command}: error: {e} (rerun with -v for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -43,6 +43,8 @@ class GuidanceConfig:
         rho_target: ``"x_prev"`` subtracts step·g from x_{t'}; ``"eps"`` adds step·√(1−ᾱ_t)·g to ε_hat.
         mu: step rule for x0-space gradient steps (None: no μ part).
         n_iter: number of x0-space steps per diffusion step.
+        mu_hold: what stays fixed when the μ steps move x0: ``"eps"`` (MPGD/TFG: x_{t'} moves by
+            √ᾱ_{t'}·Δx0) or ``"x_t"`` (Universal Guidance's backward step: ε is recomputed from x_t and x0).
         loss_input: ``"x0"`` (the loss sees x0_hat) or ``"x_t"`` (a noise-aware loss ``ℓ(x_t, t)``).
         augment: augmentation callable (e.g. :class:`~lossguide.augment.DiffAugment`) or None.
         n_aug: |T|, copies per sample (0: no augmentation).
@@ -51,7 +53,8 @@ class GuidanceConfig:
         n_mc: Monte-Carlo samples per sample.
         n_recur: time-travel repeats s per step inside ``recur_window`` (1: none).
         recur_window: (lo, hi) fractions of the training timesteps, t/T ∈ [lo, hi].
-        window: (lo, hi) fractions t/T in which guidance is applied.
+        window: (lo, hi): guidance is applied where lo < t/T ≤ hi (0 ≤ t/T ≤ hi when lo = 0), so
+            (0.2, 1.0) is the reference code's "no guidance for t ≤ 200" of T = 1000.
         x0_projection: hook ``P(x0) -> x0`` after the μ steps (MPGD-Z's autoencoder projection).
         name: the preset this config came from, for records.
     """
@@ -60,6 +63,7 @@ class GuidanceConfig:
     rho_target: str = "x_prev"
     mu: StepRule | None = None
     n_iter: int = 1
+    mu_hold: str = "eps"
     loss_input: str = "x0"
     augment: Callable | None = None
     n_aug: int = 0
@@ -77,6 +81,16 @@ class GuidanceConfig:
             raise ValueError(f"rho_target must be one of {RHO_TARGETS}, got {self.rho_target!r}")
         if self.loss_input not in LOSS_INPUTS:
             raise ValueError(f"loss_input must be one of {LOSS_INPUTS}, got {self.loss_input!r}")
+        if self.mu_hold not in ("eps", "x_t"):
+            raise ValueError(f"mu_hold must be 'eps' or 'x_t', got {self.mu_hold!r}")
+        for name in ("rho", "mu"):
+            rule = getattr(self, name)
+            if rule is not None and not isinstance(rule, StepRule):
+                raise TypeError(
+                    f"{name} must be a step rule (lossguide.steps.Constant(...), Polyak(...), ...), got {rule!r}"
+                )
+        if self.n_mc > 1 and self.mc_sigma == 0:
+            raise ValueError(f"n_mc={self.n_mc} Monte-Carlo copies need mc_sigma > 0 (the smoothing noise scale)")
         if self.mc_schedule not in MC_SCHEDULES:
             raise ValueError(f"mc_schedule must be one of {MC_SCHEDULES}, got {self.mc_schedule!r}")
         for name in ("n_iter", "n_mc", "n_recur"):
@@ -110,6 +124,7 @@ class GuidanceConfig:
             "rho_target": self.rho_target,
             "mu": self.mu.to_dict() if self.mu else None,
             "n_iter": self.n_iter,
+            "mu_hold": self.mu_hold,
             "loss_input": self.loss_input,
             "augment": augmentation_to_dict(self.augment),
             "n_aug": self.n_aug,
@@ -179,7 +194,7 @@ class GuidanceEngine:
             return False
         lo, hi = self.config.window
         frac = int(sampler.timesteps[i]) / sampler.schedule.num_train_timesteps
-        return lo <= frac <= hi
+        return (frac > lo or lo == 0) and frac <= hi
 
     def recurrences(self, sampler: Sampler, i: int) -> int:
         """Time-travel repeats s at step i (1 outside ``recur_window`` or where guidance is off)."""
@@ -266,7 +281,7 @@ class GuidanceEngine:
         delta_prev = None
         alpha_bars = None
         if active and cfg.rho is not None:
-            alpha_bars = [sampler.alpha_bars(j) for j in range(len(sampler))]
+            alpha_bars = sampler.alpha_bar_pairs()
             with torch.enable_grad():
                 if cfg.loss_input == "x0":
                     L = self.smoothed_loss(x0, generators, ab_t, stats)
@@ -291,7 +306,7 @@ class GuidanceEngine:
                 x0 = (x_t.detach() - s_t * eps) / ab_t**0.5
         eps, x0 = eps.detach(), x0.detach()
         if active and cfg.mu is not None:
-            alpha_bars = alpha_bars or [sampler.alpha_bars(j) for j in range(len(sampler))]
+            alpha_bars = sampler.alpha_bar_pairs()
             for _ in range(cfg.n_iter):
                 with torch.enable_grad():
                     x0_var = x0.detach().requires_grad_(True)
@@ -307,6 +322,8 @@ class GuidanceEngine:
                     stats.loss_trace.append((i, t, L.detach().cpu()))
             if cfg.x0_projection is not None:
                 x0 = cfg.x0_projection(x0).detach()
+            if cfg.mu_hold == "x_t":
+                eps = (x_t.detach() - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
         x_prev = sampler.step(x_t.detach(), x0, eps, i, generators)
         if delta_prev is not None:
             x_prev = x_prev + delta_prev.detach()

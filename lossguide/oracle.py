@@ -126,6 +126,8 @@ class GaussianMixture:
         """p0(x | y) for y = A x + n, n ~ N(0, s² I): a mixture with C'_k = (C_k⁻¹ + AᵀA/s²)⁻¹,
         m'_k = C'_k(C_k⁻¹ m_k + Aᵀy/s²), π'_k ∝ π_k N(y; A m_k, A C_k Aᵀ + s² I)."""
         A, y = torch.as_tensor(A, dtype=_DT), torch.as_tensor(y, dtype=_DT)
+        if noise_std <= 0:
+            raise ValueError(f"noise_std must be > 0 (a noiseless measurement has no density), got {noise_std}")
         s2 = noise_std**2
         Cinv = torch.linalg.inv(self.covs)
         post_cov = torch.linalg.inv(Cinv + (A.T @ A) / s2)
@@ -137,8 +139,14 @@ class GaussianMixture:
         return GaussianMixture(post_mean, post_cov, torch.softmax(logw, 0))
 
     # -- exact losses ----------------------------------------------------------------------------------
+    def _check_class(self, y: int) -> int:
+        if not 0 <= int(y) < self.n_components:
+            raise ValueError(f"class {y} out of range: the mixture has components 0..{self.n_components - 1}")
+        return int(y)
+
     def class_loss(self, y: int):
         """ℓ(x0) = −log p(y | x0): the exact clean classifier's cross-entropy, per sample."""
+        y = self._check_class(y)
 
         def loss(x0):
             return -self.component_log_posterior(x0, 1.0)[:, y].to(x0.dtype)
@@ -147,6 +155,7 @@ class GaussianMixture:
 
     def noisy_class_loss(self, y: int, schedule: NoiseSchedule):
         """ℓ(x_t, t) = −log p(y | x_t): the exact noise-aware classifier, for ``cg``."""
+        y = self._check_class(y)
 
         def loss(x_t, t):
             return -self.component_log_posterior(x_t, schedule.at(int(t)))[:, y].to(x_t.dtype)
@@ -176,6 +185,8 @@ class GaussianMixture:
 def linear_measurement_loss(A: torch.Tensor, y: torch.Tensor, noise_std: float):
     """ℓ(x0) = ‖y − A x0‖²/(2s²), so exp(−ℓ) is the likelihood and p0·exp(−ℓ) the exact posterior."""
     A, y = torch.as_tensor(A, dtype=_DT), torch.as_tensor(y, dtype=_DT)
+    if noise_std <= 0:
+        raise ValueError(f"noise_std must be > 0, got {noise_std}")
 
     def loss(x0):
         r = y - x0.to(_DT) @ A.T

@@ -40,8 +40,8 @@ def ugd(scale: float = 1.0, backward_scale: float = 0.1, n_iter: int = 1, n_recu
     """Universal Guidance (Bansal et al. 2023, Alg. 1): forward guidance ε̂ = ε + scale·√(1−ᾱ_t)·∇_{x_t} ℓ,
     ``n_iter`` backward steps x0 −= backward_scale·∇_{x0} ℓ, and ``n_recur`` self-recurrences.
 
-    The backward step moves x0 with ε fixed (TFG's μ convention), which equals UG's ε-update up to a
-    per-step rescaling (Ye et al. 2024).
+    As in UG, the backward step holds x_t fixed and recomputes ε from x_t and the new x0
+    (ε̂ −= √(ᾱ_t/(1−ᾱ_t))·Δx0); ``n_iter=0`` switches backward guidance off.
     """
     return GuidanceConfig(
         name="ugd",
@@ -49,6 +49,7 @@ def ugd(scale: float = 1.0, backward_scale: float = 0.1, n_iter: int = 1, n_recu
         rho_target="eps",
         mu=Constant(backward_scale) if n_iter > 0 and backward_scale else None,
         n_iter=max(n_iter, 1),
+        mu_hold="x_t",
         n_recur=n_recur,
     )
 

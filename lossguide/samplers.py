@@ -32,6 +32,13 @@ class Sampler:
         """(ᾱ_t, ᾱ_{t'}) for step i, with t' the next timestep (ᾱ_{−1} = final ᾱ)."""
         return self.schedule.at(int(self.timesteps[i])), self.schedule.at(self.prev_timestep(i))
 
+    def alpha_bar_pairs(self) -> list[tuple[float, float]]:
+        """(ᾱ_t, ᾱ_{t'}) of every step, computed once."""
+        cached = getattr(self, "_pairs", None)
+        if cached is None or len(cached) != len(self.timesteps):
+            cached = self._pairs = [self.alpha_bars(j) for j in range(len(self.timesteps))]
+        return cached
+
     def step(self, x_t, x0_hat, eps, i: int, generators: Generators) -> torch.Tensor:
         raise NotImplementedError
 
@@ -103,6 +110,12 @@ class DiffusersSampler(Sampler):
                 f"{type(scheduler).__name__} works in σ-space (init_noise_sigma={sigma0:g}); lossguide steps VP "
                 "schedulers only: use DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPC, ..."
             )
+        cfg = scheduler.config
+        if cfg.get("clip_sample") or cfg.get("thresholding"):
+            raise ValueError(
+                f"{type(scheduler).__name__} has clip_sample/thresholding on: it would clamp x0_hat and silently "
+                "cancel x0-space guidance; rebuild it with clip_sample=False, thresholding=False"
+            )
         self.scheduler = scheduler
         self.schedule = NoiseSchedule.from_diffusers(scheduler)
         scheduler.set_timesteps(num_steps)
@@ -110,7 +123,7 @@ class DiffusersSampler(Sampler):
         self.prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
         self.step_kwargs = step_kwargs
         self._takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-        self.stateful = hasattr(scheduler, "model_outputs") or hasattr(scheduler, "ets")
+        self.stateful = any(hasattr(scheduler, a) for a in ("model_outputs", "ets", "_step_index"))
 
     def step(self, x_t, x0_hat, eps, i, generators):
         t = int(self.timesteps[i])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -79,11 +80,14 @@ def spaced_timesteps(T: int, num_steps: int, spacing: str = "leading", steps_off
         ratio = T // num_steps
         ts = torch.arange(num_steps, dtype=torch.int64) * ratio + steps_offset
     elif spacing == "trailing":
-        ratio = T / num_steps
-        ts = torch.round(torch.arange(T, 0, -ratio, dtype=torch.float64)).to(torch.int64) - 1
-        return ts
+        k = torch.arange(num_steps, dtype=torch.float64)
+        return torch.round(T - k * T / num_steps).to(torch.int64) - 1
     elif spacing == "linspace":
-        ts = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).round().to(torch.int64)
+        # numpy's linspace, as diffusers: torch's rounds some midpoints (e.g. 499.5 for n = 61) the other way
+        ts = torch.from_numpy(np.linspace(0, T - 1, num_steps).round().astype(np.int64))
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
-    return ts.flip(0)
+    ts = ts.flip(0)
+    if ts.min() < 0 or ts.max() > T - 1:
+        raise ValueError(f"timesteps fall outside [0, {T - 1}] (spacing={spacing!r}, steps_offset={steps_offset})")
+    return ts

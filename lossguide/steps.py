@@ -33,8 +33,8 @@ class StepContext:
 
 
 def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
-    """‖x_b‖₂ over all dimensions but the batch, ``[B]``."""
-    return x.flatten(1).norm(dim=1)
+    """‖x_b‖₂ over all dimensions but the batch, ``[B]``, in float64 (‖g‖² overflows fp16 at ‖g‖ > 256)."""
+    return x.flatten(1).double().norm(dim=1)
 
 
 class StepRule:
@@ -47,7 +47,7 @@ class StepRule:
         return {"rule": type(self).__name__, **asdict(self)}
 
     def _full(self, ctx: StepContext, value: float) -> torch.Tensor:
-        return torch.full((ctx.loss.shape[0],), float(value), dtype=ctx.loss.dtype, device=ctx.loss.device)
+        return torch.full((ctx.loss.shape[0],), float(value), dtype=torch.float64, device=ctx.loss.device)
 
 
 @dataclass
@@ -81,7 +81,7 @@ class LossNormalized(StepRule):
     min_loss: float = 1e-12
 
     def __call__(self, ctx):
-        L = ctx.loss.detach().abs()
+        L = ctx.loss.detach().double().abs()
         ok = L > self.min_loss
         return torch.where(ok, self.scale / L.clamp_min(self.min_loss) ** self.power, torch.zeros_like(L))
 
@@ -119,7 +119,8 @@ class Polyak(StepRule):
     The update −step·g then has norm η·‖ε‖/‖g‖, which grows without bound as ‖g‖ → 0 (a classifier's
     cross-entropy has vanishing gradients once a sample is confidently classified). Two guards:
     samples with ‖g‖ < ``min_grad_norm`` take no step and are counted (the guard the reference code
-    meant to have), and the update norm is capped at ``max_ratio``·‖ε‖ (None: no cap).
+    meant to have), and the update norm is capped at ``max_ratio``·√(1−ᾱ_{t'})·‖ε‖, the size of the
+    noise the sampler still has to remove (None: the paper's uncapped rule).
     """
 
     eta: float = 1.0
@@ -133,8 +134,8 @@ class Polyak(StepRule):
         ctx.stats["zero_grad"] = ~ok
         g = g.clamp_min(self.min_grad_norm)
         step = self.eta * e / g**2
-        if self.max_ratio is not None:  # ‖step·g‖ = step·‖g‖ ≤ max_ratio·‖ε‖
-            step = torch.minimum(step, self.max_ratio * e / g)
+        if self.max_ratio is not None:  # ‖step·g‖ = step·‖g‖ ≤ max_ratio·√(1−ᾱ_{t'})·‖ε‖
+            step = torch.minimum(step, self.max_ratio * (1 - ctx.alpha_bar_prev) ** 0.5 * e / g)
         return torch.where(ok, step, torch.zeros_like(step))
 
 

@@ -65,7 +65,10 @@ def test_mu_step_moves_x0_with_eps_fixed(prior, schedule):
 def test_polyak_step_is_per_sample():
     """η‖ε_b‖/‖g_b‖² for each sample b; rescaling sample 1's gradient leaves sample 0's step unchanged."""
     g = torch.Generator().manual_seed(0)
-    eps, grad = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    eps, grad = (
+        torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
+    )
     ctx = StepContext(i=0, alpha_bars=[(0.5, 0.6)], eps=eps, grad=grad, loss=torch.ones(3))
     step = Polyak(eta=0.7, max_ratio=None)(ctx)
     want = 0.7 * eps.flatten(1).norm(dim=1) / grad.flatten(1).norm(dim=1) ** 2
@@ -77,10 +80,11 @@ def test_polyak_step_is_per_sample():
     torch.testing.assert_close(step2[1], step[1] / 100)
 
 
-def test_polyak_cap_bounds_the_update_norm():
-    eps, grad = torch.ones(2, 10), torch.full((2, 10), 1e-3)
+def test_polyak_cap_bounds_the_update_norm_by_the_remaining_noise():
+    """‖step·g‖ ≤ max_ratio·√(1−ᾱ_{t'})·‖ε‖."""
+    eps, grad = torch.ones(2, 10, dtype=torch.float64), torch.full((2, 10), 1e-3, dtype=torch.float64)
     step = Polyak(eta=1.0, max_ratio=0.5)(StepContext(0, [(0.5, 0.6)], eps, grad, torch.ones(2)))
-    torch.testing.assert_close(step * grad.norm(dim=1), 0.5 * eps.norm(dim=1))
+    torch.testing.assert_close(step * grad.norm(dim=1), 0.5 * 0.4**0.5 * eps.norm(dim=1))
 
 
 def test_zero_gradient_guard_skips_and_counts(prior, schedule):
@@ -257,9 +261,22 @@ def test_time_travel_and_windows_count_nfe(prior, schedule):
     )
     fr = sampler.timesteps.double() / 1000
     in_recur = int(((fr >= 0.3) & (fr <= 0.8)).sum())
-    in_window = int((fr >= 0.1).sum())
+    in_window = int((fr > 0.1).sum())  # the window's lower bound is exclusive: (0.1, 1.0] of t/T
     assert res.stats.nfe == 20 + 2 * in_recur
     assert res.stats.denoiser_grads == in_window + 2 * in_recur
+
+
+def test_ugd_backward_step_holds_x_t(prior, schedule):
+    """UG's backward step: x0' = x0_hat − s∇ℓ and ε' = (x_t − √ᾱ_t x0')/√(1−ᾱ_t), then the DDIM update."""
+    den, sampler = prior.denoiser(schedule), lg.DDIM(schedule, 20)
+    x = torch.randn(2, prior.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cfg = lg.preset("ugd", scale=0.0, backward_scale=0.2)
+    got, _ = _one_step(den, sampler, cfg, _target_loss, x, seeds=(0, 1))
+    t = int(sampler.timesteps[5])
+    ab = schedule.at(t)
+    x0 = den(x, t).x0_hat - 0.2 * 2 * (den(x, t).x0_hat - 0.7)
+    eps = (x - ab**0.5 * x0) / (1 - ab) ** 0.5
+    torch.testing.assert_close(got, sampler.step(x, x0, eps, 5, []))
 
 
 def test_with_techniques_switches():

@@ -65,9 +65,11 @@ def test_diffusers_sampler_path_equals_our_ddim(prior):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_diffusers_sampler_rejects_sigma_space_schedulers():
+def test_diffusers_sampler_rejects_sigma_space_and_clamping_schedulers():
     with pytest.raises(ValueError, match="σ-space"):
         DiffusersSampler(diffusers.EulerDiscreteScheduler(), 10)
+    with pytest.raises(ValueError, match="clip_sample=False"):
+        DiffusersSampler(diffusers.DDIMScheduler(), 10)  # diffusers' default clamps x0_hat
 
 
 @pytest.mark.parametrize("make", [lambda s: DDIM(s, 50), lambda s: DDIM(s, 50, eta=1.0), lambda s: DDPM(s, 100)])

@@ -8,19 +8,21 @@ import torch
 from torch import nn
 
 
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
 class GuideCNN(nn.Module):
-    """The guide classifier: a plain four-conv CNN with global average pooling (an off-the-shelf-style net)."""
+    """The guide classifier: a plain VGG-style CNN (five conv-BN-ReLU layers, two max-pools, global average
+    pooling), an off-the-shelf-style network."""
 
     def __init__(self, width: int = 32, n_classes: int = 10):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *_conv_bn(1, w), *_conv_bn(w, w), nn.MaxPool2d(2),
+            *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
+            *_conv_bn(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )  # fmt: skip
         self.head = nn.Linear(4 * w, n_classes)
 

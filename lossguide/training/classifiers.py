@@ -31,7 +31,7 @@ from lossguide.training.common import setup_logging
 log = logging.getLogger("lossguide.training.classifiers")
 
 SPECS = {
-    "mnist-guide": dict(arch="GuideCNN", split="A", epochs=80, seed=1),
+    "mnist-guide": dict(arch="GuideCNN", split="A", epochs=40, seed=1),
     "mnist-judge": dict(arch="JudgeResNet", split="B", epochs=30, seed=2),
     "mnist-noise-aware": dict(arch="NoiseAwareCNN", split="A", epochs=60, seed=3),
     "mnist-robust": dict(arch="GuideCNN", split="A", epochs=20, seed=4, pgd_eps=2.0, pgd_steps=3),
