@@ -33,6 +33,7 @@ def evaluate(n: int = 256, steps: int = 50, batch: int = 64) -> dict:
     labels, confs = torch.cat(labels), torch.cat(confs)
     hist = torch.bincount(labels, minlength=10).tolist()
     return {
+        "judge_labels_first64": labels[:64].tolist(),
         "unguided_eval": f"DDIM-{steps}, eta 0, seeds 0..{n - 1}, judge mnist-judge",
         "judge_confident_0.9_share": round(float((confs >= 0.9).float().mean()), 4),
         "judge_mean_confidence": round(float(confs.mean()), 4),
