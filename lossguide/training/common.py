@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import copy
+import io
 import logging
-import os
 from pathlib import Path
 
 import torch
+
+from lossguide.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a killed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`lossguide.io.atomic_write_bytes`: a killed run never leaves half a file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 class EMA:
