@@ -156,16 +156,6 @@ class GuidanceStats:
         self.zero_grad = torch.zeros(batch, dtype=torch.long)
         self.last_loss = torch.full((batch,), float("nan"), dtype=torch.float64)
 
-    def to_dict(self) -> dict:
-        return {
-            "nfe": self.nfe,
-            "denoiser_grads": self.denoiser_grads,
-            "loss_evals": self.loss_evals,
-            "loss_grads": self.loss_grads,
-            "skipped": self.skipped.tolist() if self.skipped is not None else None,
-            "zero_grad": self.zero_grad.tolist() if self.zero_grad is not None else None,
-        }
-
 
 def _check_loss_output(L, n: int, where: str) -> torch.Tensor:
     if not isinstance(L, torch.Tensor):

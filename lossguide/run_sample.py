@@ -189,10 +189,12 @@ def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = F
     judge = load_classifier(cfg.judge, device=cfg.device)
     needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
     reference = reference_digit(cfg.target, cfg.reference).to(cfg.device) if needs_ref else None
-    loss = build_loss(cfg, guide, reference)
-    if cfg.method == "cg":
+    task_loss = build_loss(cfg, guide, reference)  # what is reported as the guide loss, for every method
+    loss = task_loss
+    if cfg.method == "cg":  # classifier guidance steers with the noise-aware classifier of the target class
+        if cfg.loss != "class":
+            raise ValueError("--method cg guides with the noise-aware classifier: use it with --loss class")
         loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device), cfg.target)
-    eval_loss = losses.ClassLoss(guide, cfg.target) if cfg.loss != "class" else loss
     sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
 
     records_dir = out / "records"
@@ -216,7 +218,7 @@ def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = F
         x = res.x0.clamp(-1, 1)
         with torch.no_grad():
             probs = torch.softmax(judge(x), dim=1)
-            guide_loss = eval_loss(x) if cfg.loss == "class" else loss(x)
+            guide_loss = task_loss(x)
             guide_label = guide(x).argmax(1)
         for k, s in enumerate(seeds):
             atomic_write_bytes(out / f"{s:06d}.png", png_bytes(to_uint8(x[k])))

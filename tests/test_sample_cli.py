@@ -76,6 +76,13 @@ def test_sample_run_is_batch_invariant(tmp_path):
         assert ra["guide_loss"] == pytest.approx(rb["guide_loss"], rel=1e-4, abs=1e-5)
 
 
+@shipped
+def test_cg_reports_the_guide_loss(tmp_path):
+    """cg steers with the noise-aware classifier but reports the guide's −log p(y|x0), like every method."""
+    m = run(SampleConfig(method="cg", steps=3, seeds=[0]), tmp_path / "cg", progress=False)
+    assert m["per_sample"][0]["guide_loss"] >= 0 and m["nfe"] == 3
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["sample", "--seeds", "3-1", "--out", str(tmp_path)]) == 2
     assert "bad seed range" in capsys.readouterr().err
