@@ -101,6 +101,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from lossguide import experiments
+
+    names = list(experiments.EXPERIMENTS) if args.name == "all" else [args.name]
+    for name in names:
+        experiments.get(name)  # fail fast on an unknown name
+    for name in names:
+        out = args.out / name if (args.name == "all" or args.out == Path("runs/experiments")) else args.out
+        summary = experiments.run(name, out, quick=args.quick)
+        print(f"{name}: {summary.get('headline', 'done')} -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lossguide", description="Training-free loss-based diffusion guidance.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -162,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-n", type=int, default=128, help="samples per tuning run")
     p.add_argument("--write-settings", action="store_true", help="with --tune: store the chosen settings")
     p.set_defaults(func=_one_thread(cmd_oracle))
+
+    p = sub.add_parser(
+        "experiment",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="the paper's analysis experiments (report.md, figures, raw numbers)",
+        description="Run one of the paper's analysis experiments on the shipped MNIST models or the "
+        "Gaussian-mixture oracle; writes report.md, PNG figures and JSON/CSV numbers to the run folder.",
+    )
+    p.add_argument("name", help="experiment name, or all")
+    p.add_argument("--out", type=Path, default=Path("runs/experiments"), help="folder (NAME is appended)")
+    p.add_argument("--quick", action="store_true", help="few samples (for tests); numbers are not meaningful")
+    p.set_defaults(func=cmd_experiment)
     return ap
 
 
