@@ -97,25 +97,33 @@ def from_module(
     return d
 
 
-def from_diffusers(unet: torch.nn.Module, scheduler, **unet_kwargs) -> Denoiser:
+def from_diffusers(
+    unet: torch.nn.Module, scheduler, state_dtype: torch.dtype | None = None, **unet_kwargs
+) -> Denoiser:
     """Wrap a diffusers UNet (``.sample`` output) with the ᾱ and ``prediction_type`` of its scheduler.
 
     ``unet_kwargs`` (e.g. ``encoder_hidden_states`` for a ``UNet2DConditionModel``) are passed to every
     call. A UNet trained with a learned variance (2× output channels) keeps the first half.
+    ``state_dtype`` (mixed precision): x_t, ε_hat and x0_hat stay in this dtype (e.g. float32) while the
+    UNet runs in its weights' dtype (bf16/fp16); None keeps everything in the weights' dtype.
     """
     freeze(unet)
     pred = getattr(scheduler.config, "prediction_type", "epsilon")
     schedule = NoiseSchedule.from_diffusers(scheduler)
     in_ch = getattr(unet.config, "in_channels", None)
+    p = next(iter(unet.parameters()), None)
+    w_dtype = p.dtype if p is not None else None
 
     def net(x, t):
-        out = unet(x, t, **unet_kwargs).sample
+        out = unet(x if w_dtype is None else x.to(w_dtype), t, **unet_kwargs).sample
         if in_ch is not None and out.shape[1] == 2 * in_ch:
             out = out[:, :in_ch]
-        return out
+        return out.to(x.dtype)
 
     d = Denoiser(net, schedule, pred)
     _record_param_dtype(d, unet)
+    if state_dtype is not None:
+        d.dtype = state_dtype
     return d
 
 

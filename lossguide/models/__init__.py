@@ -97,21 +97,60 @@ def _resolve(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
-def load_denoiser(name_or_path: str = "mnist-ddpm", device="cpu", dtype=torch.float32) -> LoadedDenoiser:
-    """Load a diffusers UNet (``unet/``) and scheduler (``scheduler/``) folder, hub id or shipped name."""
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}  # fmt: skip
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """A torch dtype from a dtype or one of ``fp32``, ``fp16``, ``bf16`` (and their long names)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, fp16, bf16")
+    return DTYPES[dtype]
+
+
+def _subfolder(src: str, name: str) -> str | None:
+    """``name`` for a pipeline folder (``unet/``, ``scheduler/``) and None for a bare model folder."""
+    if Path(src).exists():
+        return name if (Path(src) / name).is_dir() else None
+    return name  # a hub id: pipelines (and google/ddpm-*) repos differ; the loader tries both
+
+
+def load_denoiser(
+    name_or_path: str = "mnist-ddpm", device="cpu", dtype=torch.float32, state_dtype=None
+) -> LoadedDenoiser:
+    """Load a diffusers UNet and scheduler: a pipeline folder (``unet/``, ``scheduler/``), a bare model
+    folder (``config.json``, ``scheduler_config.json``), a hub id or a shipped name.
+
+    ``dtype`` is the weights' dtype (fp32, fp16, bf16); ``state_dtype`` (e.g. fp32) keeps the sampler
+    state in another dtype while the UNet runs in ``dtype`` (mixed precision; see ``from_diffusers``).
+    """
     try:
         import diffusers
     except ImportError as e:
         raise ImportError("loading diffusion models needs diffusers: pip install 'lossguide[diffusers]'") from e
+    dtype = parse_dtype(dtype)
+    state_dtype = None if state_dtype is None else parse_dtype(state_dtype)
     src, local_only = _resolve(name_or_path)
     kw = dict(local_files_only=local_only)
     try:
-        cfg = diffusers.UNet2DModel.load_config(src, subfolder="unet", **kw)
+        sub = _subfolder(src, "unet")
+        try:
+            cfg = diffusers.UNet2DModel.load_config(src, subfolder=sub, **kw)
+        except (OSError, ValueError):
+            if sub is None or Path(src).exists():
+                raise
+            sub = None  # a hub repo with the model at its root (google/ddpm-ema-celebahq-256)
+            cfg = diffusers.UNet2DModel.load_config(src, **kw)
         unet_cls = getattr(diffusers, cfg.get("_class_name", "UNet2DModel"))
-        unet = unet_cls.from_pretrained(src, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False, **kw)
-        scheduler = diffusers.DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+        unet = unet_cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype, low_cpu_mem_usage=False, **kw)
+        sched_sub = "scheduler" if sub is not None else None
+        scheduler = diffusers.DDPMScheduler.from_pretrained(src, subfolder=sched_sub, **kw)
     except (OSError, ValueError) as e:
-        hint = "pass a local diffusers folder (with unet/ and scheduler/)"
+        hint = "pass a local diffusers folder (with unet/ and scheduler/, or config.json and scheduler_config.json)"
         if local_only and not Path(src).exists():
             raise ModelNotFoundError(
                 f"cannot load {name_or_path!r}: the hub is not reachable from here and it is not in the local "
@@ -124,7 +163,7 @@ def load_denoiser(name_or_path: str = "mnist-ddpm", device="cpu", dtype=torch.fl
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     return LoadedDenoiser(
-        denoiser=from_diffusers(unet, scheduler),
+        denoiser=from_diffusers(unet, scheduler, state_dtype=state_dtype),
         scheduler=scheduler,
         sample_shape=(unet.config.in_channels, *size),
         source=src,
