@@ -7,6 +7,7 @@ SCRIPTS = {
     "ddpm": "lossguide.training.ddpm",
     "classifiers": "lossguide.training.classifiers",
     "evaluate-ddpm": "lossguide.training.evaluate_ddpm",
+    "motion": "lossguide.training.motion",
 }
 
 if __name__ == "__main__":
