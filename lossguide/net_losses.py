@@ -63,6 +63,14 @@ class Preprocess:
         return x
 
 
+def hf_dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The dtype argument of transformers' ``from_pretrained``: ``dtype`` from 4.56 on, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def _logits(out) -> torch.Tensor:
     """A network's output tensor: the tensor itself, ``.logits`` (transformers) or the first element."""
     if isinstance(out, torch.Tensor):
@@ -115,7 +123,7 @@ class CLIP:
             raise ImportError("CLIP losses need transformers: pip install 'lossguide[clip]'") from e
         src, local_only = _resolve(name_or_path)
         try:
-            model = CLIPModel.from_pretrained(src, local_files_only=local_only, torch_dtype=dtype)
+            model = CLIPModel.from_pretrained(src, local_files_only=local_only, **hf_dtype_kwargs(dtype))
             tok = CLIPTokenizer.from_pretrained(src, local_files_only=local_only)
         except (OSError, ValueError) as e:
             raise ModelNotFoundError(
