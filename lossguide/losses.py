@@ -41,16 +41,21 @@ class ClassLoss:
 
 
 class NoisyClassLoss:
-    """−log p(y | x_t, t) under a noise-aware classifier ``classifier(x_t, t)``: the loss of ``cg``."""
+    """−log p(y | x_t, t) under a noise-aware classifier ``classifier(x_t, t)``: the loss of ``cg``.
 
-    def __init__(self, classifier: torch.nn.Module, target: int):
+    ``target`` is one class for every sample or one per sample."""
+
+    def __init__(self, classifier: torch.nn.Module, target: int | Sequence[int]):
         self.classifier = freeze(classifier)
-        self.target = int(target)
+        self.target = torch.as_tensor(target).long().view(-1)
 
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         tt = torch.full((len(x_t),), int(t), dtype=torch.long, device=x_t.device)
         logits = self.classifier(x_t, tt)
-        y = torch.full((len(x_t),), self.target, dtype=torch.long, device=x_t.device)
+        n, k = len(x_t), len(self.target)
+        if n % k:
+            raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")
+        y = self.target.to(logits.device).repeat_interleave(n // k)
         return F.cross_entropy(logits.float(), y, reduction="none").to(x_t.dtype)
 
 

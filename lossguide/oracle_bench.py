@@ -59,8 +59,14 @@ def method_config(name: str, params: dict):
 
 
 def run_one(task: OracleTask, name: str, params: dict, schedule, seeds, steps: int, posterior_x) -> dict:
-    cfg = method_config(name, params)
-    loss = task.noisy_loss if name == "cg" else task.loss
+    row = run_config(task, name, method_config(name, params), schedule, seeds, steps, posterior_x)
+    row["params"] = dict(params)
+    return row
+
+
+def run_config(task: OracleTask, name: str, cfg, schedule, seeds, steps: int, posterior_x) -> dict:
+    """Sample ``seeds`` with guidance ``cfg`` on ``task`` and score them against ``posterior_x``."""
+    loss = task.noisy_loss if cfg.loss_input == "x_t" else task.loss
     t0 = time.perf_counter()
     res = sample(
         task.prior.denoiser(schedule),
@@ -77,7 +83,6 @@ def run_one(task: OracleTask, name: str, params: dict, schedule, seeds, steps: i
     row = {
         "task": task.name,
         "method": name,
-        "params": {k: v for k, v in params.items()},
         "sw_to_posterior": sliced_wasserstein(x[finite], posterior_x) if finite.all() else float("inf"),
         "loss": float(task.loss(x[finite]).mean()) if finite.any() else float("inf"),
         "nfe": res.stats.nfe,
