@@ -86,6 +86,8 @@ def _print_oracle(args, rows) -> int:
 def cmd_sample(args) -> int:
     from lossguide import run_sample
 
+    if args.config is not None:
+        return cmd_recipe(args)
     cfg = run_sample.SampleConfig(
         model=args.model, guide=args.guide, judge=args.judge, loss=args.loss, target=args.target,
         reference=args.reference, method=args.method, params=run_sample.parse_params(args.set),
@@ -97,6 +99,21 @@ def cmd_sample(args) -> int:
         f"{m['n_samples']} samples of class {m['target']} with {m['method']}: judge validity "
         f"{m['judge_validity']:.1%}, guide validity {m['guide_validity']:.1%}, mean guide loss "
         f"{m['mean_guide_loss']:.3g}, NFE {m['nfe']}, {m['wall_s_per_sample']:.2f} s/sample -> {args.out}"
+    )
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    """``lossguide sample --config FILE``: a recipe (model, loss, method, sampler, seeds) from a YAML file."""
+    from lossguide import recipes
+
+    out = None if args.out == Path("runs/sample") else args.out  # default: runs/<recipe name>
+    r = recipes.load(args.config)
+    out = out or Path("runs") / r["name"]
+    m = recipes.run(r, out, overwrite=args.overwrite, progress=not args.quiet)
+    print(
+        f"{m['n_samples']} samples of recipe {m['name']} with {m['method']}: mean loss {m['mean_loss']:.4g}, "
+        f"NFE {m['nfe']}, {m['wall_s_per_sample']:.2f} s/sample -> {out}"
     )
     return 0
 
@@ -151,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--overwrite", action="store_true", help="replace a run folder with a different config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run a recipe instead (YAML: model, loss, method, sampler, seeds; see recipes/); only --out "
+        "(default runs/<recipe name>), --overwrite and --quiet apply",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(

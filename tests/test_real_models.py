@@ -4,13 +4,15 @@ stack (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer) with c
 a loss on the VAE-decoded x0_hat, gradient checkpointing and clear errors."""
 
 import json
+import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import lossguide as lg
-from lossguide import losses
+from lossguide import losses, recipes
 from lossguide.augment import GaussianJitter
 from lossguide.latent import DecodedLoss, LatentStack, load_stable_diffusion
 from lossguide.models import ModelNotFoundError, load_denoiser
@@ -280,3 +282,74 @@ def test_missing_stable_diffusion_is_a_clear_error_within_seconds(tmp_path, monk
     with pytest.raises(ModelNotFoundError, match="not reachable"):
         load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert time.time() - t0 < 10
+
+
+# -- recipes -------------------------------------------------------------------------------------------
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    r = recipes.load(path)
+    assert r["name"] == path.stem and r["model"]["kind"] in ("pixel", "latent")
+    assert r["sampler"]["steps"] in (50, 100)
+
+
+def test_recipe_errors_name_the_fix(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model: {kind: pixel, path: x}\nloss: {kind: clip_text}\nmethod: freedom\nparams: {eta: 1}\n")
+    with pytest.raises(ValueError, match="method 'freedom' has no parameter 'eta'"):
+        recipes.load(f)
+    f.write_text("model: {kind: pixel, path: x, prompt: y}\nloss: {kind: none}\n")
+    with pytest.raises(ValueError, match=r"pixel model has no keys \['prompt'\]"):
+        recipes.load(f)
+
+
+def _write_recipe(folder, model: str, extra_model: str = "") -> Path:
+    f = folder / "r.yaml"
+    f.write_text(
+        f"name: tiny\nmodel: {{kind: {model}, path: model{extra_model}}}\n"
+        "loss: {kind: clip_text, clip: clip, text: a photo of a dog, metric: l2}\n"
+        "method: freedom\nparams: {scale: 2.0}\nsampler: {steps: 4, eta: 1.0}\nseeds: 0-2\nbatch: 2\ndevice: cpu\n"
+    )
+    return f
+
+
+def test_pixel_recipe_runs_from_the_cli_and_resumes(tmp_path, pixel_folders, monkeypatch):
+    import shutil
+
+    from test_net_losses import tiny_clip_folder
+
+    from lossguide.cli import main
+
+    shutil.copytree(pixel_folders["epsilon"], tmp_path / "model")
+    (tmp_path / "clip").mkdir()
+    tiny_clip_folder(tmp_path / "clip")
+    f = _write_recipe(tmp_path, "pixel")
+    out = tmp_path / "run"
+    assert main(["sample", "--config", str(f), "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_samples"] == 3 and m["nfe"] == 4 and m["denoiser_grads"] == 4
+    assert all(math.isfinite(r["loss"]) for r in m["per_sample"])
+    assert {p.name for p in out.glob("*.png")} == {"000000.png", "000001.png", "000002.png", "grid.png"}
+    assert "guidance:" in (out / "config.yaml").read_text()
+    monkeypatch.setattr(recipes, "build", lambda r: pytest.fail("a finished run must not load models again"))
+    assert main(["sample", "--config", str(f), "--out", str(out), "--quiet"]) == 0
+    f.write_text(f.read_text().replace("scale: 2.0", "scale: 3.0"))
+    assert main(["sample", "--config", str(f), "--out", str(out), "--quiet"]) == 2  # a different config: refused
+
+
+def test_latent_recipe_runs_with_cfg_and_a_decoded_clip_loss(tmp_path, sd_folder):
+    import shutil
+
+    from test_net_losses import tiny_clip_folder
+
+    shutil.copytree(sd_folder, tmp_path / "model")
+    (tmp_path / "clip").mkdir()
+    tiny_clip_folder(tmp_path / "clip")
+    extra = ", prompt: a cat, cfg_scale: 3.0, height: 16, width: 16, gradient_checkpointing: true, autocast: bf16"
+    m = recipes.run(_write_recipe(tmp_path, "latent", extra), tmp_path / "run", progress=False)
+    assert m["n_samples"] == 3 and m["nfe"] == 4
+    from PIL import Image
+
+    assert Image.open(tmp_path / "run" / "000000.png").size == (16, 16)

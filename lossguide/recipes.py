@@ -1,0 +1,338 @@
+"""Recipes: a YAML file that names a model, a loss, a preset and a sampler, run by ``lossguide sample --config``.
+
+A recipe resolves to (denoiser, sampler, guidance, loss, per-sample shape) and runs into a folder with one
+PNG per seed, ``grid.png``, the resolved ``config.yaml`` and ``metrics.json`` (all written atomically);
+seeds are the unit of work, so rerunning resumes. Paths in a recipe (models, reference images) are taken
+relative to the recipe file when such a file exists there; anything else is a diffusers/transformers
+folder or hub id (fetched once with ``huggingface-cli download`` and then read from the local cache).
+
+Schema (``recipes/*.yaml`` are commented examples)::
+
+    name: celebahq-text
+    model: {kind: pixel | latent, path: ..., dtype: fp32 | bf16 | fp16, ...}
+    loss: {kind: clip_text | clip_image | clip_style | classifier | feature_match | identity | none, ...}
+    method: shen2024            # any preset
+    params: {eta: 0.001, ...}   # its parameters
+    sampler: {steps: 100, eta: 1.0, spacing: leading, steps_offset: 0}
+    seeds: 0-7
+    batch: 4
+    device: cuda
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lossguide import net_losses, presets
+from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lossguide.samplers import DDIM
+from lossguide.sampling import sample
+
+log = logging.getLogger(__name__)
+
+TOP_KEYS = {
+    "name", "description", "model", "loss", "method", "params", "window", "sampler", "seeds", "batch", "device",
+    "notes",
+}  # fmt: skip
+LOSS_KINDS = ("clip_text", "clip_image", "clip_style", "classifier", "feature_match", "identity", "none")
+MODEL_KEYS = {
+    "pixel": {"kind", "path", "dtype", "state_dtype"},
+    "latent": {
+        "kind", "path", "dtype", "prompt", "negative_prompt", "cfg_scale", "height", "width", "decode_scale",
+        "gradient_checkpointing", "autocast",
+    },
+}  # fmt: skip
+
+
+def _fail(path, msg: str):
+    raise ValueError(f"recipe {path}: {msg}")
+
+
+def load(path: str | Path) -> dict:
+    """Read and validate a recipe; unknown keys and kinds are one-line errors naming the fix."""
+    import yaml
+
+    from lossguide.run_sample import parse_seeds
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no recipe {path}; the shipped ones are in recipes/ of the repository")
+    r = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(r, dict):
+        _fail(path, "must be a mapping of keys (name, model, loss, method, ...)")
+    bad = set(r) - TOP_KEYS
+    if bad:
+        _fail(path, f"unknown keys {sorted(bad)}; allowed: {sorted(TOP_KEYS)}")
+    for key in ("model", "loss"):
+        if not isinstance(r.get(key), dict) or "kind" not in r[key]:
+            _fail(path, f"'{key}' must be a mapping with a 'kind'")
+    kind = r["model"]["kind"]
+    if kind not in MODEL_KEYS:
+        _fail(path, f"model kind {kind!r} unknown; choose pixel or latent")
+    bad = set(r["model"]) - MODEL_KEYS[kind]
+    if bad:
+        _fail(path, f"{kind} model has no keys {sorted(bad)}; allowed: {sorted(MODEL_KEYS[kind])}")
+    if r["loss"]["kind"] not in LOSS_KINDS:
+        _fail(path, f"loss kind {r['loss']['kind']!r} unknown; choose one of {', '.join(LOSS_KINDS)}")
+    r.setdefault("name", path.stem)
+    r.setdefault("method", "shen2024")
+    r.setdefault("params", {})
+    r.setdefault("sampler", {})
+    r.setdefault("batch", 4)
+    r.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    seeds = r.get("seeds", "0-3")
+    r["seeds"] = parse_seeds(str(seeds)) if not isinstance(seeds, list) else [int(s) for s in seeds]
+    _guidance(r)  # unknown methods/parameters fail now, not after loading models
+    r["_dir"] = str(path.resolve().parent)
+    return r
+
+
+def _params(r: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in (r.get("params") or {}).items()}
+
+
+def _guidance(r: dict):
+    """The preset with its parameters; ``window: [lo, hi]`` (guidance where lo < t/T ≤ hi) on any preset."""
+    g = presets.get(r["method"], **_params(r))
+    if r.get("window") is not None:
+        g = g.replace(window=tuple(float(v) for v in r["window"]))
+    return g
+
+
+def _local(r: dict, p: str) -> str:
+    """``p`` relative to the recipe's folder when that exists, else ``p`` itself (a folder or a hub id)."""
+    q = Path(p).expanduser()
+    if not q.is_absolute():
+        cand = Path(r.get("_dir", ".")) / q
+        if cand.exists():
+            return str(cand)
+    return str(q) if q.exists() else p
+
+
+def read_image(path: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An RGB image file as [3, H, W] in [−1, 1], resized (bicubic, antialiased) to ``size`` if given."""
+    import numpy as np
+    from PIL import Image
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"reference image {path} does not exist; see the recipe's notes for where to get it")
+    im = Image.open(path).convert("RGB")
+    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = torch.nn.functional.interpolate(x[None], size=size, mode="bicubic", antialias=True)[0].clamp(-1, 1)
+    return x
+
+
+def load_network(spec: dict, r: dict, device) -> torch.nn.Module:
+    """A user network from ``{transformers: id, class: AutoModel...}``, ``{torchscript: file}`` or
+    ``{factory: "module:function", kwargs: {...}}`` (any code that returns a torch module)."""
+    if "transformers" in spec:
+        import transformers
+
+        from lossguide.models import ModelNotFoundError, _resolve
+
+        cls = getattr(transformers, spec.get("class", "AutoModel"))
+        src, local_only = _resolve(_local(r, spec["transformers"]))
+        try:
+            net = cls.from_pretrained(src, local_files_only=local_only)
+        except OSError as e:
+            raise ModelNotFoundError(
+                f"cannot load {spec['transformers']!r}: download it with `huggingface-cli download "
+                f"{spec['transformers']}` on a machine with network access, or give a local folder"
+            ) from e
+    elif "torchscript" in spec:
+        f = _local(r, spec["torchscript"])
+        if not Path(f).exists():
+            from lossguide.models import ModelNotFoundError
+
+            raise ModelNotFoundError(f"no TorchScript file {f}; export your network with torch.jit.script/trace")
+        net = torch.jit.load(f, map_location="cpu")
+    elif "factory" in spec:
+        mod, _, fn = spec["factory"].partition(":")
+        if not fn:
+            raise ValueError(f"factory must be 'module:function', got {spec['factory']!r}")
+        net = getattr(importlib.import_module(mod), fn)(**spec.get("kwargs", {}))
+    else:
+        raise ValueError("a network is {transformers: id}, {torchscript: file} or {factory: 'module:function'}")
+    return net.to(device)
+
+
+def _preprocess(spec: dict | None, default: net_losses.Preprocess) -> net_losses.Preprocess:
+    if not spec:
+        return default
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()}
+    return net_losses.Preprocess(**kw)
+
+
+def build_pixel_loss(r: dict, image_size: tuple[int, int], device):
+    """The pixel-space loss ℓ(x0) of the recipe's ``loss`` section."""
+    spec = dict(r["loss"])
+    kind = spec.pop("kind")
+    if kind == "none":
+        return None
+    ref = spec.get("reference")
+    ref_img = read_image(_local(r, ref), image_size).to(device) if ref else None
+    if kind.startswith("clip"):
+        clip = net_losses.CLIP.from_pretrained(_local(r, spec.get("clip", "openai/clip-vit-base-patch16")), device)
+        if kind == "clip_text":
+            return net_losses.CLIPTextLoss(clip, spec["text"], metric=spec.get("metric", "cosine"))
+        if ref_img is None:
+            raise ValueError(f"loss {kind} needs reference: an image file")
+        if kind == "clip_image":
+            return net_losses.CLIPImageLoss(clip, ref_img, metric=spec.get("metric", "cosine"))
+        return net_losses.CLIPStyleLoss(clip, ref_img, layer=int(spec.get("layer", -3)))
+    net = load_network(spec.get("network") or {}, r, device)
+    pre = _preprocess(spec.get("preprocess"), net_losses.Preprocess())
+    if kind == "classifier":
+        return net_losses.ClassifierLoss(net, spec["target"], preprocess=pre)
+    if ref_img is None:
+        raise ValueError(f"loss {kind} needs reference: an image file")
+    if kind == "feature_match":
+        return net_losses.FeatureMatchLoss(net, ref_img, preprocess=pre)
+    return net_losses.IdentityLoss(net, ref_img, preprocess=pre, metric=spec.get("metric", "cosine"))
+
+
+@dataclass
+class Built:
+    """What a recipe resolves to."""
+
+    denoiser: object
+    sampler: object
+    guidance: object
+    loss: object
+    shape: tuple[int, ...]
+    to_image: object  # x0 [B, ...] -> images [B, 3, H, W] in [−1, 1], without gradients
+    pixel_loss: object
+
+
+def build(r: dict) -> Built:
+    """Load the recipe's model and loss and build sampler and guidance."""
+    from lossguide.models import load_denoiser, parse_dtype
+
+    device = r["device"]
+    m = r["model"]
+    s = r.get("sampler") or {}
+    guidance = _guidance(r)
+    if m["kind"] == "pixel":
+        ld = load_denoiser(_local(r, m["path"]), device=device, dtype=m.get("dtype", "fp32"),
+                           state_dtype=m.get("state_dtype", "fp32"))  # fmt: skip
+        den, shape = ld.denoiser, ld.sample_shape
+        pixel_loss = build_pixel_loss(r, tuple(shape[-2:]), device)
+        loss = pixel_loss
+
+        def to_image(x):
+            return x.float()
+
+    else:
+        from lossguide.latent import load_stable_diffusion
+
+        stack = load_stable_diffusion(_local(r, m["path"]), device=device, dtype=m.get("dtype", "fp32"))
+        H, W = int(m.get("height", 512)), int(m.get("width", 512))
+        shape = stack.latent_shape(H, W)
+        if m.get("gradient_checkpointing", False):
+            stack.enable_gradient_checkpointing()
+        ac = m.get("autocast")
+        ac = parse_dtype(ac) if ac else None
+        cond = stack.encode_prompt(m.get("prompt", ""))
+        neg = stack.encode_prompt(m.get("negative_prompt", "")) if float(m.get("cfg_scale", 7.5)) != 1 else None
+        den = stack.denoiser(cond, neg, guidance_scale=float(m.get("cfg_scale", 7.5)), autocast_dtype=ac)
+        ds = float(m.get("decode_scale", 1.0))
+        size = tuple(int(round(v / stack.vae_factor * ds)) * stack.vae_factor for v in (H, W))
+        pixel_loss = build_pixel_loss(r, size, device)
+        loss = None if pixel_loss is None else stack.loss(pixel_loss, decode_scale=ds, autocast_dtype=ac)
+        full = stack.loss(lambda x: x.flatten(1).sum(1))
+
+        def to_image(x):
+            with torch.no_grad():
+                return full.decode(x).float()
+
+    sampler = DDIM(
+        den.schedule, int(s.get("steps", 100)), eta=float(s.get("eta", 0.0)), spacing=s.get("spacing", "leading"),
+        steps_offset=int(s.get("steps_offset", 0)),
+    )  # fmt: skip
+    if guidance.enabled and loss is None:
+        raise ValueError(f"method {r['method']!r} needs a loss; the recipe has loss kind 'none'")
+    return Built(den, sampler, guidance, loss, tuple(shape), to_image, pixel_loss)
+
+
+def _config_text(r: dict, guidance) -> str:
+    import yaml
+
+    d = {k: v for k, v in r.items() if not k.startswith("_")}
+    d["guidance"] = guidance.to_dict()
+    return yaml.safe_dump(json.loads(json.dumps(d, default=list)), sort_keys=False, allow_unicode=True)
+
+
+def run(recipe: str | Path | dict, out: str | Path | None = None, overwrite: bool = False, progress: bool = True):
+    """Run a recipe into ``out`` (default ``runs/<name>``), resuming finished seeds; returns the metrics."""
+    from lossguide.run_sample import png_bytes, to_uint8
+
+    r = load(recipe) if not isinstance(recipe, dict) else copy.deepcopy(recipe)
+    out = Path(out or Path("runs") / r["name"])
+    guidance = _guidance(r)
+    text = _config_text(r, guidance)
+    cfg_file = out / "config.yaml"
+    if cfg_file.exists() and not overwrite and cfg_file.read_text() != text:
+        raise ValueError(f"{out} holds a run with a different config; pass another --out, or --overwrite")
+    rec_dir = out / "records"
+    if overwrite and rec_dir.exists():
+        for f in rec_dir.glob("*.json"):
+            f.unlink()
+    atomic_write_text(cfg_file, text)
+    todo = [s for s in r["seeds"] if not (rec_dir / f"{s:06d}.json").exists()]
+    if todo:
+        b = build(r)
+        dtype = b.denoiser.dtype or torch.float32
+        for k in range(0, len(todo), int(r["batch"])):
+            seeds = todo[k : k + int(r["batch"])]
+            t0 = time.perf_counter()
+            res = sample(b.denoiser, b.sampler, b.guidance, b.loss, shape=b.shape, seeds=seeds, dtype=dtype,
+                         device=r["device"], progress=progress)  # fmt: skip
+            wall = time.perf_counter() - t0
+            img = b.to_image(res.x0)
+            with torch.no_grad():
+                L = (
+                    b.pixel_loss(img.clamp(-1, 1))
+                    if b.pixel_loss is not None
+                    else torch.full((len(seeds),), float("nan"))
+                )
+            for j, s in enumerate(seeds):
+                atomic_write_bytes(out / f"{s:06d}.png", png_bytes(to_uint8(img[j].cpu())))
+                atomic_write_json(rec_dir / f"{s:06d}.json", {
+                    "seed": s, "loss": float(L[j]), "skipped_steps": int(res.stats.skipped[j]),
+                    "nfe": res.stats.nfe, "denoiser_grads": res.stats.denoiser_grads,
+                    "wall_s_per_sample": wall / len(seeds),
+                })  # fmt: skip
+    else:
+        log.info("all %d seeds already done in %s", len(r["seeds"]), out)
+    return finalize(r, out)
+
+
+def finalize(r: dict, out: Path) -> dict:
+    """Aggregate per-seed records into ``metrics.json`` and draw ``grid.png``."""
+    import numpy as np
+    from PIL import Image
+
+    from lossguide.run_sample import grid, png_bytes
+
+    recs = [json.loads((out / "records" / f"{s:06d}.json").read_text()) for s in r["seeds"]]
+    n = len(recs)
+    metrics = {
+        "name": r["name"], "method": r["method"], "n_samples": n,
+        "mean_loss": sum(x["loss"] for x in recs) / n, "nfe": recs[0]["nfe"],
+        "denoiser_grads": recs[0]["denoiser_grads"], "skipped_steps": sum(x["skipped_steps"] for x in recs),
+        "wall_s_per_sample": sum(x["wall_s_per_sample"] for x in recs) / n, "per_sample": recs,
+    }  # fmt: skip
+    imgs = [torch.from_numpy(np.array(Image.open(out / f"{s:06d}.png"))) for s in r["seeds"]]
+    imgs = [i.unsqueeze(0) if i.ndim == 2 else i.permute(2, 0, 1) for i in imgs]
+    atomic_write_bytes(out / "grid.png", png_bytes(grid(imgs)))
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
