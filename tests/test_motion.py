@@ -1,0 +1,164 @@
+"""Motion guidance (issue #7): forward kinematics, windows, losses, augmentation, the shipped model and
+the ``lossguide experiment motion --quick`` run."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("pybullet", reason="motion data needs the pybullet package (pip install 'lossguide[motion]')")
+
+from lossguide.motion import data as md  # noqa: E402
+from lossguide.motion.augment import MotionAugment, time_shift  # noqa: E402
+from lossguide.motion.losses import ObstacleLoss, PathLoss, TargetLoss, WeightedSum  # noqa: E402
+from lossguide.rng import make_generators  # noqa: E402
+
+
+def _walk_frame(k: int = 5) -> md.Clip:
+    import json
+
+    import numpy as np
+
+    d = json.loads((md.pybullet_data_path() / "data" / "motions" / "humanoid3d_walk.txt").read_text())
+    rp, rq, sq, rv = md._parse_frames(np.asarray(d["Frames"][k : k + 1], dtype=np.float64))
+    return md.Clip("walk", rp, rq, sq, rv, False)
+
+
+def test_fk_rest_pose_by_hand():
+    """Identity rotations: the right ankle hangs 0.25·(1.686184 + 1.639480) m below the hip, 0.25·0.339548 m aside."""
+    x = torch.zeros(1, md.N_FEATURES, dtype=torch.float64)
+    x[0, 2] = 0.85
+    eye6 = torch.tensor([1.0, 0, 0, 0, 1, 0], dtype=torch.float64)
+    x[0, 3:9] = eye6
+    x[0, 9 : 9 + 6 * len(md.SPHERICAL)] = eye6.repeat(len(md.SPHERICAL))
+    p = md.forward_kinematics(x)[0]
+    ankle = p[md.POINTS.index("right_ankle")]
+    expected = torch.tensor([0.0, 0.85 - 0.25 * (1.686184 + 1.639480), 0.25 * 0.339548], dtype=torch.float64)
+    torch.testing.assert_close(ankle, expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(p[md.POINTS.index("chest"), 1], torch.tensor(0.85 + 0.25 * 0.944604).double())
+
+
+def test_fk_matches_pybullet_on_a_walk_frame():
+    """Our FK of frame 5 of humanoid3d_walk equals pybullet's own link positions (globalScaling 0.25)."""
+    import pybullet as p
+
+    clip = _walk_frame(5)
+    ours = md.forward_kinematics(md.clip_features(clip))[0]
+    # pybullet's numbers for this frame, recorded once (and re-checked live below)
+    recorded = {"right_ankle": (0.2515, 0.0555, 0.0340), "left_elbow": (0.2133, 1.0751, -0.2457)}
+    for name, xyz in recorded.items():
+        torch.testing.assert_close(ours[md.POINTS.index(name)], torch.tensor(xyz).double(), rtol=0, atol=1e-4)
+    cid = p.connect(p.DIRECT)
+    try:
+        h = p.loadURDF(
+            str(md.pybullet_data_path() / "humanoid" / "humanoid.urdf"), globalScaling=0.25, physicsClientId=cid
+        )
+        q = clip.root_q[0]
+        p.resetBasePositionAndOrientation(h, clip.root_pos[0].tolist(), [q[1], q[2], q[3], q[0]], physicsClientId=cid)
+        index = {
+            p.getJointInfo(h, j, physicsClientId=cid)[1].decode(): j
+            for j in range(p.getNumJoints(h, physicsClientId=cid))
+        }
+        si = ri = 0
+        for name, kind in md.JOINTS:
+            if kind == "spherical":
+                w, a, b, c = clip.sph_q[0, si]
+                p.resetJointStateMultiDof(h, index[name], [a, b, c, w], physicsClientId=cid)
+                si += 1
+            else:
+                p.resetJointState(h, index[name], clip.rev[0, ri], physicsClientId=cid)
+                ri += 1
+        for name in ("chest", "neck", "right_knee", "right_ankle", "left_shoulder", "left_elbow", "right_wrist"):
+            ref = p.getLinkState(h, index[name], computeForwardKinematics=1, physicsClientId=cid)[4]
+            torch.testing.assert_close(ours[md.POINTS.index(name)], torch.tensor(ref).double(), rtol=0, atol=1e-5)
+    finally:
+        p.disconnect(cid)
+
+
+@pytest.fixture(scope="module")
+def windows():
+    data = md.MotionData.build(n_sequences=4, seconds=8.0, seed=0)
+    return data.windows(16, torch.Generator().manual_seed(0)).double()
+
+
+def test_mirror_and_heading_rotation_act_on_joint_positions(windows):
+    x = windows
+    P = md.forward_kinematics(x)
+    swap = [md.POINTS.index(n.replace("right", "L").replace("left", "right").replace("L", "left")) for n in md.POINTS]
+    reflect = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(md.forward_kinematics(md.mirror(x)), (P * reflect)[:, :, swap])
+    a = 0.7
+    R = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]], dtype=torch.float64)
+    rotated = md.forward_kinematics(md.rotate_heading(x, torch.full((len(x),), a, dtype=torch.float64)))
+    torch.testing.assert_close(rotated, P @ R.T, rtol=0, atol=1e-5)  # windows are float32 data
+
+
+def test_windows_start_at_origin_with_uniform_headings(windows):
+    assert windows.shape == (16, md.WINDOW, md.N_FEATURES)
+    torch.testing.assert_close(windows[:, 0, 0:2], torch.zeros(16, 2, dtype=torch.float64), rtol=0, atol=1e-6)
+    h = md.window_heading(windows)
+    assert h.std() > 1.0  # uniform on the circle has std ≈ 1.8
+    canon = md.canonicalize(windows)
+    torch.testing.assert_close(md.window_heading(canon), torch.zeros(16, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def _motion(root_xz) -> torch.Tensor:
+    x = torch.zeros(1, len(root_xz), md.N_FEATURES, dtype=torch.float64)
+    x[0, :, 0:2] = torch.tensor(root_xz, dtype=torch.float64)
+    return x.requires_grad_(True)
+
+
+def test_target_loss_value_and_gradient():
+    x = _motion([[0.0, 0.0], [1.0, 2.0]])
+    L = TargetLoss([4.0, 6.0])(x)
+    assert L.shape == (1,) and float(L.detach()) == pytest.approx(25.0)
+    (g,) = torch.autograd.grad(L.sum(), x)
+    torch.testing.assert_close(g[0, 1, 0:2], torch.tensor([-6.0, -8.0], dtype=torch.float64))
+    assert float(g.abs().sum()) == pytest.approx(14.0)  # only the last frame's root moves the loss
+
+
+def test_obstacle_loss_eq8_value_and_gradient():
+    """Frame 0 at the centre, frame 1 on the rim (d = r): mean of 100·σ(25) and 100·σ(0)."""
+    x = _motion([[1.0, 1.0], [1.5, 1.0]])
+    L = ObstacleLoss([[1.0, 1.0]], radius=0.5)(x)
+    expected = (100 * torch.sigmoid(torch.tensor(25.0)).item() + 50.0) / 2
+    assert float(L.detach()) == pytest.approx(expected, rel=1e-9)
+    (g,) = torch.autograd.grad(L.sum(), x)
+    # d/dp of 100·σ(−50(d − r))/2 at d = r: −100·50·¼/2 along the outward normal (+x)
+    torch.testing.assert_close(g[0, 1, 0:2], torch.tensor([-625.0, 0.0], dtype=torch.float64))
+    far = ObstacleLoss([[1.0, 1.0]], radius=0.5)(_motion([[5.0, 5.0], [6.0, 5.0]]))
+    assert float(far.detach()) < 1e-100
+
+
+def test_path_loss_and_weighted_sum():
+    x = _motion([[1.0, 0.5], [3.0, 0.0]])
+    path = PathLoss([[0.0, 0.0], [2.0, 0.0]])
+    L = path(x)
+    assert float(L.detach()) == pytest.approx((0.25 + 1.0) / 2)
+    (g,) = torch.autograd.grad(L.sum(), x)
+    torch.testing.assert_close(g[0, :, 0:2], torch.tensor([[0.0, 0.5], [1.0, 0.0]], dtype=torch.float64))
+    total = WeightedSum([(2.0, path), (1.0, TargetLoss([3.0, 4.0]))])(x)
+    assert float(total.detach()) == pytest.approx(2 * 0.625 + 16.0)
+
+
+def test_losses_take_per_sample_tasks_and_augmented_copies():
+    x = torch.zeros(4, 3, md.N_FEATURES, dtype=torch.float64)  # 2 samples × 2 copies, sample-major
+    loss = TargetLoss([[1.0, 0.0], [0.0, 2.0]])
+    torch.testing.assert_close(loss(x), torch.tensor([1.0, 1.0, 4.0, 4.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="one for all samples or one per sample"):
+        TargetLoss([[1.0, 0.0], [0.0, 2.0], [0, 0]])(x)
+    with pytest.raises(ValueError, match=r"\[2\] or \[B, 2\]"):
+        TargetLoss([1.0, 2.0, 3.0])
+
+
+def test_motion_augment_follows_the_engine_interface(windows):
+    z = windows[:3]
+    ident = MotionAugment(max_shift=0.0, max_angle=0.0)(z, make_generators([0, 1, 2]), 4)
+    torch.testing.assert_close(ident, z.repeat_interleave(4, dim=0))
+    aug = MotionAugment(max_shift=2.0, max_angle=0.2)
+    batch = aug(z, make_generators([5, 6, 7]), 3)
+    alone = aug(z[1:2], make_generators([6]), 3)
+    torch.testing.assert_close(batch[3:6], alone)  # sample 1's copies depend only on its generator
+    shifted = time_shift(z, torch.ones(3, dtype=z.dtype))
+    torch.testing.assert_close(shifted[:, :-1], z[:, 1:])
+    torch.testing.assert_close(shifted[:, -1], z[:, -1])
