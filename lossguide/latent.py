@@ -238,8 +238,39 @@ class DecodedLoss:
         return x.to(z0.dtype)
 
     def __call__(self, z0: torch.Tensor) -> torch.Tensor:
+        if getattr(z0, "_lossguide_decoded", False):  # already decoded by DecodeThenAugment
+            return self.pixel_loss(z0)
         self.check(z0.shape)
         return self.pixel_loss(self.decode(z0))
+
+
+class DecodeThenAugment:
+    """Random augmentation of a latent model's x0_hat in pixel space (Shen et al. 2024, Alg. 1 on D(z0)):
+    decode once, then |T| augmented copies of the image, so |T| costs |T| loss evaluations and one decode.
+
+    Pass it as the preset's ``augment`` together with the :class:`DecodedLoss` it decodes for, e.g.
+    ``preset("shen2024", n_aug=10, augment=DecodeThenAugment(loss))``; the loss then receives the
+    augmented images (marked as decoded) instead of latents.
+    """
+
+    def __init__(self, loss: DecodedLoss, augment: Callable | None = None):
+        from lossguide.augment import DiffAugment
+
+        if not isinstance(loss, DecodedLoss):
+            raise TypeError(f"DecodeThenAugment needs the DecodedLoss it decodes for, got {type(loss).__name__}")
+        self.loss = loss
+        self.augment = augment or DiffAugment()
+
+    def to_dict(self) -> dict:
+        from lossguide.augment import augmentation_to_dict
+
+        return {"name": "decode_then_augment", "augment": augmentation_to_dict(self.augment)}
+
+    def __call__(self, z: torch.Tensor, generators, n: int) -> torch.Tensor:
+        self.loss.check(z.shape)
+        x = self.augment(self.loss.decode(z), generators, n)
+        x._lossguide_decoded = True
+        return x
 
 
 def load_stable_diffusion(

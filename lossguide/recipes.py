@@ -248,6 +248,10 @@ def build(r: dict) -> Built:
         size = tuple(int(round(v / stack.vae_factor * ds)) * stack.vae_factor for v in (H, W))
         pixel_loss = build_pixel_loss(r, size, device)
         loss = None if pixel_loss is None else stack.loss(pixel_loss, decode_scale=ds, autocast_dtype=ac)
+        if loss is not None and guidance.n_aug > 0:  # augment the decoded image: one decode, |T| loss copies
+            from lossguide.latent import DecodeThenAugment
+
+            guidance = guidance.replace(augment=DecodeThenAugment(loss, guidance.augment))
         full = stack.loss(lambda x: x.flatten(1).sum(1))
 
         def to_image(x):

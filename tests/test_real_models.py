@@ -348,8 +348,40 @@ def test_latent_recipe_runs_with_cfg_and_a_decoded_clip_loss(tmp_path, sd_folder
     (tmp_path / "clip").mkdir()
     tiny_clip_folder(tmp_path / "clip")
     extra = ", prompt: a cat, cfg_scale: 3.0, height: 16, width: 16, gradient_checkpointing: true, autocast: bf16"
-    m = recipes.run(_write_recipe(tmp_path, "latent", extra), tmp_path / "run", progress=False)
+    f = _write_recipe(tmp_path, "latent", extra)  # shen2024 with |T| = 2 copies of the decoded image
+    f.write_text(
+        f.read_text().replace(
+            "method: freedom\nparams: {scale: 2.0}", "method: shen2024\nparams: {eta: 0.3, n_aug: 2, n_recur: 1}"
+        )
+    )
+    assert "n_aug: 2" in f.read_text()
+    m = recipes.run(f, tmp_path / "run", progress=False)
     assert m["n_samples"] == 3 and m["nfe"] == 4
     from PIL import Image
 
     assert Image.open(tmp_path / "run" / "000000.png").size == (16, 16)
+
+
+def test_decode_then_augment_decodes_once_and_augments_pixels(stack):
+    from lossguide.augment import DiffAugment
+    from lossguide.latent import DecodeThenAugment
+    from lossguide.rng import make_generators
+
+    loss = stack.loss(_target_loss)
+    aug = DecodeThenAugment(loss, DiffAugment())
+    calls = []
+    decode = stack.vae.decode
+    stack.vae.decode = lambda z: (calls.append(z.shape[0]), decode(z))[1]
+    try:
+        z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        x = aug(z, make_generators([0, 1]), 3)
+        assert x.shape == (6, 3, 16, 16) and calls == [2]  # one decode of the batch, 3 pixel copies each
+        want = DiffAugment()(loss.decode(z), make_generators([0, 1]), 3)
+        torch.testing.assert_close(loss(x), _target_loss(want))
+        den = stack.denoiser(stack.encode_prompt("a cat"), guidance_scale=2.0)
+        calls.clear()
+        g = lg.preset("shen2024", eta=0.3, n_aug=4, n_recur=1, augment=aug)
+        res = lg.sample(den, lg.DDIM(den.schedule, 3), g, loss, shape=(4, 8, 8), seeds=range(2))
+        assert res.stats.loss_evals == 3 * 4 and calls == [2, 2, 2]
+    finally:
+        stack.vae.decode = decode
