@@ -151,8 +151,9 @@ class CLIP:
             )
         texts = [texts] if isinstance(texts, str) else list(texts)
         device = next(self.model.parameters()).device
-        tok = self.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
-        ids = tok["input_ids"][:, : self.model.config.text_config.max_position_embeddings].to(device)
+        max_len = self.model.config.text_config.max_position_embeddings
+        tok = self.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        ids = tok["input_ids"].to(device)
         mask = tok.get("attention_mask")
         mask = None if mask is None else mask[:, : ids.shape[1]].to(device)
         with torch.no_grad():

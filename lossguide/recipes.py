@@ -210,7 +210,7 @@ class Built:
     loss: object
     shape: tuple[int, ...]
     to_image: object  # x0 [B, ...] -> images [B, 3, H, W] in [−1, 1], without gradients
-    pixel_loss: object
+    final_loss: object  # the guidance loss of the final samples (pixel models: on x0 clamped to [−1, 1])
 
 
 def build(r: dict) -> Built:
@@ -230,6 +230,9 @@ def build(r: dict) -> Built:
 
         def to_image(x):
             return x.float()
+
+        def final_loss(x):
+            return pixel_loss(x.clamp(-1, 1))
 
     else:
         from lossguide.latent import load_stable_diffusion
@@ -253,6 +256,7 @@ def build(r: dict) -> Built:
 
             guidance = guidance.replace(augment=DecodeThenAugment(loss, guidance.augment))
         full = stack.loss(lambda x: x.flatten(1).sum(1))
+        final_loss = loss
 
         def to_image(x):
             with torch.no_grad():
@@ -264,7 +268,7 @@ def build(r: dict) -> Built:
     )  # fmt: skip
     if guidance.enabled and loss is None:
         raise ValueError(f"method {r['method']!r} needs a loss; the recipe has loss kind 'none'")
-    return Built(den, sampler, guidance, loss, tuple(shape), to_image, pixel_loss)
+    return Built(den, sampler, guidance, loss, tuple(shape), to_image, final_loss)
 
 
 def _config_text(r: dict, guidance) -> str:
@@ -303,11 +307,7 @@ def run(recipe: str | Path | dict, out: str | Path | None = None, overwrite: boo
             wall = time.perf_counter() - t0
             img = b.to_image(res.x0)
             with torch.no_grad():
-                L = (
-                    b.pixel_loss(img.clamp(-1, 1))
-                    if b.pixel_loss is not None
-                    else torch.full((len(seeds),), float("nan"))
-                )
+                L = b.final_loss(res.x0) if b.loss is not None else torch.full((len(seeds),), float("nan"))
             for j, s in enumerate(seeds):
                 atomic_write_bytes(out / f"{s:06d}.png", png_bytes(to_uint8(img[j].cpu())))
                 atomic_write_json(rec_dir / f"{s:06d}.json", {
