@@ -75,7 +75,7 @@ class SketchLoss:
         self.ref_edges = sobel_edges(_as_batch(reference))
 
     def __call__(self, x0):
-        return _per_sample((sobel_edges(x0) - self.ref_edges.to(x0)) ** 2)
+        return _per_sample((sobel_edges(x0) - _rows(self.ref_edges, len(x0)).to(x0)) ** 2)
 
 
 class InpaintLoss:
@@ -88,7 +88,7 @@ class InpaintLoss:
             raise ValueError(f"mask {tuple(self.mask.shape)} and reference {tuple(self.ref.shape)} differ in size")
 
     def __call__(self, x0):
-        return _per_sample(self.mask.to(x0) * (x0 - self.ref.to(x0)) ** 2)
+        return _per_sample(_rows(self.mask, len(x0)).to(x0) * (x0 - _rows(self.ref, len(x0)).to(x0)) ** 2)
 
 
 class SuperResLoss:
@@ -100,7 +100,7 @@ class SuperResLoss:
         self.y = ref if reference_is_lowres else F.avg_pool2d(ref, factor)
 
     def __call__(self, x0):
-        return _per_sample((F.avg_pool2d(x0, self.factor) - self.y.to(x0)) ** 2)
+        return _per_sample((F.avg_pool2d(x0, self.factor) - _rows(self.y, len(x0)).to(x0)) ** 2)
 
 
 class WeightedSum:
@@ -116,9 +116,20 @@ class WeightedSum:
 
 
 def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    """One reference [C, H, W] / [1, C, H, W] for every sample, or one per sample [B, C, H, W]."""
     x = torch.as_tensor(x)
     if x.ndim == 3:
         x = x.unsqueeze(0)
-    if x.ndim != 4 or x.shape[0] != 1:
-        raise ValueError(f"expected one reference image [C, H, W] or [1, C, H, W], got {tuple(x.shape)}")
+    if x.ndim != 4:
+        raise ValueError(f"expected reference images [C, H, W] or [B, C, H, W], got {tuple(x.shape)}")
     return x.detach()
+
+
+def _rows(ref: torch.Tensor, n: int) -> torch.Tensor:
+    """Reference rows for n inputs: one shared row, or row b for the consecutive copies of sample b."""
+    k = ref.shape[0]
+    if k == 1:
+        return ref
+    if n % k:
+        raise ValueError(f"{k} references for {n} inputs; pass one reference per sample or a single one")
+    return ref.repeat_interleave(n // k, dim=0)

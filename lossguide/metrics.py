@@ -33,7 +33,7 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
         raise ValueError(f"need two sets of ≥ 2 feature vectors of one dimension, got {a.shape} and {b.shape}")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # singular product: regularise as the reference implementation does
         off = np.eye(len(s1)) * 1e-6
         covmean = linalg.sqrtm((s1 + off) @ (s2 + off))

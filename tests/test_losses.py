@@ -80,6 +80,17 @@ def test_weighted_sum_and_reference_shape_errors():
     assert s.terms and a(x).shape == (3,) and b(x4).shape == (3,)
     torch.testing.assert_close(losses.WeightedSum([(2.0, a)])(x), 2 * a(x))
     with pytest.raises(ValueError, match="reference"):
-        losses.SketchLoss(torch.zeros(2, 1, 4, 4))
+        losses.SketchLoss(torch.zeros(1, 4, 4, 4, 4))
+    with pytest.raises(ValueError, match="2 references for 3 inputs"):
+        losses.SketchLoss(torch.zeros(2, 1, 4, 4))(torch.zeros(3, 1, 4, 4))
+
+
+def test_per_sample_references_follow_their_samples_and_augmented_copies():
+    refs = torch.stack([torch.full((1, 2, 2), float(v)) for v in (0.0, 1.0)])
+    loss = losses.InpaintLoss(refs, torch.ones(1, 2, 2))
+    x = torch.zeros(2, 1, 2, 2)
+    torch.testing.assert_close(loss(x), torch.tensor([0.0, 4.0]))
+    # 3 consecutive copies per sample (the engine's augmentation layout) inherit their sample's reference
+    torch.testing.assert_close(loss(x.repeat_interleave(3, 0)), torch.tensor([0.0] * 3 + [4.0] * 3))
     with pytest.raises(ValueError, match="at least one"):
         losses.WeightedSum([])
