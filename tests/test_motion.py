@@ -162,3 +162,54 @@ def test_motion_augment_follows_the_engine_interface(windows):
     shifted = time_shift(z, torch.ones(3, dtype=z.dtype))
     torch.testing.assert_close(shifted[:, :-1], z[:, 1:])
     torch.testing.assert_close(shifted[:, -1], z[:, -1])
+
+
+def test_velocity_representation_round_trip(windows):
+    v = md.positions_to_velocity(windows)
+    torch.testing.assert_close(v[:, 1, 0:2], (windows[:, 1, 0:2] - windows[:, 0, 0:2]) * md.FPS)
+    torch.testing.assert_close(md.velocity_to_positions(v), windows, rtol=0, atol=1e-9)
+
+
+# -- the shipped model and the experiment ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    from lossguide.motion.model import WEIGHTS, load_model
+
+    if not WEIGHTS.exists():
+        pytest.skip("no shipped motion model in this checkout")
+    return load_model()
+
+
+def test_shipped_motion_model_matches_manifest_and_its_samples_look_like_the_data(model):
+    """Hash against the manifest; 16 unguided DDIM-50 samples: root speed, skating and joint speed near the data's."""
+    from lossguide import models
+    from lossguide.motion.stats import unguided_realism, window_stats
+
+    entry = models.manifest()["motion-mdm"]
+    assert models.sha256(models.WEIGHTS / entry["file"]) == entry["sha256"]
+    torch.set_num_threads(1)
+    data = md.MotionData.build(seed=0)
+    ref = window_stats(data.windows(256, torch.Generator().manual_seed(2)))
+    r = unguided_realism(model, range(5000, 5016), steps=50, reference=ref)
+    s, d = r["samples"], r["data"]
+    assert 0.5 * d["root_speed"]["mean"] < s["root_speed"]["mean"] < 1.5 * d["root_speed"]["mean"]
+    assert 0.5 * d["joint_speed"]["mean"] < s["joint_speed"]["mean"] < 1.5 * d["joint_speed"]["mean"]
+    assert s["skating"]["mean"] < 2.0 * d["skating"]["mean"]
+    assert s["contact"]["mean"] > 0.5
+    assert r["w1"]["root_speed"] < 0.5 and r["w1"]["joint_speed"] < 0.5
+
+
+def test_experiment_quick_guidance_reduces_target_mse(model, tmp_path):
+    """`lossguide experiment motion --quick`: every guided method's target MSE is below unguided's."""
+    from lossguide.experiments import run
+
+    summary = run("motion", tmp_path, quick=True)
+    for name in ("report.md", "results.json", "results.csv", "trajectories.png", "realism.png", "guided.gif"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    rows = {r["method"]: r for r in summary["table"]}
+    base = rows["none"]["target_mse"]
+    for name in ("freedom", "dps", "lgd_mc", "shen2024"):
+        assert rows[name]["target_mse"] < 0.5 * base, (name, rows[name]["target_mse"], base)
+    assert "headline" in summary and "motion" in summary["headline"]

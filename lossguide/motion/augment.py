@@ -32,16 +32,16 @@ def time_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MotionAugment:
-    """Time shift and heading jitter of normalised motions z (features x = z·std + mean).
+    """Time shift and heading jitter of a motion model's normalised samples z.
 
     Args:
-        mean, std: the model's feature normalisation (``MotionModel.mean``/``.std``); None for raw features.
+        model: the :class:`~lossguide.motion.model.MotionModel` whose ``to_motion``/``normalize`` map z to
+            features and back (None: the input is already in features).
         max_shift: largest time shift in frames (2 = 0.1 s at 20 fps).
         max_angle: largest heading jitter in radians (0.1 ≈ 5.7°).
     """
 
-    mean: torch.Tensor | None = None
-    std: torch.Tensor | None = None
+    model: object | None = None
     max_shift: float = 2.0
     max_angle: float = 0.1
 
@@ -56,10 +56,10 @@ class MotionAugment:
         u = rand((n, _DRAWS_PER_COPY), generators, dtype=torch.float64).reshape(B * n, _DRAWS_PER_COPY)
         u = u.to(device=z.device, dtype=z.dtype)
         x = z.repeat_interleave(n, dim=0)
-        if self.mean is not None:
-            x = x * self.std.to(x) + self.mean.to(x)
+        if self.model is not None:
+            x = self.model.to_motion(x)
         x = time_shift(x, (2 * u[:, 0] - 1) * self.max_shift)
         x = rotate_heading(x, (2 * u[:, 1] - 1) * self.max_angle)
-        if self.mean is not None:
-            x = (x - self.mean.to(x)) / self.std.to(x)
+        if self.model is not None:
+            x = self.model.normalize(x)
         return x

@@ -554,6 +554,20 @@ class MotionData:
         return x
 
 
+def positions_to_velocity(x: torch.Tensor, fps: int = FPS) -> torch.Tensor:
+    """The model's representation: channels 0:2 become the root's ground velocity (m/s),
+    v_i = (p_i − p_{i−1})·fps for i ≥ 1 and v_0 = v_1 (windows ``[..., L, 61]``)."""
+    v = (x[..., 1:, 0:2] - x[..., :-1, 0:2]) * fps
+    return torch.cat([torch.cat([v[..., :1, :], v], dim=-2), x[..., 2:]], dim=-1)
+
+
+def velocity_to_positions(x: torch.Tensor, fps: int = FPS) -> torch.Tensor:
+    """Inverse of :func:`positions_to_velocity` with p_0 = 0: p_i = Σ_{j=1..i} v_j / fps (differentiable)."""
+    v = x[..., 1:, 0:2] / fps
+    p = torch.cat([torch.zeros_like(v[..., :1, :]), torch.cumsum(v, dim=-2)], dim=-2)
+    return torch.cat([p, x[..., 2:]], dim=-1)
+
+
 def feature_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and std over windows ``[N, L, 61]`` (std floored at 1e-2 for near-constant ones)."""
     flat = x.reshape(-1, x.shape[-1]).double()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lossguide.denoiser import Denoiser, freeze, from_module
-from lossguide.motion.data import FPS, LOCOMOTION, N_FEATURES, WINDOW
+from lossguide.motion.data import FPS, LOCOMOTION, N_FEATURES, WINDOW, positions_to_velocity, velocity_to_positions
 from lossguide.schedule import NoiseSchedule
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights" / "motion-mdm.safetensors"
@@ -92,7 +92,10 @@ def make_schedule(cfg: MotionNetConfig) -> NoiseSchedule:
 class MotionModel:
     """A frozen motion diffusion model with its schedule and feature normalisation.
 
-    Diffusion runs on z = (x − mean)/std; :meth:`to_motion` maps samples back to features x.
+    Diffusion runs on z = (v(x) − mean)/std, where v(x) replaces the root's ground positions by its
+    ground velocity (:func:`~lossguide.motion.data.positions_to_velocity`: per-frame statistics are the
+    same for every frame, which a diffusion model learns far more easily than integrated positions);
+    :meth:`to_motion` maps samples back to features x with positions (a differentiable cumulative sum).
     """
 
     net: MotionTransformer
@@ -115,10 +118,11 @@ class MotionModel:
 
     def to_motion(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised samples z ``[B, L, 61]`` → features x (differentiable)."""
-        return z * self.std.to(z) + self.mean.to(z)
+        return velocity_to_positions(z * self.std.to(z) + self.mean.to(z), self.config.fps)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x)) / self.std.to(x)
+        """Features x (root positions) → normalised z (root velocities)."""
+        return (positions_to_velocity(x, self.config.fps) - self.mean.to(x)) / self.std.to(x)
 
 
 def save_model(path: Path, net: MotionTransformer, mean: torch.Tensor, std: torch.Tensor, meta: dict) -> bytes:

@@ -72,3 +72,14 @@ def data_reference(n: int = 1024, seed: int = 2):
     data = MotionData.build(seed=DATA_SEED)
     x = data.windows(n, torch.Generator().manual_seed(seed))
     return window_stats(x), x
+
+
+def unguided_realism(model, seeds, steps: int = 50, reference: dict | None = None) -> dict:
+    """Unguided DDIM samples of ``model`` against the training windows: summaries and W1 per statistic."""
+    from lossguide.samplers import DDIM
+    from lossguide.sampling import sample
+
+    ref = reference if reference is not None else data_reference()[0]
+    z = sample(model.denoiser, DDIM(model.schedule, steps), shape=model.shape, seeds=list(seeds)).x0
+    s = window_stats(model.to_motion(z))
+    return {"samples": summarize(s), "data": summarize(ref), "w1": compare(s, ref), "stats": s}

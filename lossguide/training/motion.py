@@ -1,11 +1,12 @@
 """Train the motion diffusion model (x0-prediction, as MDM, Tevet et al. 2023, eq. 2 + geometric losses).
 
 Data: windows of pybullet's humanoid clips (:mod:`lossguide.motion.data`), stitched, mirrored and
-rotated to random headings. Loss per batch: ‖x0_hat − x0‖² on normalised features, plus MDM's geometric
-terms on forward-kinematics joint positions (metres) and their velocities (m/s). Resumable: a
-checkpoint (model, EMA, optimiser, data generator) is written atomically every ``--ckpt-every``
-iterations; rerunning the same command continues from it. The EMA weights are exported to a single
-safetensors file (fp16 network, fp32 normalisation, config in its metadata).
+rotated to random headings. Loss per batch: ‖x0_hat − x0‖² on normalised features (the root as its
+ground velocity), plus MDM's geometric terms on forward-kinematics joint positions (metres) and their
+velocities (m/s). Resumable: a checkpoint (model, EMA, optimiser, data generator) is written
+atomically every ``--ckpt-every`` iterations; rerunning the same command continues from it. The EMA
+weights are exported to a single safetensors file (fp16 network, fp32 normalisation, config in its
+metadata).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from lossguide.io import atomic_write_bytes
-from lossguide.motion.data import FPS, LOCOMOTION, MotionData, feature_stats, forward_kinematics
+from lossguide.motion.data import (
+    FPS,
+    LOCOMOTION,
+    MotionData,
+    feature_stats,
+    forward_kinematics,
+    positions_to_velocity,
+    velocity_to_positions,
+)
 from lossguide.motion.model import WEIGHTS, MotionNetConfig, MotionTransformer, make_schedule, save_model
 from lossguide.training.common import EMA, atomic_save, setup_logging
 from lossguide.training.ddpm import lr_at
@@ -65,7 +74,7 @@ def main(argv=None) -> None:
 
     cfg = MotionNetConfig()
     data = MotionData.build(cfg.clips, seed=DATA_SEED, window=cfg.window)
-    mean, std = feature_stats(data.windows(4096, torch.Generator().manual_seed(STATS_SEED)))
+    mean, std = feature_stats(positions_to_velocity(data.windows(4096, torch.Generator().manual_seed(STATS_SEED))))
     torch.manual_seed(args.seed)  # parameter init only; every later draw uses `gen`
     model = MotionTransformer(cfg)
     log.info("parameters: %d", sum(p.numel() for p in model.parameters()))
@@ -89,14 +98,14 @@ def main(argv=None) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, args.warmup, args.iters)
         x0 = data.windows(args.batch, gen)
-        z0 = (x0 - mean) / std
+        z0 = (positions_to_velocity(x0) - mean) / std
         t = torch.randint(0, cfg.T, (args.batch,), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
         ab = alpha_bar[t].view(-1, 1, 1)
         z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
         z_hat = model(z_t, t)
         l_x0 = F.mse_loss(z_hat, z0)
-        l_pos, l_vel = geometric_loss(z_hat * std + mean, x0, ab.view(-1))
+        l_pos, l_vel = geometric_loss(velocity_to_positions(z_hat * std + mean), x0, ab.view(-1))
         loss = l_x0 + args.w_pos * l_pos + args.w_vel * l_vel
         opt.zero_grad(set_to_none=True)
         loss.backward()
