@@ -131,6 +131,34 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from lossguide import bench
+
+    cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
+    for name in ("tasks", "methods"):
+        if getattr(args, name):
+            setattr(cfg, name, [v.strip() for v in getattr(args, name).split(",") if v.strip()])
+    if args.steps:
+        cfg.steps = [int(v) for v in args.steps.split(",")]
+    for name in ("n_eval", "n_tune", "best_of", "batch", "beam_rounds"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.no_tune:
+        cfg.tune = False
+    cfg.device = args.device
+    cfg.validate()
+    bench.check_config(cfg, args.out, overwrite=args.overwrite)
+    b = bench.Bench(cfg, args.out)
+    try:
+        rows = b.run()
+    finally:
+        b.ranks.close()
+    if b.ranks.rank == 0:
+        print((args.out / "tables.md").read_text())
+        print(f"{len(rows)} cells -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lossguide", description="Training-free loss-based diffusion guidance.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -212,6 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/experiments"), help="folder (NAME is appended)")
     p.add_argument("--quick", action="store_true", help="few samples (for tests); numbers are not meaningful")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser(
+        "bench",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="every method × task × budget, tuned on tuning seeds, evaluated on disjoint seeds",
+        description="Tune each method's step parameter (multiplicative beam search on seeds from 10,000), then "
+        "evaluate it on seeds 0..n-1; writes results.csv/json, tables.md, Pareto plots and sample grids. Resumable "
+        "(rerun the same command); shard over processes with torchrun --nproc_per_node N -m lossguide.cli bench.",
+    )
+    p.add_argument("--tasks", default=None, help="comma-separated: class, sketch, inpaint, sr, class+sketch, "
+                   "oracle-class, oracle-linear (default: class)")  # fmt: skip
+    p.add_argument("--methods", default=None, help="presets, optionally with +ra/+polyak/+tt (or shen2024-ra, "
+                   "-polyak, -tt), e.g. freedom+polyak (default: every preset)")  # fmt: skip
+    p.add_argument("--steps", default=None, help="DDIM budgets, e.g. 20,50,100 (default: 50)")
+    p.add_argument("--n-eval", type=int, default=None, help="evaluation seeds 0..n-1 (default 100)")
+    p.add_argument("--n-tune", type=int, default=None, help="tuning seeds per candidate (default 32)")
+    p.add_argument("--beam-rounds", type=int, default=None, help="beam-search rounds (default 2)")
+    p.add_argument("--no-tune", action="store_true", help="use each method's default step parameter")
+    p.add_argument("--best-of", type=int, default=None, help="keep the lowest-loss of N candidates per seed")
+    p.add_argument("--batch", type=int, default=None, help="seeds per shard and batch (default 50)")
+    p.add_argument("--quick", action="store_true", help="a tiny grid for CI (numbers are not meaningful)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="run folder")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--overwrite", action="store_true", help="reuse a folder that holds another config")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

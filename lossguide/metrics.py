@@ -74,3 +74,31 @@ def features(net: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.T
 def classify(net: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Softmax probabilities of a classifier in batches."""
     return torch.cat([torch.softmax(net(x[i : i + batch]).float(), 1) for i in range(0, len(x), batch)])
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-sample PSNR 10·log10(range² / MSE) in dB (images in [−1, 1]: range 2)."""
+    mse = ((x.double() - ref.double()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))
+
+
+def ssim(
+    x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0, window: int = 7, sigma: float = 1.5
+) -> torch.Tensor:
+    """Per-sample mean SSIM (Wang et al. 2004) with a Gaussian window, K1 = 0.01, K2 = 0.03, per channel."""
+    import torch.nn.functional as F
+
+    x, ref = x.double(), ref.double()
+    C = x.shape[1]
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :]).expand(C, 1, window, window)
+
+    def blur(z):
+        return F.conv2d(z, w, groups=C)
+
+    mu_x, mu_y = blur(x), blur(ref)
+    sxx, syy, sxy = blur(x * x) - mu_x**2, blur(ref * ref) - mu_y**2, blur(x * ref) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
