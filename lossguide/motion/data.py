@@ -554,16 +554,29 @@ class MotionData:
         return x
 
 
+def _rotate_xz(v: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate ground-plane vectors (x, z) ``[..., 2]`` about the vertical by ``angle`` ``[...]``."""
+    c, s = torch.cos(angle), torch.sin(angle)
+    return torch.stack([c * v[..., 0] + s * v[..., 1], -s * v[..., 0] + c * v[..., 1]], dim=-1)
+
+
+def frame_heading(x: torch.Tensor) -> torch.Tensor:
+    """Heading of every frame ``[..., L]``: the root's +x axis (6-D column 0) projected on x–z."""
+    return torch.atan2(-x[..., 5], x[..., 3])
+
+
 def positions_to_velocity(x: torch.Tensor, fps: int = FPS) -> torch.Tensor:
-    """The model's representation: channels 0:2 become the root's ground velocity (m/s),
-    v_i = (p_i − p_{i−1})·fps for i ≥ 1 and v_0 = v_1 (windows ``[..., L, 61]``)."""
+    """The model's representation (as HumanML3D's root velocity, Guo et al. 2022): channels 0:2 become the
+    root's ground velocity (m/s) in the frame's own heading frame, v_i = R(−θ_i)·(p_i − p_{i−1})·fps for
+    i ≥ 1 and v_0 = v_1 (windows ``[..., L, 61]``). Walking forward is then +x whatever the heading."""
     v = (x[..., 1:, 0:2] - x[..., :-1, 0:2]) * fps
+    v = _rotate_xz(v, -frame_heading(x[..., 1:, :]))
     return torch.cat([torch.cat([v[..., :1, :], v], dim=-2), x[..., 2:]], dim=-1)
 
 
 def velocity_to_positions(x: torch.Tensor, fps: int = FPS) -> torch.Tensor:
-    """Inverse of :func:`positions_to_velocity` with p_0 = 0: p_i = Σ_{j=1..i} v_j / fps (differentiable)."""
-    v = x[..., 1:, 0:2] / fps
+    """Inverse of :func:`positions_to_velocity` with p_0 = 0: p_i = Σ_{j=1..i} R(θ_j)·v_j / fps (differentiable)."""
+    v = _rotate_xz(x[..., 1:, 0:2], frame_heading(x[..., 1:, :])) / fps
     p = torch.cat([torch.zeros_like(v[..., :1, :]), torch.cumsum(v, dim=-2)], dim=-2)
     return torch.cat([p, x[..., 2:]], dim=-1)
 

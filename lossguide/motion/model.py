@@ -93,8 +93,9 @@ class MotionModel:
     """A frozen motion diffusion model with its schedule and feature normalisation.
 
     Diffusion runs on z = (v(x) − mean)/std, where v(x) replaces the root's ground positions by its
-    ground velocity (:func:`~lossguide.motion.data.positions_to_velocity`: per-frame statistics are the
-    same for every frame, which a diffusion model learns far more easily than integrated positions);
+    ground velocity in the root's heading frame (:func:`~lossguide.motion.data.positions_to_velocity`:
+    the same statistics in every frame and at every heading, which a small model learns far more
+    easily than integrated world positions);
     :meth:`to_motion` maps samples back to features x with positions (a differentiable cumulative sum).
     """
 
