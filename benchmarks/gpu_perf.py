@@ -158,12 +158,15 @@ def measure(model: str, dtype_name: str, compiled: bool, ckpt: bool, methods, ar
         run(steps=2)  # warm-up (and compilation)
         if dev.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        sync(dev)
-        t0 = time.perf_counter()
-        run()
-        sync(dev)
-        wall = time.perf_counter() - t0
-        row = dict(base, method=name, s_per_image=wall / B, wall_s=wall)
+        walls = []
+        for _ in range(args.runs):
+            sync(dev)
+            t0 = time.perf_counter()
+            run()
+            sync(dev)
+            walls.append(time.perf_counter() - t0)
+        wall = statistics.median(walls)
+        row = dict(base, method=name, s_per_image=wall / B, wall_s=wall, runs=walls)
         if dev.startswith("cuda"):
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         rows.append(row)
@@ -205,6 +208,40 @@ def floor_ratio(den, loss, shape, sampler, args) -> dict:
                 guided_over_floor=t_step / (t_den + t_loss))  # fmt: skip
 
 
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    """Tables for docs/benchmarks.md: seconds per image, bf16 speed-up, and the guided step against its floor."""
+    out = [
+        f"device {meta['device']} ({meta['cpu']}, {meta['threads']} torch threads), torch {meta['torch']}, "
+        f"{'reduced sizes (--small)' if meta['small'] else 'full sizes'}, DDIM-{meta['steps']}, "
+        f"batch {meta['batch']}, median of {meta.get('runs', 1)} runs",
+        "",
+        "| model | dtype | compile | ckpt | none s/img | freedom s/img | shen2024 s/img | peak GiB (freedom) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    key = lambda r: (r["model"], r["dtype"], r["compile"], r["checkpointing"])  # noqa: E731
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), {})[r["method"]] = r
+    for (model, dt, comp, ck), g in groups.items():
+        cell = {m: f"{g[m]['s_per_image']:.3f}" if m in g else "–" for m in ("none", "freedom", "shen2024")}
+        peak = g.get("freedom", {}).get("peak_gib")
+        out.append(
+            f"| {model} | {dt} | {'on' if comp else 'off'} | {'on' if ck else 'off'} | {cell['none']} | "
+            f"{cell['freedom']} | {cell['shen2024']} | {'n/a' if peak is None else f'{peak:.2f}'} |"
+        )
+    out += ["", "| model | dtype | compile | ckpt | denoiser f+b s | loss f+b s | guided step s | step / floor |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (model, dt, comp, ck), g in groups.items():
+        f = g.get("floor")
+        if f:
+            flags = f"{'on' if comp else 'off'} | {'on' if ck else 'off'}"
+            out.append(
+                f"| {model} | {dt} | {flags} | {f['denoiser_fwd_bwd_s']:.3f} "
+                f"| {f['loss_fwd_bwd_s']:.3f} | {f['guided_step_s']:.3f} | {f['guided_over_floor']:.2f} |"
+            )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -216,16 +253,23 @@ def main() -> None:
     ap.add_argument("--checkpointing", default="off,on", help="off, on or off,on")
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps (default 100; 3 with --small)")
     ap.add_argument("--batch", type=int, default=None, help="batch (default 8; 2 with --small)")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions of the floor timings (median)")
+    ap.add_argument("--runs", type=int, default=3, help="timed sampling runs per setting (median)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions of the floor timings (median)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None, metavar="JSON", help="only print the tables of an earlier --json")
     args = ap.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            d = json.load(f)
+        print(to_markdown(d["meta"], d["rows"]))
+        return
     args.steps = args.steps or (3 if args.small else 100)
     args.batch = args.batch or (2 if args.small else 8)
     on_off = {"off": [False], "on": [True], "off,on": [False, True], "on,off": [True, False]}
     meta = dict(
         device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__,
-        small=args.small, steps=args.steps, batch=args.batch,
+        small=args.small, steps=args.steps, batch=args.batch, runs=args.runs, reps=args.reps,
     )  # fmt: skip
     print(json.dumps(meta), flush=True)
     rows = []
@@ -237,6 +281,7 @@ def main() -> None:
                     if ck:
                         methods = [m for m in methods if m != "none"]
                     rows += measure(model, dt, comp, ck, methods, args)
+    print(to_markdown(meta, rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
