@@ -208,6 +208,37 @@ def floor_ratio(den, loss, shape, sampler, args) -> dict:
                 guided_over_floor=t_step / (t_den + t_loss))  # fmt: skip
 
 
+def saved_tensor_gib(model: str, dtype_name: str, ckpt: bool, batch: int) -> dict:
+    """Estimate, not a measurement: GiB of tensors saved for the backward pass of one guided step
+    (denoiser + loss forward at full size), counted by ``saved_tensors_hooks`` on the meta device (shapes
+    only, no compute), and the weights' GiB. Inside checkpointed blocks torch's own hooks win, so the
+    block inputs that checkpointing keeps and the recomputation's transient peak are not counted; SDPA on
+    the meta device takes the math path, which saves the attention matrix (flash attention does not)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    m = (pixel_stack if model == "pixel" else latent_stack)(False, dtype, "meta")
+    if ckpt:
+        for mod in m["ckpt"]:
+            mod.enable_gradient_checkpointing()
+    weights = sum(p.numel() * p.element_size() for mod in m["compile"] for p in mod.parameters())
+    if model == "latent":  # the VAE encoder is not used; count the whole VAE anyway
+        weights = sum(
+            p.numel() * p.element_size() for mod in (m["stack"].unet, m["stack"].vae) for p in mod.parameters()
+        )
+        weights += sum(p.numel() * p.element_size() for p in m["compile"][2].parameters())
+    seen, total = {}, [0]  # id -> tensor: holding meta tensors costs nothing and keeps ids unique
+
+    def pack(t):
+        if id(t) not in seen:
+            seen[id(t)] = t
+            total[0] += t.numel() * t.element_size()
+
+    x = torch.randn(batch, *m["shape"], device="meta").requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        m["loss"](m["den"](x, 500).x0_hat)
+    return dict(model=model, dtype=dtype_name, checkpointing=ckpt, batch=batch, saved_gib=total[0] / 2**30,
+                weights_gib=weights / 2**30)  # fmt: skip
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     """Tables for docs/benchmarks.md: seconds per image, bf16 speed-up, and the guided step against its floor."""
     out = [
@@ -256,12 +287,22 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="timed sampling runs per setting (median)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions of the floor timings (median)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--saved-memory", action="store_true", help="only estimate saved-for-backward GiB (meta device)")
     ap.add_argument("--markdown", default=None, metavar="JSON", help="only print the tables of an earlier --json")
     args = ap.parse_args()
     if args.markdown:
         with open(args.markdown) as f:
             d = json.load(f)
         print(to_markdown(d["meta"], d["rows"]))
+        return
+    if args.saved_memory:
+        print("| model | dtype | ckpt | batch | saved for backward GiB | weights GiB |\n|---|---|---|---|---|---|")
+        for model in args.models.split(","):
+            for dt in args.dtypes.split(","):
+                for ck in (False, True):
+                    r = saved_tensor_gib(model, dt, ck, args.batch or 8)
+                    print(f"| {model} | {dt} | {'on' if ck else 'off'} | {r['batch']} | {r['saved_gib']:.2f} | "
+                          f"{r['weights_gib']:.2f} |", flush=True)  # fmt: skip
         return
     args.steps = args.steps or (3 if args.small else 100)
     args.batch = args.batch or (2 if args.small else 8)
