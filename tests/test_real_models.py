@@ -385,3 +385,53 @@ def test_decode_then_augment_decodes_once_and_augments_pixels(stack):
         assert res.stats.loss_evals == 3 * 4 and calls == [2, 2, 2]
     finally:
         stack.vae.decode = decode
+
+
+def test_segmentation_recipe_with_a_transformers_parser_and_a_reference_image(tmp_path, pixel_folders):
+    """The celebahq-seg layout: a SegFormer parser (tiny, random) from a local folder, a reference PNG
+    resized to the sample size, a guidance window."""
+    import shutil
+
+    from PIL import Image
+
+    shutil.copytree(pixel_folders["epsilon"], tmp_path / "model")
+    torch.manual_seed(0)
+    seg = transformers.SegformerForSemanticSegmentation(
+        transformers.SegformerConfig(
+            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
+            strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=19,
+        )
+    )  # fmt: skip
+    seg.save_pretrained(tmp_path / "parser")
+    rgb = (torch.rand(20, 20, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(rgb).save(tmp_path / "reference-face.png")
+    f = tmp_path / "seg.yaml"
+    f.write_text(
+        "name: seg\nmodel: {kind: pixel, path: model}\n"
+        "loss: {kind: feature_match, reference: reference-face.png,\n"
+        "       network: {transformers: parser, class: SegformerForSemanticSegmentation},\n"
+        "       preprocess: {size: 32, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}}\n"
+        "method: shen2024\nparams: {eta: 0.5, n_aug: 0, n_recur: 1}\nwindow: [0.2, 1.0]\n"
+        "sampler: {steps: 5, eta: 0.5}\nseeds: 0-1\nbatch: 2\ndevice: cpu\n"
+    )
+    b = recipes.build(recipes.load(f))
+    assert b.guidance.window == (0.2, 1.0) and b.loss.target.shape == (1, 19, 8, 8)
+    m = recipes.run(f, tmp_path / "run", progress=False)
+    assert m["nfe"] == 5 and m["denoiser_grads"] == 3  # t = 800, 600, 400 guided; 200 and 0 (t/T ≤ 0.2) not
+    assert all(r["loss"] > 0 for r in m["per_sample"])
+
+
+def test_classifier_loss_with_a_transformers_classifier():
+    from lossguide.net_losses import ClassifierLoss, Preprocess
+
+    torch.manual_seed(0)
+    vit = transformers.ViTForImageClassification(
+        transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, num_labels=5)
+    )  # fmt: skip
+    loss = ClassifierLoss(vit, target=2, preprocess=Preprocess(size=16, mean=(0.5,) * 3, std=(0.5,) * 3))
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    logits = vit(torch.nn.functional.interpolate((x + 1) / 2, size=16, mode="bilinear", antialias=True) * 2 - 1).logits
+    torch.testing.assert_close(
+        loss(x), torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2]), reduction="none")
+    )
