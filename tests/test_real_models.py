@@ -435,3 +435,25 @@ def test_classifier_loss_with_a_transformers_classifier():
     torch.testing.assert_close(
         loss(x), torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2]), reduction="none")
     )
+
+
+def test_checkpointing_gives_the_same_guided_samples(sd_folder, pixel_folders):
+    """Whole guided trajectories (freedom, DDIM-3) agree with and without gradient checkpointing."""
+
+    def run(den, loss, shape, scale):
+        g = lg.preset("freedom", scale=scale)
+        return lg.sample(den, lg.DDIM(den.schedule, 3), g, loss, shape=shape, seeds=range(2)).x0
+
+    stack = load_stable_diffusion(str(sd_folder))
+    den = stack.denoiser(stack.encode_prompt("a dog"), guidance_scale=2.0)
+    plain = run(den, stack.loss(_target_loss), (4, 8, 8), 20.0)
+    stack.enable_gradient_checkpointing(unet=True, vae=True)
+    torch.testing.assert_close(run(den, stack.loss(_target_loss), (4, 8, 8), 20.0), plain, rtol=1e-4, atol=1e-5)
+
+    unet = diffusers.UNet2DModel.from_pretrained(pixel_folders["epsilon"], subfolder="unet")
+    den = lg.from_diffusers(
+        unet, diffusers.DDPMScheduler.from_pretrained(pixel_folders["epsilon"], subfolder="scheduler")
+    )
+    plain = run(den, _target_loss, (3, 8, 8), 2.0)
+    unet.enable_gradient_checkpointing()
+    torch.testing.assert_close(run(den, _target_loss, (3, 8, 8), 2.0), plain, rtol=1e-4, atol=1e-5)
