@@ -154,7 +154,8 @@ def load_denoiser(
         if local_only and not Path(src).exists():
             raise ModelNotFoundError(
                 f"cannot load {name_or_path!r}: the hub is not reachable from here and it is not in the local "
-                f"cache; {hint}"
+                f"cache; download it once with `huggingface-cli download {name_or_path}` where the hub is "
+                f"reachable, or {hint}"
             ) from e
         raise ModelNotFoundError(
             f"cannot load {name_or_path!r} as a diffusers model ({e.__class__.__name__}); {hint}"
