@@ -132,22 +132,27 @@ def beam_search(
     lo: float = 1e-6,
     hi: float = 1e6,
 ) -> tuple[float, list[dict]]:
-    """Multiplicative beam search maximising ``evaluate``: round 0 scores ``init``; each round scores
-    v·factor and v/factor for the ``width`` best values so far (no value twice). ``evaluate`` takes a list
-    of values and returns their scores, so a round can run in parallel. Returns (best value, trace)."""
-    scores: dict[float, float] = {}
+    """Multiplicative beam search maximising ``evaluate`` over the grid init·factor^k: round 0 scores ``init``;
+    each round scores the neighbours k ± 1 of the ``width`` best points so far (no point twice: points are
+    keyed by the integer k, so 3·(1/3) is the same point as 1). ``evaluate`` takes a list of values and returns
+    their scores, so a round can run in parallel. Returns (best value, trace)."""
+    scores: dict[int, float] = {}
     trace: list[dict] = []
-    frontier = [_key(init)]
+
+    def value(k: int) -> float:
+        return _key(init * factor**k)
+
+    frontier = [0]
     for r in range(rounds + 1):
-        todo = [v for v in dict.fromkeys(frontier) if v not in scores and lo <= v <= hi]
+        todo = [k for k in dict.fromkeys(frontier) if k not in scores and lo <= value(k) <= hi]
         if not todo:
             break
-        for v, s in zip(todo, evaluate(todo), strict=True):
-            scores[v] = s
-            trace.append({"round": r, "value": v, "score": s})
-        best = sorted(scores, key=lambda v: -scores[v])[:width]
-        frontier = [_key(v * f) for v in best for f in (factor, 1 / factor)]
-    return max(scores, key=lambda v: scores[v]), trace
+        for k, s in zip(todo, evaluate([value(k) for k in todo]), strict=True):
+            scores[k] = s
+            trace.append({"round": r, "value": value(k), "score": s})
+        best = sorted(scores, key=lambda k: -scores[k])[:width]
+        frontier = [k + d for k in best for d in (1, -1)]
+    return value(max(scores, key=lambda k: scores[k])), trace
 
 
 # -- tasks ----------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ def test_beam_search_finds_the_best_grid_point_of_a_known_objective():
 
     best, trace = bench.beam_search(evaluate, init=1.0, factor=3.0, width=2, rounds=4)
     assert best == pytest.approx(1 / 3, rel=1e-5)  # the 3^k grid point nearest 0.3
-    values = [r["value"] for r in trace]
-    assert len(values) == len(set(values))  # no value is evaluated twice
+    values = sorted(r["value"] for r in trace)
+    # no point is evaluated twice, not even as 3·(1/3) = 0.999999 next to 1
+    assert all(b / a > 1.5 for a, b in zip(values, values[1:]))
     assert calls[0] == [1.0]
 
 
