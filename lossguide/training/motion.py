@@ -65,6 +65,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--w-pos", type=float, default=10.0, help="weight of the FK position loss (m²)")
     ap.add_argument("--w-vel", type=float, default=0.2, help="weight of the FK velocity loss ((m/s)²)")
+    ap.add_argument(
+        "--stop-at", type=int, default=None, help="stop (and export) at this iteration of the --iters schedule"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -94,7 +97,8 @@ def main(argv=None) -> None:
         log.info("resumed at iteration %d", step)
     model.train()
     t0, avg = time.time(), None
-    while step < args.iters:
+    stop = args.iters if args.stop_at is None else min(args.stop_at, args.iters)
+    while step < stop:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, args.warmup, args.iters)
         x0 = data.windows(args.batch, gen)
@@ -124,7 +128,7 @@ def main(argv=None) -> None:
             )
             elapsed += time.time() - t0
             t0 = time.time()
-        if step % args.ckpt_every == 0 or step == args.iters:
+        if step % args.ckpt_every == 0 or step == stop:
             elapsed += time.time() - t0
             t0 = time.time()
             state = {
@@ -140,11 +144,14 @@ def main(argv=None) -> None:
     if avg is None and ckpt.exists():
         avg = torch.load(ckpt, weights_only=False).get("avg")
     cmd = f"python -m lossguide.training motion --out {args.out} --iters {args.iters} --threads {args.threads}"
+    if args.stop_at is not None:
+        cmd += f" --stop-at {args.stop_at}"
     if args.export is not None:
         cmd += f" --export {args.export}"
     meta = {
         "command": cmd,
         "iters": args.iters,
+        "stopped_at": stop,
         "batch": args.batch,
         "lr": args.lr,
         "seed": args.seed,
