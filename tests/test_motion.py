@@ -126,6 +126,10 @@ def test_obstacle_loss_eq8_value_and_gradient():
     (g,) = torch.autograd.grad(L.sum(), x)
     # d/dp of 100·σ(−50(d − r))/2 at d = r: −100·50·¼/2 along the outward normal (+x)
     torch.testing.assert_close(g[0, 1, 0:2], torch.tensor([-625.0, 0.0], dtype=torch.float64))
+    # deep inside the cylinder the sigmoid saturates: no push outwards (and no NaN at the centre itself)
+    inside = _motion([[1.0, 1.0], [1.1, 1.0]])
+    (g_in,) = torch.autograd.grad(ObstacleLoss([[1.0, 1.0]], radius=0.5)(inside).sum(), inside)
+    assert torch.isfinite(g_in).all() and float(g_in.abs().max()) < 1e-5
     far = ObstacleLoss([[1.0, 1.0]], radius=0.5)(_motion([[5.0, 5.0], [6.0, 5.0]]))
     assert float(far.detach()) < 1e-100
 
