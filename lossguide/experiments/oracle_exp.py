@@ -71,10 +71,14 @@ def _smoothed_grad_lipschitz(loss, x, sigma: float, eps: torch.Tensor, radius: f
 
     @torch.no_grad()
     def grad(z):
-        zp = (z.unsqueeze(1) + sigma * eps).reshape(-1, z.shape[1])
-        zm = (z.unsqueeze(1) - sigma * eps).reshape(-1, z.shape[1])
-        d = (loss(zp) - loss(zm)).view(len(z), len(eps), 1)
-        return (d * eps).mean(1) / (2 * sigma)
+        out = []
+        chunk = max(1, 2**18 // len(eps))  # bounded memory: ≤ 2^18 loss rows at a time
+        for zc in z.split(chunk):
+            zp = (zc.unsqueeze(1) + sigma * eps).reshape(-1, zc.shape[1])
+            zm = (zc.unsqueeze(1) - sigma * eps).reshape(-1, zc.shape[1])
+            d = (loss(zp) - loss(zm)).view(len(zc), len(eps), 1)
+            out.append((d * eps).mean(1) / (2 * sigma))
+        return torch.cat(out)
 
     return (grad(x + radius * u) - grad(x)).norm(dim=1) / radius
 
