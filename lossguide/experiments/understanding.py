@@ -119,7 +119,8 @@ def loss_curves(out, quick: bool = False) -> dict:
                 "final_guide_loss_median",
                 "final_guide_loss_mean",
                 "final_judge_loss_median",
-                "share_below_real_median",
+                "share_below_real_p95",
+                "guide_says_target",
             ],
         ),  # fmt: skip
         "",
