@@ -52,3 +52,16 @@ def setup_logging(log_file: Path | None) -> None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", handlers=handlers, force=True)
+
+
+def resume(ckpt: Path, model: torch.nn.Module, ema: EMA, opt, gen: torch.Generator) -> tuple[int, float]:
+    """Restore a training checkpoint written by the training loops, if it exists: (step, elapsed seconds)."""
+    if not ckpt.exists():
+        return 0, 0.0
+    state = torch.load(ckpt, weights_only=False)
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    gen.set_state(state["gen"])
+    log.info("resumed at iteration %d", state["step"])
+    return state["step"], state["elapsed"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lossguide.data import load_mnist
-from lossguide.training.common import EMA, atomic_save, setup_logging
+from lossguide.training.common import EMA, atomic_save, resume, setup_logging
 
 log = logging.getLogger("lossguide.training.ddpm")
 
@@ -93,16 +93,8 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"], 1000, dtype=torch.float64)
     alpha_bar = torch.cumprod(1 - betas, 0).float()
-    step, elapsed = 0, 0.0
     ckpt = args.out / "ckpt.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        step, elapsed = state["step"], state["elapsed"]
-        log.info("resumed at iteration %d", step)
+    step, elapsed = resume(ckpt, model, ema, opt, gen)
     model.train()
     t0, loss_avg = time.time(), None
     while step < args.iters:

@@ -31,7 +31,7 @@ from lossguide.motion.data import (
     velocity_to_positions,
 )
 from lossguide.motion.model import WEIGHTS, MotionNetConfig, MotionTransformer, make_schedule, save_model
-from lossguide.training.common import EMA, atomic_save, setup_logging
+from lossguide.training.common import EMA, atomic_save, resume, setup_logging
 from lossguide.training.ddpm import lr_at
 
 log = logging.getLogger("lossguide.training.motion")
@@ -85,16 +85,8 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     alpha_bar = make_schedule(cfg).alpha_bar.float()
-    step, elapsed = 0, 0.0
     ckpt = args.out / "ckpt.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        step, elapsed = state["step"], state["elapsed"]
-        log.info("resumed at iteration %d", step)
+    step, elapsed = resume(ckpt, model, ema, opt, gen)
     model.train()
     t0, avg = time.time(), None
     stop = args.iters if args.stop_at is None else min(args.stop_at, args.iters)
