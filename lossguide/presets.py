@@ -102,13 +102,15 @@ def shen2024(
     polyak: bool = True,
     scale: float = 1.0,
     augment: Callable | None = None,
+    polyak_gap: str = "eps",
 ) -> GuidanceConfig:
     """Shen et al. (2024), "Understanding and Improving Training-free Loss-based Diffusion Guidance", §5:
     FreeDoM + random augmentation (Alg. 1, |T| = ``n_aug`` DiffAugment copies) + Polyak step
     η·‖ε‖/‖g‖² (Alg. 2) + time travel (Alg. 3, ``n_recur`` repeats for t/T ∈ ``recur_window``;
     the paper's ImageNet setting is 10 in [0.3, 0.8]). ``polyak=False`` falls back to FreeDoM's
-    scale·√ᾱ_t step, ``n_aug=0`` and ``n_recur=1`` switch the other techniques off."""
-    rule = Polyak(eta) if polyak else AlphaBarPower(scale, 0.5)
+    scale·√ᾱ_t step, ``n_aug=0`` and ``n_recur=1`` switch the other techniques off; ``polyak_gap="loss"``
+    uses the classical Polyak gap ℓ instead of the paper's ‖ε‖ (see :class:`~lossguide.steps.Polyak`)."""
+    rule = Polyak(eta, gap=polyak_gap) if polyak else AlphaBarPower(scale, 0.5)
     return GuidanceConfig(
         name="shen2024",
         rho=rule,

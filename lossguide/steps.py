@@ -121,11 +121,20 @@ class Polyak(StepRule):
     samples with ‖g‖ < ``min_grad_norm`` take no step and are counted (the guard the reference code
     meant to have), and the update norm is capped at ``max_ratio``·√(1−ᾱ_{t'})·‖ε‖, the size of the
     noise the sampler still has to remove (None: the paper's uncapped rule).
+
+    ``gap="loss"`` is the classical Polyak step η·ℓ/‖g‖² (optimality gap ℓ − ℓ* with ℓ* = 0, Hazan & Kakade
+    2019), whose update η·ℓ/‖g‖ stays bounded as a saturating loss and its gradient vanish together;
+    ``gap="eps"`` (default) is the paper's substitution of ‖ε‖ for the gap.
     """
 
     eta: float = 1.0
     min_grad_norm: float = 1e-6
     max_ratio: float | None = 1.0
+    gap: str = "eps"
+
+    def __post_init__(self):
+        if self.gap not in ("eps", "loss"):
+            raise ValueError(f"Polyak gap must be 'eps' (the paper) or 'loss' (classical), got {self.gap!r}")
 
     def __call__(self, ctx):
         g = per_sample_norm(ctx.grad.detach())
@@ -133,7 +142,8 @@ class Polyak(StepRule):
         ok = g >= self.min_grad_norm
         ctx.stats["zero_grad"] = ~ok
         g = g.clamp_min(self.min_grad_norm)
-        step = self.eta * e / g**2
+        gap = e if self.gap == "eps" else ctx.loss.detach().double().clamp_min(0).to(g.device)
+        step = self.eta * gap / g**2
         if self.max_ratio is not None:  # ‖step·g‖ = step·‖g‖ ≤ max_ratio·√(1−ᾱ_{t'})·‖ε‖
             step = torch.minimum(step, self.max_ratio * (1 - ctx.alpha_bar_prev) ** 0.5 * e / g)
         return torch.where(ok, step, torch.zeros_like(step))

@@ -29,7 +29,7 @@ def test_beam_search_finds_the_best_grid_point_of_a_known_objective():
     assert best == pytest.approx(1 / 3, rel=1e-5)  # the 3^k grid point nearest 0.3
     values = sorted(r["value"] for r in trace)
     # no point is evaluated twice, not even as 3·(1/3) = 0.999999 next to 1
-    assert all(b / a > 1.5 for a, b in zip(values, values[1:]))
+    assert all(b / a > 1.5 for a, b in zip(values, values[1:], strict=False))
     assert calls[0] == [1.0]
 
 

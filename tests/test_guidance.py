@@ -326,3 +326,21 @@ def test_gaussian_jitter_statistics():
     out = GaussianJitter(0.5)(x, lg.make_generators([0, 1]), 20_000)
     assert out.shape == (40_000, 3)
     assert abs(float(out.std()) - 0.5) < 0.01
+
+
+def test_classical_polyak_gap_keeps_the_update_bounded_as_loss_and_gradient_vanish():
+    # gap="loss": step = η·ℓ/‖g‖²; for ℓ and g shrinking together (a saturating cross-entropy) the update
+    # η·ℓ/‖g‖ stays constant, while the paper's η·‖ε‖/‖g‖ grows like 1/‖g‖
+    eps = torch.ones(2, 4)
+    updates = {"eps": [], "loss": []}
+    for s in (1e-1, 1e-3):
+        grad = torch.full((2, 4), s)  # ‖g‖ = 2s
+        loss = torch.tensor([s, 2 * s])
+        for gap in updates:
+            step = Polyak(eta=0.5, max_ratio=None, gap=gap)(StepContext(0, [(0.5, 0.6)], eps, grad, loss))
+            updates[gap].append(step * 2 * s)  # ‖step·g‖
+    torch.testing.assert_close(updates["loss"][0], torch.tensor([0.25, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(updates["loss"][1], updates["loss"][0])
+    torch.testing.assert_close(updates["eps"][1], 100 * updates["eps"][0])
+    with pytest.raises(ValueError, match="gap"):
+        Polyak(gap="nope")
