@@ -83,6 +83,29 @@ def _smoothed_grad_lipschitz(loss, x, sigma: float, eps: torch.Tensor, radius: f
     return (grad(x + radius * u) - grad(x)).norm(dim=1) / radius
 
 
+def _boundary_points(prior, y: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """Points on the exact classifier's decision boundary of class y: bisection of p(y|x) = 1/2 on segments
+    from near μ_y to near another component's mean. A sampled point almost never lands in a sharp loss's
+    thin transition layer, so these are added where its gradient changes fastest."""
+    others = [k for k in range(prior.n_components) if k != y]
+    pts = []
+    for j in range(n):
+        a = prior.means[y] + 0.3 * torch.randn(prior.dim, generator=g, dtype=torch.float64)
+        b = prior.means[others[j % len(others)]] + 0.3 * torch.randn(prior.dim, generator=g, dtype=torch.float64)
+
+        def h(lam, a=a, b=b):
+            return float(prior.component_log_posterior((a + lam * (b - a)).unsqueeze(0), 1.0)[0, y].exp()) - 0.5
+
+        lo, hi = 0.0, 1.0
+        if h(lo) <= 0 or h(hi) >= 0:
+            continue
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if h(mid) > 0 else (lo, mid)
+        pts.append(a + lo * (b - a))
+    return torch.stack(pts) if pts else torch.empty(0, prior.dim, dtype=torch.float64)
+
+
 def smoothing_check(quick: bool) -> tuple[list[dict], list[dict]]:
     """Measured Lipschitz constants of ∇ℓ̂ for Gaussian smoothing (oracle, bounded loss 1 − p(y|x), C = 1,
     against the bound 2C/σ of Prop. 3.2) and for DiffAugment averaging of the MNIST guide's loss (Prop. 4.1)."""
@@ -92,6 +115,7 @@ def smoothing_check(quick: bool) -> tuple[list[dict], list[dict]]:
     g = torch.Generator().manual_seed(7)
     x0, _ = prior.sample(n_pts, g)
     x = x0 + 0.5 * torch.randn(x0.shape, generator=g, dtype=x0.dtype)  # where x0_hat wanders mid-trajectory
+    x = torch.cat([x, _boundary_points(prior, y, 16 if quick else 64, g)])  # where a sharp loss's curvature lives
     eps = torch.randn(n_mc, prior.dim, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
 
     rows_g = []
