@@ -179,9 +179,9 @@ class MnistTask:
         if noise_aware:
             if self.kind != "class":
                 raise ValueError("cg guides with the noise-aware classifier: it applies to the class task only")
-            return losses.NoisyClassLoss(self.kit.nets["noise-aware"], t)
+            return self.kit.loss("noise-aware", t)
         if self.kind == "class":
-            return losses.ClassLoss(self.kit.nets["guide"], t)
+            return self.kit.loss("guide", t)
         ref, _ = self.reference(seeds)
         if self.kind == "sketch":
             return losses.SketchLoss(ref)
@@ -191,7 +191,7 @@ class MnistTask:
             return losses.InpaintLoss(ref, mask)
         if self.kind == "sr":
             return losses.SuperResLoss(ref, factor=4)
-        return losses.WeightedSum([(1.0, losses.ClassLoss(self.kit.nets["guide"], t)), (0.1, losses.SketchLoss(ref))])
+        return losses.WeightedSum([(1.0, self.kit.loss("guide", t)), (0.1, losses.SketchLoss(ref))])
 
     def denoiser(self):
         return self.kit.model.denoiser
@@ -407,10 +407,11 @@ class Bench:
         device = "cpu" if task.oracle else self.cfg.device
         if str(device).startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
+        denoiser = task.denoiser()
         t0 = time.perf_counter()
         res = sample(
-            task.denoiser(),
-            DDIM(task.denoiser().schedule, sh.steps),
+            denoiser,
+            DDIM(denoiser.schedule, sh.steps),
             cfg,
             task.loss([s for s in seeds for _ in range(n_cand)], cfg.loss_input == "x_t") if cfg.enabled else None,
             shape=task.shape,
@@ -596,10 +597,10 @@ def write_outputs(bench: Bench, rows: list[dict], settings: dict) -> None:
             ax.legend(fontsize=7)
         fig.suptitle(f"{task}")
         save_fig(fig, out / f"pareto_{task.replace('+', '_')}.png")
-        _sample_grid(bench, task, out / f"samples_{task.replace('+', '_')}.png")
+        _sample_grid(bench, task, settings, out / f"samples_{task.replace('+', '_')}.png")
 
 
-def _sample_grid(bench: Bench, task: str, path: Path, per_method: int = 10) -> None:
+def _sample_grid(bench: Bench, task: str, settings: dict, path: Path, per_method: int = 10) -> None:
     """One row of the first evaluation samples per (method, steps)."""
     from lossguide.experiments.report import pyplot, save_fig
 
@@ -608,8 +609,7 @@ def _sample_grid(bench: Bench, task: str, path: Path, per_method: int = 10) -> N
     for method in cfg.methods:
         if not bench.applicable(task, method):
             continue
-        v = json.loads((bench.out / "settings.json").read_text()).get(task, {}).get(method) if (
-            bench.out / "settings.json").exists() else None  # fmt: skip
+        v = settings.get(task, {}).get(method)
         for steps in cfg.steps:
             sh = bench.shards("eval", task, method, v, steps, list(range(cfg.n_eval)))[0]
             pt = sh.path(bench.out).with_suffix(".pt")
