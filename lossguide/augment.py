@@ -4,6 +4,11 @@ An augmentation is any callable ``aug(x [B, ...], generators, n) -> [B·n, ...]`
 sample-major (row ``b·n + k`` is copy k of sample b) and whose random draws for sample b come only from
 ``generators[b]``, a fixed number of them per copy. Images use :class:`DiffAugment`; other data (motion)
 brings its own callable.
+
+Which augmentation fits is a property of the data, not of the method: a preset never picks one. The data's
+adapter (``LoadedDenoiser.augment``, the MNIST task, a recipe) supplies it, and :func:`policy` names the two
+image policies: ``photo`` (the paper's DiffAugment, for natural images) and ``digits`` (small shifts and zooms
+on a −1 background, for MNIST).
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ class DiffAugment:
         contrast: (x − mean_chw)·U(lo, hi) + mean_chw.
         translation: integer shift of up to ``round(ratio·side)`` pixels in each direction.
         resize: zoom about the centre by U(lo, hi).
-        cutout: zero a square of side ``round(ratio·side)`` at a random centre.
+        cutout: set a square of side ``round(ratio·side)`` at a random centre to ``fill``.
+        fill: the value that padding (translation, zoom-out) and cutout write: the data's background.
+            0 is the reference code's zero padding, which is mid-grey for images in [−1, 1]; digits on a
+            black background want −1.
     """
 
     policy: tuple[str, ...] = POLICIES
@@ -45,11 +53,33 @@ class DiffAugment:
     translation: float = 0.125
     resize: tuple[float, float] = (0.8, 1.2)
     cutout: float = 0.5
+    fill: float = 0.0
 
     def __post_init__(self):
         bad = [p for p in self.policy if p not in POLICIES]
         if bad:
             raise ValueError(f"unknown DiffAugment policy {bad}; choose from {POLICIES}")
+        numbers = (self.brightness, self.translation, self.cutout, self.fill)
+        if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in numbers):
+            raise ValueError(f"DiffAugment's brightness, translation, cutout and fill must be finite numbers, got {numbers}")
+        if not (0 <= self.translation < 1 and 0 <= self.cutout <= 1):
+            raise ValueError(f"DiffAugment translation and cutout are fractions of the side in [0, 1), got "
+                             f"{self.translation} and {self.cutout}")  # fmt: skip
+        lo, hi = self.resize
+        if not 0 < lo <= hi:
+            raise ValueError(f"DiffAugment resize must be (lo, hi) with 0 < lo ≤ hi, got {self.resize}")
+
+    @classmethod
+    def photo(cls) -> DiffAugment:
+        """The paper's DiffAugment for natural images: colour, translation 1/8, zoom 0.8–1.2, cutout 1/2,
+        zero fill (Shen et al. 2024, §4.1; Zhao et al. 2020)."""
+        return cls()
+
+    @classmethod
+    def digits(cls) -> DiffAugment:
+        """For 28×28 digits in [−1, 1] on a black background: translation ±2 px, zoom 0.9–1.1, fill −1; no colour
+        (one channel, and brightness would move the background) and no cutout (half the side erases the digit)."""
+        return cls(policy=("translation", "resize"), translation=2 / 28, resize=(0.9, 1.1), fill=-1.0)
 
     def to_dict(self) -> dict:
         return {"name": "diffaugment", **asdict(self)}
@@ -90,7 +120,8 @@ class DiffAugment:
                 theta[:, 0, 2] = -2 * shift_x / W
                 theta[:, 1, 2] = -2 * shift_y / H
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = F.grid_sample(x - self.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = x + self.fill
         if "cutout" in self.policy:
             ch, cw = int(H * self.cutout + 0.5), int(W * self.cutout + 0.5)
             cy = torch.floor(u[:, 6] * (H + 1 - ch % 2)).clamp(max=H - ch % 2)
@@ -101,8 +132,19 @@ class DiffAugment:
             in_r = (rows >= top) & (rows < top + ch)
             in_c = (cols >= left) & (cols < left + cw)
             mask = ~(in_r.unsqueeze(2) & in_c.unsqueeze(1))
-            x = x * mask.unsqueeze(1).to(x.dtype)
+            keep = mask.unsqueeze(1).to(x.dtype)
+            x = x * keep + self.fill * (1 - keep)
         return x
+
+
+POLICY_NAMES = ("photo", "digits")
+
+
+def policy(name: str) -> DiffAugment:
+    """A named image augmentation: ``photo`` (the paper's DiffAugment) or ``digits`` (see :class:`DiffAugment`)."""
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown augmentation policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    return getattr(DiffAugment, name)()
 
 
 def augmentation_to_dict(aug) -> dict | None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lossguide import losses, metrics, presets
-from lossguide.augment import DiffAugment, GaussianJitter
+from lossguide.augment import GaussianJitter
 from lossguide.guidance import GuidanceConfig
 from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lossguide.samplers import DDIM
@@ -37,7 +37,10 @@ from lossguide.sampling import sample
 
 log = logging.getLogger(__name__)
 
-MNIST_TASKS = ("class", "sketch", "inpaint", "sr", "class+sketch")
+MNIST_TASKS = ("class", "class-feature", "sketch", "inpaint", "sr", "class+sketch")
+CLASS_TASKS = ("class", "class-feature")  # target = seed mod 10
+#: the tuner's quality ceiling on class tasks: FID ≤ this × the unguided model's FID on the tuning seeds
+FID_CEILING = 1.5
 ORACLE_TASKS = ("oracle-class", "oracle-linear")
 TASKS = MNIST_TASKS + ORACLE_TASKS
 METHODS = ("none", "dps", "freedom", "ugd", "lgd_mc", "mpgd", "tfg", "shen2024", "cg")
@@ -51,12 +54,12 @@ DEFAULT_PARAM = {
     "lgd_mc": ("scale", 1.0),
     "mpgd": ("scale", 1.0),
     "tfg": ("rho", 1.0),
-    "shen2024": ("eta", 0.01),
+    "shen2024": ("eta", 0.03),
     "cg": ("scale", 30.0),
 }
 ORACLE_DEFAULT_PARAM = {"dps": 0.03, "freedom": 0.01, "ugd": 0.03, "lgd_mc": 0.03, "mpgd": 0.01, "tfg": 0.003,
                         "shen2024": 0.3, "cg": 1.0}  # fmt: skip
-POLYAK_ETA0 = 0.01
+POLYAK_ETA0 = 0.03
 
 
 # -- methods --------------------------------------------------------------------------------------------
@@ -91,7 +94,7 @@ def tuned_param(spec: str, oracle: bool = False) -> tuple[str, float] | None:
 def method_config(spec: str, value: float | None, oracle: bool = False) -> GuidanceConfig:
     """The guidance config of ``spec`` with its step parameter at ``value``."""
     base, mods = parse_method(spec)
-    aug = GaussianJitter(0.05) if oracle else DiffAugment()
+    aug = GaussianJitter(0.05) if oracle else None  # None: the task's data supplies it (digits for MNIST)
     param = tuned_param(spec, oracle)
     kw: dict = {}
     if base == "shen2024":
@@ -172,16 +175,16 @@ class MnistTask:
         return self.kit.real_x[idx], self.kit.real_y[idx].cpu()
 
     def targets(self, seeds) -> torch.Tensor:
-        return torch.tensor([s % 10 for s in seeds]) if self.kind == "class" else self.reference(seeds)[1]
+        return torch.tensor([s % 10 for s in seeds]) if self.kind in CLASS_TASKS else self.reference(seeds)[1]
 
     def loss(self, seeds, noise_aware: bool = False):
         t = self.targets(seeds).tolist()
         if noise_aware:
-            if self.kind != "class":
-                raise ValueError("cg guides with the noise-aware classifier: it applies to the class task only")
+            if self.kind not in CLASS_TASKS:
+                raise ValueError("cg guides with the noise-aware classifier: it applies to the class tasks only")
             return self.kit.loss("noise-aware", t)
-        if self.kind == "class":
-            return self.kit.loss("guide", t)
+        if self.kind in CLASS_TASKS:
+            return self.kit.loss("guide", t, "feature" if self.kind == "class-feature" else "ce")
         ref, _ = self.reference(seeds)
         if self.kind == "sketch":
             return losses.SketchLoss(ref)
@@ -196,6 +199,10 @@ class MnistTask:
     def denoiser(self):
         return self.kit.model.denoiser
 
+    @property
+    def augment(self):
+        return self.kit.model.augment
+
     @torch.no_grad()
     def records(self, x: torch.Tensor, seeds) -> list[dict]:
         y = self.targets(seeds)
@@ -203,11 +210,12 @@ class MnistTask:
         feats = metrics.features(self.kit.nets["judge"], x)
         task_loss = self.loss(seeds)(x)
         out = []
-        ref = self.reference(seeds)[0] if self.kind != "class" else None
+        ref = self.reference(seeds)[0] if self.kind not in CLASS_TASKS else None
+        noise = metrics.noise_like(x, self.kit.real_x)
         psnr = metrics.psnr(x, ref) if ref is not None else None
         ssim = metrics.ssim(x, ref) if ref is not None else None
         for k, s in enumerate(seeds):
-            r = {"seed": s, "target": int(y[k]), "judge_label": int(probs[k].argmax()),
+            r = {"seed": s, "target": int(y[k]), "judge_label": int(probs[k].argmax()), "noise_like": bool(noise[k]),
                  "guide_loss": float(task_loss[k]), "features": [round(float(f), 6) for f in feats[k]]}  # fmt: skip
             if ref is not None:
                 r.update(psnr=float(psnr[k]), ssim=float(ssim[k]))
@@ -218,6 +226,8 @@ class MnistTask:
         n = len(recs)
         valid = [r["judge_label"] == r["target"] for r in recs]
         out = {"n": n, "judge_validity": sum(valid) / n, "guide_loss": sum(r["guide_loss"] for r in recs) / n}
+        out["judge_validity_ci"] = list(metrics.wilson_interval(sum(valid), n))
+        out["noise_like"] = sum(r.get("noise_like", False) for r in recs) / n
         per_class = {}
         for c in range(10):
             v = [ok for ok, r in zip(valid, recs, strict=True) if r["target"] == c]
@@ -231,14 +241,19 @@ class MnistTask:
         if n >= 2:
             f = torch.tensor([r["features"] for r in recs])
             out["fid"] = metrics.frechet_distance(f, self.kit.real_features())
+            if n >= 50:
+                out["fid_ci"] = list(metrics.bootstrap_fid_interval(f, self.kit.real_features()))
             kid, kid_std = metrics.kernel_inception_distance(f, self.kit.real_features(), n_subsets=50)
             out["kid_x1e3"], out["kid_std_x1e3"] = 1e3 * kid, 1e3 * kid_std
         return out
 
-    def objective(self, summary: dict) -> float:
+    def objective(self, summary: dict, fid_ceiling: float | None = None) -> float:
+        """PSNR for inverse problems; judge validity otherwise, minus 1 when FID exceeds ``fid_ceiling`` (the
+        quality bound: 1.5× the unguided FID on the same seeds) and minus the noise-like share."""
         if "psnr" in summary and self.kind != "class+sketch":
             return summary["psnr"]
-        return summary["judge_validity"] - 1e-3 * summary["guide_loss"]
+        over = fid_ceiling is not None and summary.get("fid", 0.0) > fid_ceiling
+        return summary["judge_validity"] - summary.get("noise_like", 0.0) - float(over) - 1e-3 * summary["guide_loss"]
 
 
 class OracleTaskAdapter:
@@ -263,6 +278,8 @@ class OracleTaskAdapter:
     def denoiser(self):
         return self.task.prior.denoiser(self.schedule)
 
+    augment = GaussianJitter(0.05)
+
     def records(self, x: torch.Tensor, seeds) -> list[dict]:
         L = self.task.loss(x)
         lab = self.task.prior.component_log_posterior(x, 1.0).argmax(1)
@@ -280,7 +297,7 @@ class OracleTaskAdapter:
             out["validity"] = sum(r["label"] == target for r in recs) / len(recs)
         return out
 
-    def objective(self, summary: dict) -> float:
+    def objective(self, summary: dict, fid_ceiling: float | None = None) -> float:
         return -summary["sw_to_posterior"]
 
 
@@ -302,6 +319,8 @@ class BenchConfig:
     best_of: int = 1
     batch: int = 50
     device: str = "cpu"
+    ddim_eta: float = 0.0  # 0: deterministic DDIM; 1: stochastic, as the paper's code
+    settings_file: str | None = None  # step parameters from an earlier run's settings.json (no tuning)
 
     def validate(self) -> None:
         for t in self.tasks:
@@ -390,7 +409,7 @@ class Bench:
         return self._tasks[name]
 
     def applicable(self, task: str, method: str) -> bool:
-        return parse_method(method)[0] != "cg" or task in ("class", *ORACLE_TASKS)
+        return parse_method(method)[0] != "cg" or task in (*CLASS_TASKS, *ORACLE_TASKS)
 
     # -- one shard
     def run_shard(self, sh: Shard) -> dict:
@@ -411,13 +430,14 @@ class Bench:
         t0 = time.perf_counter()
         res = sample(
             denoiser,
-            DDIM(denoiser.schedule, sh.steps),
+            DDIM(denoiser.schedule, sh.steps, eta=self.cfg.ddim_eta),
             cfg,
             task.loss([s for s in seeds for _ in range(n_cand)], cfg.loss_input == "x_t") if cfg.enabled else None,
             shape=task.shape,
             seeds=cand_seeds,
             dtype=dtype,
             device=device,
+            augment=task.augment,
         )
         wall = time.perf_counter() - t0
         x = res.x0 if task.oracle else res.x0.clamp(-1, 1)
@@ -475,11 +495,26 @@ class Bench:
     def tune(self) -> dict:
         """Beam-search each (task, method)'s step parameter; writes ``tuning.json`` and ``settings.json``."""
         cfg = self.cfg
+        if cfg.settings_file is not None:
+            path = Path(cfg.settings_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"--settings {path}: no such file (a settings.json written by lossguide bench)")
+            settings = json.loads(path.read_text())
+            missing = [(t, m) for t in cfg.tasks for m in cfg.methods
+                       if tuned_param(m, t in ORACLE_TASKS) and self.applicable(t, m) and m not in settings.get(t, {})]  # fmt: skip
+            if missing:
+                raise ValueError(f"--settings {path} has no step parameter for {missing[0][1]!r} on {missing[0][0]!r}")
+            return settings
         settings: dict = {}
         trace: list[dict] = []
         seeds = list(range(TUNE_SEED0, TUNE_SEED0 + cfg.n_tune))
         for task in cfg.tasks:
             oracle = task in ORACLE_TASKS
+            ceiling = None
+            if task in CLASS_TASKS and cfg.tune:  # the quality bound from the unguided model on the tuning seeds
+                none = self.cell(self.run_shards(self.shards("tune", task, "none", None, cfg.tune_steps, seeds)), task)
+                ceiling = FID_CEILING * none["fid"]
+                settings.setdefault("_fid_ceiling", {})[task] = ceiling
             for method in cfg.methods:
                 p = tuned_param(method, oracle)
                 if p is None or not self.applicable(task, method):
@@ -488,14 +523,14 @@ class Bench:
                     settings.setdefault(task, {})[method] = p[1]
                     continue
 
-                def evaluate(values, task=task, method=method):
+                def evaluate(values, task=task, method=method, ceiling=ceiling):
                     shards = [self.shards("tune", task, method, v, cfg.tune_steps, seeds) for v in values]
                     recs = self.run_shards([s for group in shards for s in group])
                     out, i = [], 0
                     for group in shards:
                         cell = self.cell(recs[i : i + len(group)], task)
                         i += len(group)
-                        out.append(self.task(task).objective(cell))
+                        out.append(self.task(task).objective(cell, ceiling))
                     return out
 
                 best, tr = beam_search(evaluate, p[1], cfg.beam_factor, cfg.beam_width, cfg.beam_rounds)

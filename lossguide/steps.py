@@ -114,27 +114,39 @@ class TFGSchedule(StepRule):
 
 @dataclass
 class Polyak(StepRule):
-    """Polyak step of Shen et al. (2024), Alg. 2: step = η·‖ε_θ(x_t, t)‖₂/‖g‖₂², per sample.
+    """Polyak step of Shen et al. (2024), Alg. 2: step = η·gap/‖g‖₂² per sample, gap = ‖ε_θ(x_t, t)‖₂.
 
-    The update −step·g then has norm η·‖ε‖/‖g‖, which grows without bound as ‖g‖ → 0 (a classifier's
-    cross-entropy has vanishing gradients once a sample is confidently classified). Two guards:
-    samples with ‖g‖ < ``min_grad_norm`` take no step and are counted (the guard the reference code
-    meant to have), and the update norm is capped at ``max_ratio``·√(1−ᾱ_{t'})·‖ε‖, the size of the
-    noise the sampler still has to remove (None: the paper's uncapped rule).
+    The update −step·g has norm η·gap/‖g‖. With the paper's gap ``"eps"`` it grows without bound as
+    ‖g‖ → 0, which is what a saturating loss (a confident classifier's cross-entropy) does; the paper only
+    uses it on distance-to-reference losses (unsquared ‖residual‖ of segmentation logits, sketches, CLIP
+    embeddings), whose gradient norm stays of order one. It is *inversely* scaled in the loss: ℓ → c·ℓ
+    shrinks the update by 1/c, so η depends on the loss's units. ``gap="loss"`` is the classical Polyak step
+    η·(ℓ − ℓ*)/‖g‖² (Hazan & Kakade 2019) with ℓ* = ``loss_floor``: dimensionless η, invariant to ℓ → c·ℓ, and
+    a bounded update as a saturating loss and its gradient vanish together. ``loss_floor`` is the loss a true
+    sample would have (e.g. m·σ² for a linear measurement with m entries and noise σ); samples at or below
+    it take no step.
 
-    ``gap="loss"`` is the classical Polyak step η·ℓ/‖g‖² (optimality gap ℓ − ℓ* with ℓ* = 0, Hazan & Kakade
-    2019), whose update η·ℓ/‖g‖ stays bounded as a saturating loss and its gradient vanish together;
-    ``gap="eps"`` (default) is the paper's substitution of ‖ε‖ for the gap.
+    Two lossguide guards, neither in the paper's text: samples with ‖g‖ < ``min_grad_norm`` take no step and
+    are counted in ``stats.zero_grad`` (the guard the reference code meant to have: its ``rho = 0`` is
+    overwritten), and, when ``max_ratio`` is set, the update norm is capped at max_ratio·√(1−ᾱ_t)·‖ε‖, the
+    size of the noise in the current x_t (positive at every step, so the final step is never switched off).
+    ``max_ratio=None`` (the default) is the paper's exact rule.
     """
 
     eta: float = 1.0
     min_grad_norm: float = 1e-6
-    max_ratio: float | None = 1.0
+    max_ratio: float | None = None
     gap: str = "eps"
+    loss_floor: float = 0.0
 
     def __post_init__(self):
         if self.gap not in ("eps", "loss"):
             raise ValueError(f"Polyak gap must be 'eps' (the paper) or 'loss' (classical), got {self.gap!r}")
+        _check_number("Polyak eta", self.eta, positive=True)
+        _check_number("Polyak min_grad_norm", self.min_grad_norm, positive=True)
+        _check_number("Polyak loss_floor", self.loss_floor)
+        if self.max_ratio is not None:
+            _check_number("Polyak max_ratio", self.max_ratio, positive=True)
 
     def __call__(self, ctx):
         g = per_sample_norm(ctx.grad.detach())
@@ -142,11 +154,20 @@ class Polyak(StepRule):
         ok = g >= self.min_grad_norm
         ctx.stats["zero_grad"] = ~ok
         g = g.clamp_min(self.min_grad_norm)
-        gap = e if self.gap == "eps" else ctx.loss.detach().double().clamp_min(0).to(g.device)
+        if self.gap == "eps":
+            gap = e
+        else:
+            gap = (ctx.loss.detach().double().to(g.device) - self.loss_floor).clamp_min(0)
         step = self.eta * gap / g**2
-        if self.max_ratio is not None:  # ‖step·g‖ = step·‖g‖ ≤ max_ratio·√(1−ᾱ_{t'})·‖ε‖
-            step = torch.minimum(step, self.max_ratio * (1 - ctx.alpha_bar_prev) ** 0.5 * e / g)
+        if self.max_ratio is not None:  # ‖step·g‖ = step·‖g‖ ≤ max_ratio·√(1−ᾱ_t)·‖ε‖
+            step = torch.minimum(step, self.max_ratio * (1 - ctx.alpha_bar) ** 0.5 * e / g)
         return torch.where(ok, step, torch.zeros_like(step))
+
+
+def _check_number(name: str, v, positive: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{name} must be {need}, got {v!r}")
 
 
 RULES = {cls.__name__: cls for cls in (Constant, AlphaBarPower, LossNormalized, TFGSchedule, Polyak)}

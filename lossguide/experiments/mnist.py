@@ -68,12 +68,26 @@ class MnistKit:
         x, y = load_mnist("heldout")
         self.real_x, self.real_y = x.to(device), y.to(device)
         self._real_features = None
+        self._means: dict[str, torch.Tensor] = {}
 
     # -- losses ----------------------------------------------------------------------------------------
-    def loss(self, net: str, targets: Sequence[int]):
-        """Per-sample class loss of ``net`` (guide, robust, judge; noise-aware gives −log p(y|x_t, t))."""
+    def class_means(self, net: str) -> torch.Tensor:
+        """μ_y of ``net``'s features on its own training split (cached)."""
+        from lossguide.models import class_means
+
+        if net not in self._means:
+            self._means[net] = class_means(f"mnist-{net}", device=self.device)
+        return self._means[net]
+
+    def loss(self, net: str, targets: Sequence[int], kind: str = "ce"):
+        """Per-sample class loss of ``net`` (guide, robust, judge): cross-entropy (``kind="ce"``) or the unsquared
+        feature distance ‖f(x0) − μ_y‖ (``"feature"``); the noise-aware net gives −log p(y|x_t, t)."""
         if net == "noise-aware":
             return losses.NoisyClassLoss(self.nets[net], list(targets))
+        if kind == "feature":
+            return losses.FeatureDistanceLoss(self.nets[net].features, self.class_means(net), list(targets))
+        if kind != "ce":
+            raise ValueError(f"unknown class loss kind {kind!r}; choose 'ce' or 'feature'")
         return losses.ClassLoss(self.nets[net], list(targets))
 
     # -- generation ------------------------------------------------------------------------------------
@@ -85,14 +99,17 @@ class MnistKit:
         net: str = "guide",
         batch: int = 64,
         targets: Sequence[int] | None = None,
+        kind: str = "ce",
+        ddim_eta: float = 0.0,
     ) -> Generated:
-        """Samples for ``seeds`` (targets ``seed mod 10`` unless given) guided by class net ``net``;
-        ``cg`` presets (loss on x_t) use the noise-aware classifier whatever ``net`` says."""
+        """Samples for ``seeds`` (targets ``seed mod 10`` unless given) guided by class net ``net`` with loss
+        ``kind`` (see :meth:`loss`), DDIM(``ddim_eta``); ``cg`` presets (loss on x_t) use the noise-aware
+        classifier whatever ``net`` says. Augmentation is the model's (``digits``)."""
         seeds = list(seeds)
         targets = targets_for(seeds) if targets is None else list(targets)
         if guidance.loss_input == "x_t":
             net = "noise-aware"
-        sampler = DDIM(self.model.denoiser.schedule, steps)
+        sampler = DDIM(self.model.denoiser.schedule, steps, eta=ddim_eta)
         xs, traces = [], []
         nfe = grads = evals = skipped = 0
         t0 = time.perf_counter()
@@ -102,10 +119,11 @@ class MnistKit:
                 self.model.denoiser,
                 sampler,
                 guidance,
-                self.loss(net, targets[sl]) if guidance.enabled else None,
+                self.loss(net, targets[sl], kind) if guidance.enabled else None,
                 shape=self.model.sample_shape,
                 seeds=seeds[sl],
                 device=self.device,
+                augment=self.model.augment,
             )
             xs.append(res.x0.clamp(-1, 1).detach())
             traces.append(res.stats.loss_trace)
@@ -155,6 +173,7 @@ class MnistKit:
             "judge_validity": self.validity("judge", gen.x, gen.targets),
             "guide_validity": self.validity("guide", gen.x, gen.targets),
             "guide_loss": float(self.class_loss("guide", gen.x, gen.targets).mean()),
+            "noise_like": float(metrics.noise_like(gen.x, self.real_x).double().mean()),
             "nfe": gen.nfe,
             "denoiser_grads": gen.denoiser_grads,
             "wall_s_per_sample": gen.wall_s / len(gen.x),
