@@ -5,6 +5,7 @@ the methods (DPS, FreeDoM, UGD, LGD-MC, MPGD, TFG, Shen et al. 2024, classifier 
 presets of it (:mod:`lossguide.presets`).
 """
 
+from lossguide.augment import DiffAugment, GaussianJitter
 from lossguide.denoiser import Denoiser, DenoiserOutput, from_diffusers, from_module
 from lossguide.guidance import GuidanceConfig, GuidanceEngine, GuidanceStats
 from lossguide.presets import PRESETS, with_techniques
@@ -22,7 +23,9 @@ __all__ = [
     "PRESETS",
     "Denoiser",
     "DenoiserOutput",
+    "DiffAugment",
     "DiffusersSampler",
+    "GaussianJitter",
     "GuidanceConfig",
     "GuidanceEngine",
     "GuidanceStats",

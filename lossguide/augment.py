@@ -61,7 +61,7 @@ class DiffAugment:
             raise ValueError(f"unknown DiffAugment policy {bad}; choose from {POLICIES}")
         numbers = (self.brightness, self.translation, self.cutout, self.fill)
         if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in numbers):
-            raise ValueError(f"DiffAugment's brightness, translation, cutout and fill must be finite numbers, got {numbers}")
+            raise ValueError(f"DiffAugment's brightness, translation, cutout and fill must be finite, got {numbers}")
         if not (0 <= self.translation < 1 and 0 <= self.cutout <= 1):
             raise ValueError(f"DiffAugment translation and cutout are fractions of the side in [0, 1), got "
                              f"{self.translation} and {self.cutout}")  # fmt: skip

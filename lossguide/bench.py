@@ -24,6 +24,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from lossguide.guidance import GuidanceConfig
 from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
+from lossguide.steps import Polyak
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ FID_CEILING = 1.5
 ORACLE_TASKS = ("oracle-class", "oracle-linear")
 TASKS = MNIST_TASKS + ORACLE_TASKS
 METHODS = ("none", "dps", "freedom", "ugd", "lgd_mc", "mpgd", "tfg", "shen2024", "cg")
-MODIFIERS = ("+ra", "+polyak", "+tt", "-ra", "-polyak", "-tt")
+MODIFIERS = ("+ra", "+polyak", "+tt", "+lossgap", "-ra", "-polyak", "-tt")
 TUNE_SEED0 = 10_000
 #: default step parameter of each preset (start of the beam search); Polyak variants start at η
 DEFAULT_PARAM = {
@@ -60,12 +62,12 @@ DEFAULT_PARAM = {
 ORACLE_DEFAULT_PARAM = {"dps": 0.03, "freedom": 0.01, "ugd": 0.03, "lgd_mc": 0.03, "mpgd": 0.01, "tfg": 0.003,
                         "shen2024": 0.3, "cg": 1.0}  # fmt: skip
 POLYAK_ETA0 = 0.03
-
+LOSSGAP_ETA0 = 0.1  # the classical gap η·ℓ/‖g‖² (+lossgap): dimensionless
 
 # -- methods --------------------------------------------------------------------------------------------
 def parse_method(spec: str) -> tuple[str, list[str]]:
     """``"freedom+polyak+ra"`` → ("freedom", ["+polyak", "+ra"]); ``-ra``/``-polyak``/``-tt`` switch a
-    technique of ``shen2024`` off."""
+    technique of ``shen2024`` off; ``+lossgap`` gives a Polyak step (``+polyak`` or shen2024's) the classical gap ℓ."""
     parts = re.split(r"(?=[+-])", spec)
     base, mods = parts[0], parts[1:]
     if base not in METHODS:
@@ -83,6 +85,8 @@ def tuned_param(spec: str, oracle: bool = False) -> tuple[str, float] | None:
     base, mods = parse_method(spec)
     if base == "none":
         return None
+    if "+lossgap" in mods and ("+polyak" in mods or (base == "shen2024" and "-polyak" not in mods)):
+        return "eta", LOSSGAP_ETA0
     if "+polyak" in mods:
         return "eta", POLYAK_ETA0 if not oracle else ORACLE_DEFAULT_PARAM["shen2024"]
     if base == "shen2024" and "-polyak" in mods:
@@ -118,6 +122,11 @@ def method_config(spec: str, value: float | None, oracle: bool = False) -> Guida
         cfg = presets.with_techniques(cfg, n_aug=10, augment=aug)
     if "+tt" in mods:
         cfg = presets.with_techniques(cfg, n_recur=3, recur_window=(0.3, 0.8))
+    if "+lossgap" in mods:
+        rules = {k: getattr(cfg, k) for k in ("rho", "mu") if isinstance(getattr(cfg, k), Polyak)}
+        if not rules:
+            raise ValueError(f"+lossgap changes a Polyak step's gap; {spec!r} has none (add +polyak)")
+        cfg = cfg.replace(**{k: dc_replace(r, gap="loss") for k, r in rules.items()})
     return cfg.replace(name=spec)
 
 
@@ -165,8 +174,8 @@ class MnistTask:
 
     oracle = False
 
-    def __init__(self, kind: str, kit):
-        self.kind, self.kit = kind, kit
+    def __init__(self, kind: str, kit, norm: str = "squared"):
+        self.kind, self.kit, self.norm = kind, kit, norm
         self.perm = torch.randperm(len(kit.real_x), generator=torch.Generator().manual_seed(0))
         self.shape = kit.model.sample_shape
 
@@ -187,13 +196,13 @@ class MnistTask:
             return self.kit.loss("guide", t, "feature" if self.kind == "class-feature" else "ce")
         ref, _ = self.reference(seeds)
         if self.kind == "sketch":
-            return losses.SketchLoss(ref)
+            return losses.SketchLoss(ref, norm=self.norm)
         if self.kind == "inpaint":
             mask = torch.ones_like(ref[:1])
             mask[..., ref.shape[-2] // 2 :, :] = 0  # the lower half is unknown
-            return losses.InpaintLoss(ref, mask)
+            return losses.InpaintLoss(ref, mask, norm=self.norm)
         if self.kind == "sr":
-            return losses.SuperResLoss(ref, factor=4)
+            return losses.SuperResLoss(ref, factor=4, norm=self.norm)
         return losses.WeightedSum([(1.0, self.kit.loss("guide", t)), (0.1, losses.SketchLoss(ref))])
 
     def denoiser(self):
@@ -321,6 +330,7 @@ class BenchConfig:
     device: str = "cpu"
     ddim_eta: float = 0.0  # 0: deterministic DDIM; 1: stochastic, as the paper's code
     settings_file: str | None = None  # step parameters from an earlier run's settings.json (no tuning)
+    norm: str = "squared"  # sketch/inpaint/sr residual: ‖r‖² or ‖r‖ ("l2", the paper's code)
 
     def validate(self) -> None:
         for t in self.tasks:
@@ -405,7 +415,7 @@ class Bench:
                     from lossguide.experiments.mnist import MnistKit
 
                     self._kit = MnistKit(self.cfg.device)
-                self._tasks[name] = MnistTask(name, self._kit)
+                self._tasks[name] = MnistTask(name, self._kit, self.cfg.norm)
         return self._tasks[name]
 
     def applicable(self, task: str, method: str) -> bool:
@@ -498,10 +508,10 @@ class Bench:
         if cfg.settings_file is not None:
             path = Path(cfg.settings_file)
             if not path.is_file():
-                raise FileNotFoundError(f"--settings {path}: no such file (a settings.json written by lossguide bench)")
+                raise FileNotFoundError(f"--settings {path}: no such file (a settings.json of lossguide bench)")
             settings = json.loads(path.read_text())
-            missing = [(t, m) for t in cfg.tasks for m in cfg.methods
-                       if tuned_param(m, t in ORACLE_TASKS) and self.applicable(t, m) and m not in settings.get(t, {})]  # fmt: skip
+            missing = [(t, m) for t in cfg.tasks for m in cfg.methods if tuned_param(m, t in ORACLE_TASKS)
+                       and self.applicable(t, m) and m not in settings.get(t, {})]  # fmt: skip
             if missing:
                 raise ValueError(f"--settings {path} has no step parameter for {missing[0][1]!r} on {missing[0][0]!r}")
             return settings

@@ -88,8 +88,9 @@ def cmd_sample(args) -> int:
 
     if args.config is not None:
         return cmd_recipe(args)
+    check_device(args.device)
     cfg = run_sample.SampleConfig(
-        model=args.model, guide=args.guide, judge=args.judge, loss=args.loss, target=args.target,
+        model=args.model, guide=args.guide, judge=args.judge, loss=args.loss, norm=args.norm, target=args.target,
         reference=args.reference, method=args.method, params=run_sample.parse_params(args.set),
         steps=args.steps, ddim_eta=args.ddim_eta, seeds=run_sample.parse_seeds(args.seeds), batch=args.batch,
         device=args.device,
@@ -108,8 +109,16 @@ def cmd_recipe(args) -> int:
     from lossguide import recipes
 
     out = None if args.out == Path("runs/sample") else args.out  # default: runs/<recipe name>
-    r = recipes.load(args.config)
+    try:
+        r = recipes.load(args.config)
+    except yaml_errors() as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or _one_line(e)
+        raise ValueError(f"recipe {args.config} is not valid YAML{where}: {problem}; fix the file") from e
+    check_device(str(r["device"]), what="the recipe's device")
     out = out or Path("runs") / r["name"]
+    check_out(out)
     m = recipes.run(r, out, overwrite=args.overwrite, progress=not args.quiet)
     print(
         f"{m['n_samples']} samples of recipe {m['name']} with {m['method']}: mean loss {m['mean_loss']:.4g}, "
@@ -145,6 +154,13 @@ def cmd_bench(args) -> int:
             setattr(cfg, name, getattr(args, name))
     if args.no_tune:
         cfg.tune = False
+    if args.ddim_eta is not None:
+        cfg.ddim_eta = args.ddim_eta
+    if args.settings is not None:
+        cfg.settings_file = str(args.settings)
+    if args.norm is not None:
+        cfg.norm = args.norm
+    check_device(args.device)
     cfg.device = args.device
     cfg.validate()
     bench.check_config(cfg, args.out, overwrite=args.overwrite)
@@ -161,7 +177,10 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lossguide", description="Training-free loss-based diffusion guidance.")
-    ap.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    from lossguide import __version__
+
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress; show an error's traceback")
+    ap.add_argument("--version", action="version", version=f"lossguide {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     from lossguide.presets import PRESETS
     from lossguide.run_sample import LOSSES
@@ -176,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mnist-ddpm", help="shipped name, diffusers folder or hub id")
     p.add_argument("--guide", default="mnist-guide", help="classifier that guides (shipped name)")
     p.add_argument("--judge", default="mnist-judge", help="classifier that evaluates (never guides)")
-    p.add_argument("--loss", default="class", choices=LOSSES, help="guidance loss")
+    p.add_argument("--loss", default="class-feature", choices=LOSSES,
+                   help="guidance loss: class-feature is ‖guide features − target class mean‖ (the default), class "
+                   "the guide's cross-entropy (saturating: pair it with --set polyak_gap=loss)")  # fmt: skip
+    p.add_argument("--norm", default="squared", choices=["squared", "l2"],
+                   help="sketch/inpaint/sr residual: ‖r‖² or ‖r‖ (l2, as the paper's code)")  # fmt: skip
     p.add_argument("--target", type=int, default=3, help="target digit class")
     p.add_argument("--reference", type=int, default=0, help="held-out reference digit (sketch/inpaint/sr)")
     p.add_argument("--method", default="shen2024", choices=list(PRESETS), help="guidance preset")
@@ -185,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="preset parameter, e.g. --set eta=0.02 --set n_aug=10 (repeatable); on the shipped model shen2024 "
-        "uses eta=0.01 unless set",
+        help="preset parameter, e.g. --set eta=0.02 --set n_aug=10 (repeatable); shen2024's defaults (eta=0.03, "
+        "|T| = 10 digit augmentations, time travel s = 3 in t/T ∈ [0.3, 0.8]) were chosen on the shipped model",
     )
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 DDPM-like)")
@@ -249,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate it on seeds 0..n-1; writes results.csv/json, tables.md, Pareto plots and sample grids. Resumable "
         "(rerun the same command); shard over processes with torchrun --nproc_per_node N -m lossguide.cli bench.",
     )
-    p.add_argument("--tasks", default=None, help="comma-separated: class, sketch, inpaint, sr, class+sketch, "
-                   "oracle-class, oracle-linear (default: class)")  # fmt: skip
+    p.add_argument("--tasks", default=None, help="comma-separated: class, class-feature, sketch, inpaint, sr, "
+                   "class+sketch, oracle-class, oracle-linear (default: class)")  # fmt: skip
     p.add_argument("--methods", default=None, help="presets, optionally with +ra/+polyak/+tt (or shen2024-ra, "
                    "-polyak, -tt), e.g. freedom+polyak (default: every preset)")  # fmt: skip
     p.add_argument("--steps", default=None, help="DDIM budgets, e.g. 20,50,100 (default: 50)")
@@ -258,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-tune", type=int, default=None, help="tuning seeds per candidate (default 32)")
     p.add_argument("--beam-rounds", type=int, default=None, help="beam-search rounds (default 2)")
     p.add_argument("--no-tune", action="store_true", help="use each method's default step parameter")
+    p.add_argument("--settings", type=Path, default=None,
+                   help="settings.json of an earlier bench run: evaluate with its step parameters, no tuning")
+    p.add_argument("--ddim-eta", type=float, default=None, help="DDIM η (0 deterministic, 1 stochastic; default 0)")
+    p.add_argument("--norm", default=None, choices=["squared", "l2"],
+                   help="sketch/inpaint/sr residual: ‖r‖² (default) or ‖r‖ (l2, the paper's code)")  # fmt: skip
     p.add_argument("--best-of", type=int, default=None, help="keep the lowest-loss of N candidates per seed")
     p.add_argument("--batch", type=int, default=None, help="seeds per shard and batch (default 50)")
     p.add_argument("--quick", action="store_true", help="a tiny grid for CI (numbers are not meaningful)")
@@ -265,18 +293,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--overwrite", action="store_true", help="reuse a folder that holds another config")
     p.set_defaults(func=cmd_bench)
+    for p in sub.choices.values():  # -v also after the subcommand; SUPPRESS keeps a -v given before it
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as lossguide -v")
     return ap
+
+
+def yaml_errors() -> tuple[type[BaseException], ...]:
+    """PyYAML's error class, or () where PyYAML is not installed."""
+    try:
+        import yaml
+    except ImportError:
+        return ()
+    return (yaml.YAMLError,)
+
+
+def check_device(spec: str, what: str = "--device") -> None:
+    """A one-line ValueError naming the fix where ``spec`` is no torch device or is not available here."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{what} {spec!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from e
+    if dev.type in ("cpu", "meta"):
+        return
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    if not getattr(backend, "is_available", lambda: False)():  # no allocation: torchrun ranks share cuda:0
+        raise ValueError(f"{what} {spec!r}: {dev.type} is not available here (torch {torch.__version__}); use cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(
+            f"{what} {spec!r}: there are only {count} {dev.type} devices here; use {dev.type}:0 to {count - 1}"
+        )
+
+
+def check_out(out: Path) -> None:
+    """A one-line error where the run folder ``out`` is an existing file."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder; pass a folder path")
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; an OSError names its path."""
+    if isinstance(e, OSError) and e.filename is not None:
+        msg = f"{e.strerror or type(e).__name__}: {e.filename}"
+        if e.filename2 is not None:
+            msg += f" -> {e.filename2}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    expected = (ValueError, TypeError, ImportError, OSError, RuntimeError, *yaml_errors())
     try:
+        if isinstance(getattr(args, "out", None), Path):
+            check_out(args.out)
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        print(f"lossguide {args.command}: error: {e} (rerun with -v for the traceback)", file=sys.stderr)
+        resume = "; rerun the same command to resume" if args.command in ("sample", "bench") else ""
+        print(f"lossguide {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except expected as e:
+        if args.verbose:
+            raise
+        print(f"lossguide {args.command}: error: {_one_line(e)} (rerun with -v for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,7 @@ sample's step and is counted; x0_hat is never clamped.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -46,7 +47,8 @@ class GuidanceConfig:
         mu_hold: what stays fixed when the μ steps move x0: ``"eps"`` (MPGD/TFG: x_{t'} moves by
             √ᾱ_{t'}·Δx0) or ``"x_t"`` (Universal Guidance's backward step: ε is recomputed from x_t and x0).
         loss_input: ``"x0"`` (the loss sees x0_hat) or ``"x_t"`` (a noise-aware loss ``ℓ(x_t, t)``).
-        augment: augmentation callable (e.g. :class:`~lossguide.augment.DiffAugment`) or None.
+        augment: augmentation callable (e.g. :class:`~lossguide.augment.DiffAugment`), or None: the data's
+            own augmentation, passed to :func:`~lossguide.sampling.sample` (``augment=``) by its adapter.
         n_aug: |T|, copies per sample (0: no augmentation).
         mc_sigma: γ̄ of the Monte-Carlo Gaussian smoothing (0: none).
         mc_schedule: ``"decrease"`` (γ_t = γ̄·√(1−ᾱ_t)) or ``"constant"`` (γ_t = γ̄).
@@ -98,8 +100,6 @@ class GuidanceConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.n_aug < 0:
             raise ValueError(f"n_aug must be ≥ 0, got {self.n_aug}")
-        if self.n_aug > 0 and self.augment is None:
-            raise ValueError(f"n_aug={self.n_aug} but no augmentation; pass augment=DiffAugment() or set n_aug=0")
         if self.mc_sigma < 0:
             raise ValueError(f"mc_sigma must be ≥ 0, got {self.mc_sigma}")
         for name in ("window", "recur_window"):
@@ -138,6 +138,19 @@ class GuidanceConfig:
         }
 
 
+def resolve_augment(config: GuidanceConfig, augment: Callable | None) -> GuidanceConfig:
+    """``config`` with the data's ``augment`` where it asks for |T| > 0 copies and names no augmentation."""
+    if config.n_aug > 0 and config.augment is None:
+        if augment is None:
+            raise ValueError(
+                f"'{config.name}' asks for n_aug={config.n_aug} augmented copies but no augmentation was given; "
+                "pass sample(..., augment=lossguide.augment.policy('photo')) for natural images, "
+                "policy('digits') for MNIST, your own callable, or set n_aug=0"
+            )
+        config = config.replace(augment=augment)
+    return config
+
+
 @dataclass
 class GuidanceStats:
     """Counters of one sampling run; per-sample tensors are ``[B]``."""
@@ -168,15 +181,41 @@ def _check_loss_output(L, n: int, where: str) -> torch.Tensor:
     return L
 
 
+def _check_loss_arity(loss: Callable, config: GuidanceConfig) -> None:
+    """ℓ(x_t, t) for a noise-aware config (``loss_input="x_t"``), ℓ(x0) otherwise; a one-line error if not."""
+    try:
+        sig = inspect.signature(loss)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    name = getattr(loss, "__name__", type(loss).__name__)
+    args = (None, None) if config.loss_input == "x_t" else (None,)
+    try:
+        sig.bind(*args)
+    except TypeError:
+        if config.loss_input == "x_t":
+            raise ValueError(
+                f"'{config.name}' is noise-aware (loss_input='x_t') and calls loss(x_t, t), but {name} does not take "
+                "(x_t, t); pass a classifier loss of (x_t, t) such as losses.NoisyClassLoss, or use a method that "
+                "guides through x0_hat (freedom, dps, shen2024, ...)"
+            ) from None
+        raise ValueError(
+            f"'{config.name}' calls loss(x0) with one argument, but {name} does not take one; pass loss(x0) -> [B], "
+            "or use method 'cg' for a noise-aware loss(x_t, t)"
+        ) from None
+
+
 class GuidanceEngine:
     """Applies a :class:`GuidanceConfig` with a per-sample loss to one sampler step."""
 
-    def __init__(self, config: GuidanceConfig | None, loss: Callable | None):
+    def __init__(self, config: GuidanceConfig | None, loss: Callable | None, augment: Callable | None = None):
         config = config or GuidanceConfig(name="none")
         if config.enabled and loss is None:
             raise ValueError(f"guidance '{config.name}' needs a loss: pass loss=callable(x0) -> [B]")
+        config = resolve_augment(config, augment)
         self.config = config
         self.loss = loss
+        if config.enabled and loss is not None:
+            _check_loss_arity(loss, config)
 
     # -- windows -----------------------------------------------------------------------------------
     def active(self, sampler: Sampler, i: int) -> bool:

@@ -254,12 +254,12 @@ class DecodeThenAugment:
     """
 
     def __init__(self, loss: DecodedLoss, augment: Callable | None = None):
-        from lossguide.augment import DiffAugment
+        from lossguide.augment import policy
 
         if not isinstance(loss, DecodedLoss):
             raise TypeError(f"DecodeThenAugment needs the DecodedLoss it decodes for, got {type(loss).__name__}")
         self.loss = loss
-        self.augment = augment or DiffAugment()
+        self.augment = augment or policy("photo")  # decoded images are photos: the paper's DiffAugment
 
     def to_dict(self) -> dict:
         from lossguide.augment import augmentation_to_dict

@@ -4,7 +4,9 @@ Every preset is a function returning a :class:`~lossguide.guidance.GuidanceConfi
 arguments are the method's named parameters with documented defaults. The paper's three techniques
 (random augmentation, Polyak step, time travel) combine with any preset through :func:`with_techniques`,
 so an ablation is one argument. Step scales depend on the loss's scale: tune them per task
-(``lossguide bench``) except for the Polyak step, which is scale-free in the loss.
+(``lossguide bench``). The paper's Polyak step η·‖ε‖/‖g‖² is not scale-free either: it is *inversely*
+scaled (ℓ → c·ℓ shrinks the update by 1/c); only the classical gap η·ℓ/‖g‖² (``polyak_gap="loss"``) is.
+No preset picks an augmentation: that is the data's (``sample(..., augment=)``, see :mod:`lossguide.augment`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from lossguide.augment import DiffAugment
 from lossguide.guidance import GuidanceConfig
 from lossguide.steps import AlphaBarPower, Constant, LossNormalized, Polyak, TFGSchedule
 
@@ -70,7 +71,7 @@ def mpgd(scale: float = 1.0, projection: Callable | None = None) -> GuidanceConf
 
 def tfg(
     rho: float = 1.0,
-    mu: float = 1.0,
+    mu: float | None = None,
     gamma: float = 0.01,
     n_recur: int = 1,
     n_iter: int = 4,
@@ -81,7 +82,12 @@ def tfg(
 ) -> GuidanceConfig:
     """TFG (Ye et al. 2024, Alg. 1 as in their code): ρ_t-step through the denoiser (with 1/√α_t), N_iter
     μ_t-steps on x0, both on ℓ smoothed by N(0, γ_t²) noise (``n_mc`` samples, log-sum-exp), and N_recur
-    recurrences; ρ_t, μ_t follow ``*_schedule`` normalised to mean 1 over the trajectory."""
+    recurrences; ρ_t, μ_t follow ``*_schedule`` normalised to mean 1 over the trajectory.
+
+    ``mu=None`` (the default) ties μ to ρ (μ = ρ), so one scale tunes both; set ``mu`` to decouple them
+    (``mu=0`` switches the μ steps off)."""
+    if mu is None:
+        mu = rho
     return GuidanceConfig(
         name="tfg",
         rho=TFGSchedule(rho, rho_schedule, inv_sqrt_alpha=True) if rho else None,
@@ -95,7 +101,7 @@ def tfg(
 
 
 def shen2024(
-    eta: float = 1.0,
+    eta: float = 0.03,
     n_aug: int = 10,
     n_recur: int = 3,
     recur_window=(0.3, 0.8),
@@ -103,21 +109,36 @@ def shen2024(
     scale: float = 1.0,
     augment: Callable | None = None,
     polyak_gap: str = "eps",
+    loss_floor: float = 0.0,
+    max_ratio: float | None = None,
+    window=(0.0, 1.0),
 ) -> GuidanceConfig:
     """Shen et al. (2024), "Understanding and Improving Training-free Loss-based Diffusion Guidance", §5:
-    FreeDoM + random augmentation (Alg. 1, |T| = ``n_aug`` DiffAugment copies) + Polyak step
-    η·‖ε‖/‖g‖² (Alg. 2) + time travel (Alg. 3, ``n_recur`` repeats for t/T ∈ ``recur_window``;
-    the paper's ImageNet setting is 10 in [0.3, 0.8]). ``polyak=False`` falls back to FreeDoM's
-    scale·√ᾱ_t step, ``n_aug=0`` and ``n_recur=1`` switch the other techniques off; ``polyak_gap="loss"``
-    uses the classical Polyak gap ℓ instead of the paper's ‖ε‖ (see :class:`~lossguide.steps.Polyak`)."""
-    rule = Polyak(eta, gap=polyak_gap) if polyak else AlphaBarPower(scale, 0.5)
+    FreeDoM + random augmentation (Alg. 1, |T| = ``n_aug`` copies) + Polyak step η·‖ε‖/‖g‖² (Alg. 2) + time
+    travel (Alg. 3, ``n_recur`` repeats for t/T ∈ ``recur_window``; the paper's ImageNet setting is 10 in
+    [0.3, 0.8]).
+
+    ``augment`` is None by default: the data supplies its augmentation (``sample(..., augment=)``; the
+    paper's DiffAugment for photos is ``lossguide.augment.policy("photo")``). ``polyak=False`` falls back to
+    FreeDoM's scale·√ᾱ_t step; ``n_aug=0`` and ``n_recur=1`` switch the other techniques off.
+    ``polyak_gap="loss"`` is the classical gap ℓ − ``loss_floor`` instead of the paper's ‖ε‖, ``max_ratio`` the
+    optional lossguide cap on the update (None: the paper's rule; see :class:`~lossguide.steps.Polyak`), and
+    ``window`` where guidance acts (the official code stops at t ≤ 100 or 200 of 1000: ``(0.1, 1.0)``).
+    The Polyak rule suits distance losses (‖f(x0_hat) − reference‖, unsquared, as in the paper's code); on a
+    saturating loss such as cross-entropy use ``polyak_gap="loss"``.
+    """
+    if polyak:
+        rule = Polyak(eta, gap=polyak_gap, loss_floor=loss_floor, max_ratio=max_ratio)
+    else:
+        rule = AlphaBarPower(scale, 0.5)
     return GuidanceConfig(
         name="shen2024",
         rho=rule,
-        augment=(augment or DiffAugment()) if n_aug else None,
+        augment=augment if n_aug else None,
         n_aug=n_aug,
         n_recur=n_recur,
-        recur_window=recur_window,
+        recur_window=tuple(recur_window),
+        window=tuple(window),
     )
 
 
@@ -163,12 +184,12 @@ def with_techniques(
         n_aug: |T| random augmentations (0 switches augmentation off).
         polyak: η of a Polyak step replacing the ρ rule (the μ rule if the method has no ρ part).
         n_recur, recur_window: time travel (n_recur = 1 switches it off).
-        augment: the augmentation to use (default :class:`DiffAugment`).
+        augment: the augmentation to use (None: the data's own, given to ``sample(..., augment=)``).
     """
     changes: dict = {}
     if n_aug is not None:
         changes["n_aug"] = n_aug
-        changes["augment"] = (augment or config.augment or DiffAugment()) if n_aug else None
+        changes["augment"] = (augment or config.augment) if n_aug else None
     if polyak is not None:
         if config.rho is not None:
             changes["rho"] = Polyak(polyak)

@@ -225,6 +225,8 @@ def build(r: dict) -> Built:
         ld = load_denoiser(_local(r, m["path"]), device=device, dtype=m.get("dtype", "fp32"),
                            state_dtype=m.get("state_dtype", "fp32"))  # fmt: skip
         den, shape = ld.denoiser, ld.sample_shape
+        if guidance.n_aug > 0 and guidance.augment is None:  # the model's data supplies the augmentation
+            guidance = guidance.replace(augment=ld.augment)
         pixel_loss = build_pixel_loss(r, tuple(shape[-2:]), device)
         loss = pixel_loss
 

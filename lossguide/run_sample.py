@@ -19,16 +19,14 @@ import numpy as np
 import torch
 
 from lossguide import losses, presets
+from lossguide.guidance import resolve_augment
 from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("class", "sketch", "inpaint", "sr", "class+sketch")
-#: step parameters for the shipped MNIST model and guide classifier (class loss), chosen on seeds
-#: 1000..1015 (disjoint from the default run's 0..15); other losses and models need their own tuning
-MNIST_DEFAULTS: dict[str, dict] = {"shen2024": {"eta": 0.01}}
+LOSSES = ("class-feature", "class", "sketch", "inpaint", "sr", "class+sketch")
 
 
 @dataclass
@@ -38,7 +36,8 @@ class SampleConfig:
     model: str = "mnist-ddpm"
     guide: str = "mnist-guide"
     judge: str = "mnist-judge"
-    loss: str = "class"
+    loss: str = "class-feature"
+    norm: str = "squared"  # residual losses (sketch, inpaint, sr): ‖r‖² or ‖r‖ ("l2", the paper's code)
     target: int = 3
     reference: int = 0  # index into the held-out split's digits of class `target` (sketch/inpaint/sr)
     method: str = "shen2024"
@@ -50,25 +49,34 @@ class SampleConfig:
     device: str = "cpu"
 
     def resolved_params(self) -> dict:
-        base = dict(MNIST_DEFAULTS.get(self.method, {})) if self.model == "mnist-ddpm" else {}
-        base.update(self.params)
-        return base
+        """The preset's parameters as given (its defaults fill the rest and are written to config.yaml)."""
+        return dict(self.params)
 
 
-def parse_seeds(spec: str) -> list[int]:
-    """``"0-15,100"`` → [0, 1, ..., 15, 100] (as EDM's ``--seeds``)."""
-    out: list[int] = []
+def parse_seeds(spec: str, max_seeds: int = 1_000_000) -> list[int]:
+    """``"0-15,100"`` → [0, 1, ..., 15, 100] (as EDM's ``--seeds``), at most ``max_seeds`` seeds."""
+
+    def seed(s: str, part: str) -> int:
+        s = s.strip()
+        if not (s.isascii() and s.isdigit()):
+            raise ValueError(f"bad seed {s!r} in {part!r}: seeds are integers ≥ 0, e.g. 0-15 or 0-7,100")
+        return int(s)
+
+    ranges: list[range] = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            if int(b) < int(a):
-                raise ValueError(f"bad seed range {part!r}: the end is before the start")
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+        a, dash, b = part.partition("-")
+        lo = seed(a, part)
+        r = range(lo, seed(b, part) + 1) if dash else range(lo, lo + 1)
+        if not r:
+            raise ValueError(f"bad seed range {part!r}: the end is before the start")
+        ranges.append(r)
+    n = sum(len(r) for r in ranges)  # counted before any list is built
+    if n > max_seeds:
+        raise ValueError(f"seeds {spec!r} name {n:,} seeds, more than {max_seeds:,}; split the run into smaller specs")
+    out = [s for r in ranges for s in r]
     if not out or len(set(out)) != len(out):
         raise ValueError(f"seeds {spec!r} must name at least one seed and no seed twice")
     return out
@@ -96,18 +104,21 @@ def _num(s: str):
     return {"true": True, "false": False, "none": None}.get(s.lower(), s)
 
 
-def build_loss(cfg: SampleConfig, guide, reference: torch.Tensor | None):
-    """The guidance loss of ``cfg.loss``: class cross-entropy, sketch, inpainting, ×4 SR or class+sketch."""
+def build_loss(cfg: SampleConfig, guide, reference: torch.Tensor | None, means: torch.Tensor | None = None):
+    """The guidance loss of ``cfg.loss``: the guide's feature distance to the target class mean (the default),
+    class cross-entropy, sketch, inpainting, ×4 SR or class+sketch."""
+    if cfg.loss == "class-feature":
+        return losses.FeatureDistanceLoss(guide.features, means, cfg.target)
     if cfg.loss == "class":
         return losses.ClassLoss(guide, cfg.target)
     if cfg.loss == "sketch":
-        return losses.SketchLoss(reference)
+        return losses.SketchLoss(reference, norm=cfg.norm)
     if cfg.loss == "inpaint":
         mask = torch.ones_like(reference)
         mask[..., reference.shape[-2] // 2 :, :] = 0  # the lower half is unknown
-        return losses.InpaintLoss(reference, mask)
+        return losses.InpaintLoss(reference, mask, norm=cfg.norm)
     if cfg.loss == "sr":
-        return losses.SuperResLoss(reference, factor=4)
+        return losses.SuperResLoss(reference, factor=4, norm=cfg.norm)
     if cfg.loss == "class+sketch":
         return losses.WeightedSum([(1.0, losses.ClassLoss(guide, cfg.target)), (0.1, losses.SketchLoss(reference))])
     raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
@@ -162,16 +173,37 @@ def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:
 
 
 def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = False) -> dict:
-    """Sample ``cfg.seeds`` into ``out`` (resuming finished seeds) and return the aggregate metrics."""
-    from lossguide.models import load_classifier, load_denoiser
+    """Sample ``cfg.seeds`` into ``out`` (resuming finished seeds) and return the aggregate metrics.
+
+    Everything (parameters, models, loss, sampler) is built and checked before anything is written."""
+    from lossguide.models import class_means, load_classifier, load_denoiser
 
     if cfg.batch < 1:
         raise ValueError(f"--batch must be ≥ 1, got {cfg.batch}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    if cfg.norm not in losses.NORMS:
+        raise ValueError(f"--norm must be one of {', '.join(losses.NORMS)}, got {cfg.norm!r}")
     if not 0 <= cfg.target <= 9:
         raise ValueError(f"--target must be a digit class 0..9, got {cfg.target}")
+    if cfg.steps < 1:
+        raise ValueError(f"--steps must be ≥ 1, got {cfg.steps}")
     guidance = presets.get(cfg.method, **cfg.resolved_params())
+    model = load_denoiser(cfg.model, device=cfg.device)
+    guidance = resolve_augment(guidance, model.augment)
+    guide = load_classifier(cfg.guide, device=cfg.device)
+    judge = load_classifier(cfg.judge, device=cfg.device)
+    needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
+    reference = reference_digit(cfg.target, cfg.reference).to(cfg.device) if needs_ref else None
+    means = class_means(cfg.guide, device=cfg.device) if cfg.loss == "class-feature" else None
+    task_loss = build_loss(cfg, guide, reference, means)  # what is reported as the guide loss, for every method
+    loss = task_loss
+    if cfg.method == "cg":  # classifier guidance steers with the noise-aware classifier of the target class
+        if cfg.loss not in ("class", "class-feature"):
+            raise ValueError("--method cg guides with the noise-aware classifier: use it with a class loss")
+        loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device), cfg.target)
+    sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
+
     config_text = _config_yaml(cfg, guidance.to_dict())
     out = Path(out)
     cfg_file = out / "config.yaml"
@@ -184,19 +216,10 @@ def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = F
             f.unlink()
     atomic_write_text(cfg_file, config_text)
 
-    model = load_denoiser(cfg.model, device=cfg.device)
-    guide = load_classifier(cfg.guide, device=cfg.device)
-    judge = load_classifier(cfg.judge, device=cfg.device)
-    needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
-    reference = reference_digit(cfg.target, cfg.reference).to(cfg.device) if needs_ref else None
-    task_loss = build_loss(cfg, guide, reference)  # what is reported as the guide loss, for every method
-    loss = task_loss
-    if cfg.method == "cg":  # classifier guidance steers with the noise-aware classifier of the target class
-        if cfg.loss != "class":
-            raise ValueError("--method cg guides with the noise-aware classifier: use it with --loss class")
-        loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device), cfg.target)
-    sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
+    from lossguide.data import load_mnist
+    from lossguide.metrics import noise_like
 
+    real = load_mnist("heldout")[0]
     records_dir = out / "records"
     todo = [s for s in cfg.seeds if not (records_dir / f"{s:06d}.json").exists()]
     if len(todo) < len(cfg.seeds):
@@ -220,6 +243,7 @@ def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = F
             probs = torch.softmax(judge(x), dim=1)
             guide_loss = task_loss(x)
             guide_label = guide(x).argmax(1)
+        noise = noise_like(x, real)
         for k, s in enumerate(seeds):
             atomic_write_bytes(out / f"{s:06d}.png", png_bytes(to_uint8(x[k])))
             rec = {
@@ -231,6 +255,7 @@ def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = F
                 "judge_p_target": float(probs[k, cfg.target]),
                 "skipped_steps": int(res.stats.skipped[k]),
                 "zero_grad_steps": int(res.stats.zero_grad[k]),
+                "noise_like": bool(noise[k]),
                 "nfe": res.stats.nfe,
                 "denoiser_grads": res.stats.denoiser_grads,
                 "wall_s_per_sample": wall / len(seeds),
@@ -257,6 +282,7 @@ def finalize(cfg: SampleConfig, out: Path) -> dict:
         "denoiser_grads": recs[0]["denoiser_grads"],
         "wall_s_per_sample": sum(r["wall_s_per_sample"] for r in recs) / n,
         "skipped_steps": sum(r["skipped_steps"] for r in recs),
+        "noise_like": sum(r.get("noise_like", False) for r in recs) / n,
         "per_sample": recs,
     }
     imgs = [torch.from_numpy(np.array(Image.open(out / f"{s:06d}.png"))) for s in cfg.seeds]

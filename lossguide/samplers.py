@@ -39,6 +39,13 @@ class Sampler:
             cached = self._pairs = [self.alpha_bars(j) for j in range(len(self.timesteps))]
         return cached
 
+    def reset(self) -> None:
+        """Start a fresh trajectory (called by ``sample()`` at every call; a no-op for stateless samplers)."""
+
+    def overwrites_x_prev(self, i: int) -> bool:
+        """Whether a corrector recomputes step i's x_{t'} at step i + 1, discarding a correction added to it."""
+        return False
+
     def step(self, x_t, x0_hat, eps, i: int, generators: Generators) -> torch.Tensor:
         raise NotImplementedError
 
@@ -101,6 +108,8 @@ class DiffusersSampler(Sampler):
 
     The scheduler is called with the model output rebuilt from (x0_hat, ε_hat) in its own
     ``prediction_type``, on the x_t consistent with them, so x0- and ε-corrections reach it.
+    :meth:`reset` re-runs ``set_timesteps``, which clears a multistep scheduler's history, so one
+    sampler can serve many ``sample()`` calls.
     """
 
     def __init__(self, scheduler, num_steps: int = 50, **step_kwargs):
@@ -118,12 +127,23 @@ class DiffusersSampler(Sampler):
             )
         self.scheduler = scheduler
         self.schedule = NoiseSchedule.from_diffusers(scheduler)
-        scheduler.set_timesteps(num_steps)
-        self.timesteps = torch.as_tensor(scheduler.timesteps).to(torch.int64).cpu()
+        self.num_steps = num_steps
+        self.reset()
         self.prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
         self.step_kwargs = step_kwargs
         self._takes_generator = "generator" in inspect.signature(scheduler.step).parameters
         self.stateful = any(hasattr(scheduler, a) for a in ("model_outputs", "ets", "_step_index"))
+
+    def reset(self) -> None:
+        """``set_timesteps`` again: diffusers clears the multistep state there (model_outputs, ets, step index)."""
+        self.scheduler.set_timesteps(self.num_steps)
+        self.timesteps = torch.as_tensor(self.scheduler.timesteps).to(torch.int64).cpu()
+        self._pairs = None
+
+    def overwrites_x_prev(self, i: int) -> bool:
+        """UniPC's corrector rebuilds x_{t'} of step i from step i's input unless i is in ``disable_corrector``."""
+        off = getattr(self.scheduler, "disable_corrector", None)
+        return off is not None and i + 1 < len(self.timesteps) and i not in off
 
     def step(self, x_t, x0_hat, eps, i, generators):
         t = int(self.timesteps[i])

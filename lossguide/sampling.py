@@ -39,6 +39,7 @@ def sample(
     device: str | torch.device = "cpu",
     progress: bool = False,
     callback: Callable[[dict], None] | None = None,
+    augment: Callable | None = None,
 ) -> SampleResult:
     """Draw guided samples.
 
@@ -52,8 +53,10 @@ def sample(
         x_T: initial noise; drawn from the generators when None.
         progress: show a tqdm bar with the mean guidance loss.
         callback: called after every step with ``{"i", "t", "x", "stats"}``.
+        augment: the data's augmentation, used where ``guidance`` asks for copies (``n_aug > 0``) and
+            names none (presets never pick one: e.g. ``LoadedDenoiser.augment``).
     """
-    engine = GuidanceEngine(guidance, loss)
+    engine = GuidanceEngine(guidance, loss, augment=augment)
     if generators is None:
         if seeds is None:
             n = x_T.shape[0] if x_T is not None else None
@@ -74,6 +77,17 @@ def sample(
             f"time travel (n_recur={engine.config.n_recur}) repeats steps, which a stateful multistep sampler "
             f"({type(sampler).__name__}) cannot do; use DDIM/DDPM or set n_recur=1"
         )
+    sampler.reset()  # a multistep scheduler's history from an earlier call would silently change this one
+    cfg = engine.config
+    if cfg.rho is not None and cfg.rho_target == "x_prev":
+        lost = [i for i in range(len(sampler)) if engine.active(sampler, i) and sampler.overwrites_x_prev(i)]
+        if lost:
+            name = type(getattr(sampler, "scheduler", sampler)).__name__
+            raise ValueError(
+                f"{name}'s corrector recomputes x_{{t'}} and would silently discard the guidance '{cfg.name}' adds "
+                f"to it (rho_target='x_prev') at {len(lost)} steps; build it with {name}(..., "
+                f"disable_corrector=list(range({len(sampler)}))) or use another scheduler (DDIM, DPMSolver)"
+            )
     stats = GuidanceStats()
     stats.init(x.shape[0])
     bar = tqdm(range(len(sampler)), disable=not progress, unit="step", ncols=79, ascii=True, desc=engine.config.name)

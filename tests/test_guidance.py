@@ -80,11 +80,12 @@ def test_polyak_step_is_per_sample():
     torch.testing.assert_close(step2[1], step[1] / 100)
 
 
-def test_polyak_cap_bounds_the_update_norm_by_the_remaining_noise():
-    """‖step·g‖ ≤ max_ratio·√(1−ᾱ_{t'})·‖ε‖."""
+def test_polyak_cap_bounds_the_update_norm_by_the_current_noise():
+    """‖step·g‖ ≤ max_ratio·√(1−ᾱ_t)·‖ε‖, which stays positive at the final step (ᾱ_{t'} = 1)."""
     eps, grad = torch.ones(2, 10, dtype=torch.float64), torch.full((2, 10), 1e-3, dtype=torch.float64)
-    step = Polyak(eta=1.0, max_ratio=0.5)(StepContext(0, [(0.5, 0.6)], eps, grad, torch.ones(2)))
-    torch.testing.assert_close(step * grad.norm(dim=1), 0.5 * 0.4**0.5 * eps.norm(dim=1))
+    for pair in [(0.5, 0.6), (0.5, 1.0)]:
+        step = Polyak(eta=1.0, max_ratio=0.5)(StepContext(0, [pair], eps, grad, torch.ones(2)))
+        torch.testing.assert_close(step * grad.norm(dim=1), 0.5 * 0.5**0.5 * eps.norm(dim=1))
 
 
 def test_zero_gradient_guard_skips_and_counts(prior, schedule):
@@ -145,7 +146,8 @@ def _image_setup(schedule, tiny_net):
 @pytest.mark.parametrize(
     "method,params",
     [
-        ("shen2024", dict(n_aug=4, n_recur=2, eta=0.5)),
+        # capped: the paper's uncapped step amplifies float32 kernel differences to ~2e-4 here (issue 12)
+        ("shen2024", dict(n_aug=4, n_recur=2, eta=0.5, augment=DiffAugment(), max_ratio=1.0)),
         ("lgd_mc", dict(n_mc=3, scale=0.5)),
         ("tfg", dict(rho=0.5, mu=0.5, gamma=0.1, n_recur=2, n_iter=2, n_mc=2)),
     ],
@@ -175,7 +177,7 @@ def test_guidance_lowers_the_loss_on_an_image_model(schedule, tiny_net):
     base = loss(lg.sample(den, sampler, shape=(1, 8, 8), seeds=range(4)).x0)
     for name, params in [
         ("freedom", dict(scale=5.0)),
-        ("shen2024", dict(eta=0.003, n_aug=2)),
+        ("shen2024", dict(eta=0.003, n_aug=2, augment=DiffAugment())),
         ("dps", dict(scale=0.5)),
         ("mpgd", dict(scale=5.0)),
     ]:
@@ -228,7 +230,7 @@ def test_config_and_preset_errors():
     with pytest.raises(ValueError, match="has no parameter 'eta'.*scale"):
         lg.preset("freedom", eta=1.0)
     with pytest.raises(ValueError, match="no augmentation"):
-        GuidanceConfig(rho=Polyak(), n_aug=3)
+        GuidanceEngine(GuidanceConfig(rho=Polyak(), n_aug=3), lambda x0: x0.sum(1))
     with pytest.raises(ValueError, match="window"):
         GuidanceConfig(rho=Polyak(), window=(0.5, 0.2))
     with pytest.raises(ValueError, match="noise-aware"):
@@ -280,7 +282,7 @@ def test_ugd_backward_step_holds_x_t(prior, schedule):
 
 
 def test_with_techniques_switches():
-    cfg = lg.with_techniques(lg.preset("mpgd"), polyak=0.5, n_aug=3, n_recur=2)
+    cfg = lg.with_techniques(lg.preset("mpgd"), polyak=0.5, n_aug=3, n_recur=2, augment=DiffAugment())
     assert isinstance(cfg.mu, Polyak) and cfg.mu.eta == 0.5 and cfg.n_aug == 3 and cfg.n_recur == 2
     assert isinstance(cfg.augment, DiffAugment)
     off = lg.with_techniques(lg.preset("shen2024"), n_aug=0, n_recur=1)

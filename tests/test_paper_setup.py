@@ -87,9 +87,10 @@ def test_l2_residual_losses_are_the_square_root_of_the_squared_ones(name):
 
 
 def test_polyak_exact_rule_and_inverse_scaling():
-    """max_ratio=None is η‖ε‖/‖g‖² exactly; ℓ → cℓ shrinks the paper's update by 1/c, the classical gap's not at all."""
+    """max_ratio=None is η‖ε‖/‖g‖² exactly; ℓ → cℓ shrinks the paper's update by 1/c, the classical one's not."""
     g = torch.Generator().manual_seed(1)
-    eps, grad = torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(2, 6, generator=g, dtype=torch.float64)
+    eps = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    grad = torch.randn(2, 6, generator=g, dtype=torch.float64)
     loss = torch.tensor([0.3, 2.0], dtype=torch.float64)
 
     def update(rule, c):
@@ -122,8 +123,34 @@ def test_shen2024_takes_the_paper_settings_as_parameters():
 def test_window_switches_off_the_last_steps(prior, schedule):
     """window=(0.1, 1) guides only where t/T > 0.1: the loss trace has no step at t ≤ 100."""
     task_loss = lambda x0: x0.pow(2).sum(1)  # noqa: E731
-    res = lg.sample(prior.denoiser(schedule), lg.DDIM(schedule, 20), presets.shen2024(n_aug=0, n_recur=1,
-                    window=(0.1, 1.0)), task_loss, shape=(prior.dim,), seeds=range(2), dtype=torch.float64)  # fmt: skip
+    cfg = presets.shen2024(n_aug=0, n_recur=1, window=(0.1, 1.0))
+    res = lg.sample(prior.denoiser(schedule), lg.DDIM(schedule, 20), cfg, task_loss, shape=(prior.dim,),
+                    seeds=range(2), dtype=torch.float64)  # fmt: skip
     ts = [t for _, t, _ in res.stats.loss_trace]
     assert ts and min(ts) > 100 and len(ts) == sum(1 for t in lg.DDIM(schedule, 20).timesteps if t > 100)
     assert math.isfinite(float(res.x0.sum()))
+
+
+def test_bench_grammar_lossgap_and_data_supplied_augmentation():
+    from lossguide import bench
+
+    cfg = bench.method_config("freedom+polyak+lossgap", 0.2)
+    assert isinstance(cfg.rho, Polyak) and cfg.rho.gap == "loss" and cfg.rho.eta == 0.2
+    assert bench.method_config("shen2024+lossgap", 0.1).rho.gap == "loss"
+    assert bench.method_config("shen2024", 0.03).augment is None  # the MNIST task supplies digits
+    with pytest.raises(ValueError, match="lossgap"):
+        bench.method_config("freedom+lossgap", 1.0)
+
+
+def test_wilson_interval_and_fid_ceiling_objective():
+    from lossguide import bench, metrics
+
+    lo, hi = metrics.wilson_interval(95, 100)
+    assert lo == pytest.approx(0.8882, abs=1e-3) and hi == pytest.approx(0.9785, abs=1e-3)
+    assert metrics.wilson_interval(0, 10)[0] == 0.0 and metrics.wilson_interval(10, 10)[1] == 1.0
+    task = bench.MnistTask.__new__(bench.MnistTask)
+    task.kind = "class-feature"
+    good = {"judge_validity": 0.9, "guide_loss": 1.0, "fid": 5.0, "noise_like": 0.0}
+    bad = {"judge_validity": 1.0, "guide_loss": 1.0, "fid": 50.0, "noise_like": 0.1}
+    assert task.objective(good, fid_ceiling=10.0) > task.objective(bad, fid_ceiling=10.0)
+    assert task.objective(bad) > task.objective(good) - 1  # without a ceiling only the noise-like share counts

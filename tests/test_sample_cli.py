@@ -28,6 +28,18 @@ def test_parse_seeds_and_params():
     }
 
 
+def test_parse_seeds_refuses_non_integers_and_huge_specs():
+    assert parse_seeds(" 5 , 7-8") == [5, 7, 8]
+    for spec in ("0.5", "0-2.5", "1e3", "-3", "a-b"):
+        with pytest.raises(ValueError, match="seeds are integers ≥ 0"):
+            parse_seeds(spec)
+    assert len(parse_seeds("0-999999")) == 1_000_000
+    with pytest.raises(ValueError, match=r"name 1,000,001 seeds, more than 1,000,000"):
+        parse_seeds("0-499999,500000-1000000")
+    with pytest.raises(ValueError, match="more than 1,000,000"):
+        parse_seeds("0-999999999999999")  # counted, not built: fails at once instead of a MemoryError
+
+
 @shipped
 def test_tiny_sample_run_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"

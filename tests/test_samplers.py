@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lossguide import DDIM, DDPM, DiffusersSampler, sample
+from lossguide import DDIM, DDPM, DiffusersSampler, preset, sample
 from lossguide.metrics import sliced_wasserstein
 from lossguide.rng import make_generators, randn
 from lossguide.schedule import NoiseSchedule
@@ -98,3 +98,70 @@ def test_renoise_has_the_right_marginal(schedule):
     gens = [torch.Generator().manual_seed(1)]
     x_t = sampler.renoise(x_prev.T, i, gens).T  # one "sample" with n coordinates
     assert abs(float(x_t.var()) - (ab_t * c**2 + 1 - ab_t)) < 0.01
+
+
+def _target_loss(x0):
+    return ((x0 - 0.7) ** 2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear"),
+        lambda: diffusers.PNDMScheduler(num_train_timesteps=1000, beta_schedule="linear", skip_prk_steps=True),
+        lambda: diffusers.PNDMScheduler(num_train_timesteps=1000, beta_schedule="linear"),
+        lambda: diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear"),
+        lambda: diffusers.DEISMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear"),
+    ],
+)
+def test_a_reused_multistep_sampler_repeats_its_first_call(prior, make):
+    """sample() resets the scheduler: a second call with the same seeds is bit-identical to the first, and to a
+    fresh sampler (without the reset, multistep history leaks in: DPMSolver raises, PNDM silently differs)."""
+    sch = make()
+    den = prior.denoiser(NoiseSchedule.from_diffusers(sch))
+    sampler = DiffusersSampler(sch, 8)
+    guided = dict(guidance=preset("freedom", scale=0.05), loss=_target_loss)
+    if sampler.overwrites_x_prev(0):
+        guided = dict(guidance=preset("cg", scale=0.05), loss=lambda x_t, t: _target_loss(x_t))
+    for kw in ({}, guided):
+        runs = [sample(den, sampler, shape=(prior.dim,), seeds=range(4), dtype=torch.float64, **kw).x0 for _ in "ab"]
+        fresh = sample(den, DiffusersSampler(make(), 8), shape=(prior.dim,), seeds=range(4), dtype=torch.float64, **kw)
+        assert torch.isfinite(runs[0]).all()
+        assert torch.equal(runs[0], runs[1])
+        assert torch.equal(runs[0], fresh.x0)
+
+
+def test_a_sampler_sharing_its_scheduler_gets_its_own_timesteps_back(prior):
+    """Two samplers on one scheduler object: each sample() call restores its own step count."""
+    sch = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    den = prior.denoiser(NoiseSchedule.from_diffusers(sch))
+    a = DiffusersSampler(sch, 8)
+    first = sample(den, a, shape=(prior.dim,), seeds=range(3), dtype=torch.float64).x0
+    DiffusersSampler(sch, 20)  # calls set_timesteps(20) on the shared scheduler
+    again = sample(den, a, shape=(prior.dim,), seeds=range(3), dtype=torch.float64)
+    assert len(a) == 8 and torch.equal(first, again.x0) and again.stats.nfe == 8
+
+
+def test_unipc_corrector_is_refused_for_guidance_on_x_prev(prior):
+    """UniPC's corrector rebuilds x_{t'} from the step's input: guidance added to x_{t'} would vanish, so it is
+    refused with the fix; with disable_corrector (or guidance on ε) it runs and the guidance moves the samples."""
+    make = lambda **kw: diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", **kw)  # noqa: E731
+    den = prior.denoiser(NoiseSchedule.from_diffusers(make()))
+    run = dict(shape=(prior.dim,), seeds=range(4), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"disable_corrector=list\(range\(8\)\)"):
+        sample(den, DiffusersSampler(make(), 8), preset("freedom", scale=0.05), _target_loss, **run)
+    # guidance only where t/T ≤ 0.15 acts on the last step (t = 125), whose x_{t'} no corrector rewrites
+    late = preset("freedom", scale=0.05).replace(window=(0.0, 0.15))
+    res = sample(den, DiffusersSampler(make(), 8), late, _target_loss, **run)
+    assert len(res.stats.loss_trace) == 1 and res.stats.loss_trace[0][1] == 125
+    plain = sample(den, DiffusersSampler(make(disable_corrector=list(range(8))), 8), **run).x0
+    guided = sample(
+        den,
+        DiffusersSampler(make(disable_corrector=list(range(8))), 8),
+        preset("freedom", scale=0.05),
+        _target_loss,
+        **run,
+    ).x0
+    assert float(_target_loss(guided).mean()) < float(_target_loss(plain).mean()) - 1e-3
+    eps_guided = sample(den, DiffusersSampler(make(), 8), preset("ugd", scale=0.05, n_iter=0), _target_loss, **run).x0
+    assert not torch.equal(eps_guided, sample(den, DiffusersSampler(make(), 8), **run).x0)

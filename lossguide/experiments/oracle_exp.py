@@ -9,7 +9,7 @@ import math
 import torch
 
 from lossguide import oracle_bench, presets
-from lossguide.augment import DiffAugment, GaussianJitter
+from lossguide.augment import GaussianJitter, policy
 from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
 from lossguide.oracle import default_mixture
 from lossguide.rng import make_generators
@@ -147,7 +147,7 @@ def smoothing_check(quick: bool) -> tuple[list[dict], list[dict]]:
             xr = model.denoiser(ab**0.5 * xr[:n_img] + (1 - ab) ** 0.5 * noise, t_mid).x0_hat.double()
         target = yr[:n_img]
         guide = load_classifier("mnist-guide").double()
-        aug = DiffAugment()
+        aug = policy("digits")
 
         def lipschitz(n_aug: int, radius: float, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
             """Per-image estimates, a few images at a time (|T| copies in float64 with autograd are large)."""

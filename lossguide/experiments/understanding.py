@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lossguide import presets
-from lossguide.augment import DiffAugment
+from lossguide.augment import policy
 from lossguide.experiments.mnist import MnistKit, config, load_settings
 from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
 from lossguide.guidance import GuidanceEngine, GuidanceStats
@@ -168,7 +168,7 @@ def gradients(out, quick: bool = False) -> dict:
     coarse = randn((1, 7, 7), gens)
     x_init = (-0.7 + 0.3 * torch.nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear")
               + 0.1 * randn((1, 28, 28), gens)).clamp(-1, 1)  # fmt: skip
-    aug = DiffAugment()
+    aug = policy("digits")
     targets = torch.tensor(classes)
     n_img = len(classes)
     T = 1000

@@ -34,14 +34,21 @@ class ModelNotFoundError(FileNotFoundError):
     """A model name, folder or hub id that cannot be loaded here; the message says what to pass instead."""
 
 
+#: the augmentation policy (lossguide.augment.policy) that fits each shipped model's data
+AUGMENT_POLICY = {"mnist-ddpm": "digits"}
+
+
 @dataclass
 class LoadedDenoiser:
-    """A denoiser with what a sampler needs: its diffusers scheduler and the per-sample shape."""
+    """A denoiser with what a sampler needs: its diffusers scheduler, the per-sample shape, and the
+    augmentation that fits its data (``digits`` for the shipped MNIST model, the paper's ``photo``
+    DiffAugment for other image models), for ``sample(..., augment=loaded.augment)``."""
 
     denoiser: Denoiser
     scheduler: object
     sample_shape: tuple[int, ...]
     source: str
+    augment: object = None
 
 
 def manifest() -> dict:
@@ -163,11 +170,16 @@ def load_denoiser(
     unet = unet.to(device)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
+    from lossguide.augment import policy
+
+    shape = (unet.config.in_channels, *size)
+    aug = AUGMENT_POLICY.get(name_or_path, "photo" if len(shape) == 3 else None)
     return LoadedDenoiser(
         denoiser=from_diffusers(unet, scheduler, state_dtype=state_dtype),
         scheduler=scheduler,
-        sample_shape=(unet.config.in_channels, *size),
+        sample_shape=shape,
         source=src,
+        augment=policy(aug) if aug else None,
     )
 
 
@@ -188,6 +200,20 @@ def load_classifier(name: str, device="cpu", check_hash: bool = False) -> torch.
     model = ARCHS[entry["arch"]]()
     model.load_state_dict(load_file(str(path)))
     return freeze(model.to(device))
+
+
+def class_means(name: str, device="cpu") -> torch.Tensor:
+    """μ_y ``[10, D]``: the shipped classifier ``name``'s mean penultimate feature per class, over its own
+    training split (from the manifest; never the held-out digits), for
+    :class:`~lossguide.losses.FeatureDistanceLoss`."""
+    from lossguide.data import load_mnist
+    from lossguide.losses import class_feature_means
+
+    net = load_classifier(name, device=device)
+    if not hasattr(net, "features"):
+        raise ValueError(f"classifier {name!r} has no .features(x) to take class means of")
+    x, y = load_mnist(manifest()[name]["split"])
+    return class_feature_means(net.features, x.to(device), y.to(device))
 
 
 def load(name: str, device="cpu"):
