@@ -21,7 +21,7 @@ R += "--methods freedom,freedom+polyak,freedom+polyak+lossgap --norm l2 --n-eval
 COMMANDS = {
     "defaults": "for k in 0 1 2 3 4 5 6 7 8 9; do lossguide sample --target $k --out runs/defaults/target-$k; done",
     "bench-feature": f"{L} --tasks class-feature --methods none,dps,freedom,freedom+tt,ugd,lgd_mc,mpgd,tfg,cg "
-    "--beam-rounds 1 --out runs/bench-feature",
+    "--beam-rounds 2 --out runs/bench-feature",
     "bench-shen-default": f"{L} --tasks class-feature --methods none,shen2024 --no-tune --out runs/bench-shen-default",
     "bench-nfe": f"{L} --tasks class-feature --methods freedom,cg --steps 20,100 "
     "--settings runs/bench-feature/settings.json --out runs/bench-nfe",
@@ -50,6 +50,30 @@ def records(runs: Path, name: str, method: str, steps: int) -> dict[int, dict]:
         for r in json.loads(f.read_text())["records"]:
             out[r["seed"]] = r
     return out
+
+
+_REAL = []
+
+
+def fid_interval(runs: Path, name: str, r: dict) -> list[float] | None:
+    """The bias-centred bootstrap FID interval of a class cell, recomputed from its records' judge features."""
+    import torch
+
+    from lossguide import metrics
+
+    rec = records(runs, name, r["method"], r["steps"])
+    if len(rec) < 50:
+        return None
+    if not _REAL:
+        from lossguide.experiments.mnist import MnistKit
+
+        _REAL.append(MnistKit().real_features())
+    f = torch.tensor([rec[s]["features"] for s in sorted(rec)])
+    return list(metrics.bootstrap_fid_interval(f, _REAL[0]))
+
+
+def with_fid_ci(runs: Path, name: str) -> list[dict]:
+    return [{**r, "fid_ci": fid_interval(runs, name, r)} if "fid" in r else r for r in rows(runs, name)]
 
 
 def ci(r: dict, key: str, digits: int = 2) -> str:
@@ -104,9 +128,9 @@ def section_defaults(runs: Path) -> list[str]:
 
 
 def section_class(runs: Path) -> list[str]:
-    base = {r["method"]: r for r in rows(runs, "bench-feature")}
-    shen = {r["method"]: r for r in rows(runs, "bench-shen-default")}
-    nfe = rows(runs, "bench-nfe")
+    base = {r["method"]: r for r in with_fid_ci(runs, "bench-feature")}
+    shen = {r["method"]: r for r in with_fid_ci(runs, "bench-shen-default")}
+    nfe = with_fid_ci(runs, "bench-nfe")
     if not base and not shen:
         return ["(not run)"]
     ranked = sorted(base.values(), key=lambda r: -r["judge_validity"])
@@ -199,7 +223,7 @@ def section_rules(runs: Path) -> list[str]:
 
 
 def section_plain(runs: Path, name: str) -> list[str]:
-    rs = rows(runs, name)
+    rs = with_fid_ci(runs, name)
     return [md_table([class_row(r) for r in rs], CLASS_COLS), ""] if rs else ["(not run)"]
 
 
@@ -218,7 +242,8 @@ def main() -> None:
              "Class tasks: target = seed mod 10, evaluation seeds 0–99 (0–49 in the rules table), tuning seeds "
              "10000–10031; judge = `mnist-judge` (never guides); FID/KID on the judge's 128-d features against the "
              "1,000 held-out digits (100 samples: FID is biased upward, compare rows, not to other papers); "
-             "validity intervals are Wilson 95%, FID intervals a 200-draw bootstrap. A sample is *noise-like* when "
+             "validity intervals are Wilson 95%, FID intervals a 200-draw bootstrap centred on the estimate "
+             "(`metrics.bootstrap_fid_interval`). A sample is *noise-like* when "
              "its total variation exceeds the largest of the 1,000 held-out digits' (a noise field has several "
              "times it), whatever a classifier says. Loss `class-feature` = ‖f_guide(x0_hat) − μ_y‖₂, unsquared, "
              "μ_y the guide's mean feature on its own training split A; augmentation = `digits` (±2 px shift, "

@@ -86,22 +86,55 @@ def _print_oracle(args, rows) -> int:
 def cmd_sample(args) -> int:
     from lossguide import run_sample
 
+    expect = None
     if args.config is not None:
-        return cmd_recipe(args)
-    check_device(args.device)
-    cfg = run_sample.SampleConfig(
-        model=args.model, guide=args.guide, judge=args.judge, loss=args.loss, norm=args.norm, target=args.target,
-        reference=args.reference, method=args.method, params=run_sample.parse_params(args.set),
-        steps=args.steps, ddim_eta=args.ddim_eta, seeds=run_sample.parse_seeds(args.seeds), batch=args.batch,
-        device=args.device,
-    )  # fmt: skip
-    m = run_sample.run(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite)
+        _check_config_flags(args)
+        d = _read_yaml_or_none(args.config)
+        if not run_sample.is_sample_config(d):
+            return cmd_recipe(args)
+        cfg = run_sample.config_from_yaml(d, args.config)  # a config.yaml a `lossguide sample` run wrote
+        expect = d.get("guidance")
+        check_device(str(cfg.device), what=f"the device of {args.config}")
+    else:
+        check_device(args.device)
+        cfg = run_sample.SampleConfig(
+            model=args.model, guide=args.guide, judge=args.judge, loss=args.loss, norm=args.norm, target=args.target,
+            reference=args.reference, method=args.method, params=run_sample.parse_params(args.set),
+            steps=args.steps, ddim_eta=args.ddim_eta, seeds=run_sample.parse_seeds(args.seeds), batch=args.batch,
+            device=args.device,
+        )  # fmt: skip
+    m = run_sample.run(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite, expect_guidance=expect)
     print(
         f"{m['n_samples']} samples of class {m['target']} with {m['method']}: judge validity "
         f"{m['judge_validity']:.1%}, guide validity {m['guide_validity']:.1%}, mean guide loss "
         f"{m['mean_guide_loss']:.3g}, NFE {m['nfe']}, {m['wall_s_per_sample']:.2f} s/sample -> {args.out}"
     )
     return 0
+
+
+_SAMPLE_FLAGS = ("model", "guide", "judge", "loss", "norm", "target", "reference", "method", "set", "steps",
+                 "ddim_eta", "seeds", "batch", "device")  # fmt: skip
+
+
+def _check_config_flags(args) -> None:
+    """With --config only --out, --overwrite and --quiet apply: refuse any other sample flag that was set."""
+    defaults = vars(build_parser().parse_args(["sample"]))
+    given = ["--" + k.replace("_", "-") for k in _SAMPLE_FLAGS if getattr(args, k) != defaults[k]]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} cannot be combined with --config (only --out, --overwrite and --quiet apply); "
+            f"set them in {args.config}, or drop --config"
+        )
+
+
+def _read_yaml_or_none(path: Path):
+    """The parsed YAML file, or None where it is missing or does not parse (the recipe loader reports that)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
 
 
 def cmd_recipe(args) -> int:
@@ -214,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 DDPM-like)")
     p.add_argument("--seeds", default="0-15", help="seeds, e.g. 0-15 or 0-7,100")
-    p.add_argument("--batch", type=int, default=16, help="samples per batch")
+    p.add_argument("--batch", type=int, default=16, help="rows per batch; a short batch is padded to it, so a seed's "
+                   "numbers depend on --batch but not on which seeds share its batch")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("runs/sample"), help="run folder")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--overwrite", action="store_true", help="replace a run folder with a different config")
@@ -224,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help="run a recipe instead (YAML: model, loss, method, sampler, seeds; see recipes/); only --out "
-        "(default runs/<recipe name>), --overwrite and --quiet apply",
+        help="run a recipe instead (YAML: model, loss, method, sampler, seeds; see recipes/), or re-run the "
+        "config.yaml of a sample run; only --out (default runs/<recipe name>), --overwrite and --quiet apply",
     )
     p.set_defaults(func=cmd_sample)
 

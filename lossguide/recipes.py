@@ -1,10 +1,12 @@
 """Recipes: a YAML file that names a model, a loss, a preset and a sampler, run by ``lossguide sample --config``.
 
-A recipe resolves to (denoiser, sampler, guidance, loss, per-sample shape) and runs into a folder with one
-PNG per seed, ``grid.png``, the resolved ``config.yaml`` and ``metrics.json`` (all written atomically);
-seeds are the unit of work, so rerunning resumes. Paths in a recipe (models, reference images) are taken
-relative to the recipe file when such a file exists there; anything else is a diffusers/transformers
-folder or hub id (fetched once with ``huggingface-cli download`` and then read from the local cache).
+A recipe resolves to (denoiser, sampler, guidance, loss, per-sample shape) and runs into a folder
+(:class:`~lossguide.runfolder.RunFolder`) with one PNG per seed, ``grid.png``, the resolved ``config.yaml`` and
+``metrics.json`` (all written atomically); seeds are the unit of work, so rerunning resumes, and every batch has
+``batch`` rows (a short one is padded), so a seed's numbers never depend on which seeds share its batch.
+Paths in a recipe (models, reference images) are taken relative to the recipe file when such a file exists
+there; anything else is a diffusers/transformers folder or hub id (fetched once with ``huggingface-cli
+download`` and then read from the local cache).
 
 Schema (``recipes/*.yaml`` are commented examples)::
 
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from lossguide import net_losses, presets
-from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lossguide.runfolder import RunFolder, fixed_batches
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 
@@ -68,6 +70,9 @@ def load(path: str | Path) -> dict:
     r = yaml.safe_load(path.read_text()) or {}
     if not isinstance(r, dict):
         _fail(path, "must be a mapping of keys (name, model, loss, method, ...)")
+    if "guidance" in r and isinstance(r.get("model"), dict):
+        _fail(path, "is the config.yaml a recipe run wrote (it has a 'guidance' block), not a recipe; rerun the "
+              "recipe file it came from (with --out set to this run's folder to resume it)")  # fmt: skip
     bad = set(r) - TOP_KEYS
     if bad:
         _fail(path, f"unknown keys {sorted(bad)}; allowed: {sorted(TOP_KEYS)}")
@@ -87,6 +92,8 @@ def load(path: str | Path) -> dict:
     r.setdefault("params", {})
     r.setdefault("sampler", {})
     r.setdefault("batch", 4)
+    if not isinstance(r["batch"], int) or r["batch"] < 1:
+        _fail(path, f"batch must be an integer ≥ 1, got {r['batch']!r}")
     r.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     seeds = r.get("seeds", "0-3")
     r["seeds"] = parse_seeds(str(seeds)) if not isinstance(seeds, list) else [int(s) for s in seeds]
@@ -289,20 +296,20 @@ def run(recipe: str | Path | dict, out: str | Path | None = None, overwrite: boo
     out = Path(out or Path("runs") / r["name"])
     guidance = _guidance(r)
     text = _config_text(r, guidance)
-    cfg_file = out / "config.yaml"
-    if cfg_file.exists() and not overwrite and cfg_file.read_text() != text:
-        raise ValueError(f"{out} holds a run with a different config; pass another --out, or --overwrite")
-    rec_dir = out / "records"
-    if overwrite and rec_dir.exists():
-        for f in rec_dir.glob("*.json"):
-            f.unlink()
-    atomic_write_text(cfg_file, text)
-    todo = [s for s in r["seeds"] if not (rec_dir / f"{s:06d}.json").exists()]
-    if todo:
-        b = build(r)
+    folder = RunFolder(out, overwrite=overwrite)
+    folder.check(text)  # a folder of another config is refused before any model is loaded
+    finished = not overwrite and (out / "config.yaml").is_file() and not folder.todo(r["seeds"])
+    b = None if finished else build(r)  # everything is built and checked before the first write
+    with folder.open(text):
+        todo = folder.todo(r["seeds"])
+        if not todo:
+            log.info("all %d seeds already done in %s", len(r["seeds"]), out)
+            return finalize(r, folder)
+        b = b or build(r)
         dtype = b.denoiser.dtype or torch.float32
-        for k in range(0, len(todo), int(r["batch"])):
-            seeds = todo[k : k + int(r["batch"])]
+        for seeds, n in fixed_batches(todo, int(r["batch"])):
+            if n < len(seeds):
+                log.info("padding %d seeds to a batch of %d rows (the padding is dropped)", n, len(seeds))
             t0 = time.perf_counter()
             res = sample(b.denoiser, b.sampler, b.guidance, b.loss, shape=b.shape, seeds=seeds, dtype=dtype,
                          device=r["device"], progress=progress)  # fmt: skip
@@ -310,26 +317,21 @@ def run(recipe: str | Path | dict, out: str | Path | None = None, overwrite: boo
             img = b.to_image(res.x0)
             with torch.no_grad():
                 L = b.final_loss(res.x0) if b.loss is not None else torch.full((len(seeds),), float("nan"))
-            for j, s in enumerate(seeds):
-                atomic_write_bytes(out / f"{s:06d}.png", png_bytes(to_uint8(img[j].cpu())))
-                atomic_write_json(rec_dir / f"{s:06d}.json", {
+            for j, s in enumerate(seeds[:n]):
+                folder.write_seed(s, png_bytes(to_uint8(img[j].cpu())), {
                     "seed": s, "loss": float(L[j]), "skipped_steps": int(res.stats.skipped[j]),
                     "nfe": res.stats.nfe, "denoiser_grads": res.stats.denoiser_grads,
-                    "wall_s_per_sample": wall / len(seeds),
+                    "wall_s_per_sample": wall / n,
                 })  # fmt: skip
-    else:
-        log.info("all %d seeds already done in %s", len(r["seeds"]), out)
-    return finalize(r, out)
+        return finalize(r, folder)
 
 
-def finalize(r: dict, out: Path) -> dict:
+def finalize(r: dict, out: Path | RunFolder) -> dict:
     """Aggregate per-seed records into ``metrics.json`` and draw ``grid.png``."""
-    import numpy as np
-    from PIL import Image
-
     from lossguide.run_sample import grid, png_bytes
 
-    recs = [json.loads((out / "records" / f"{s:06d}.json").read_text()) for s in r["seeds"]]
+    folder = out if isinstance(out, RunFolder) else RunFolder(out)
+    recs = folder.read_records(r["seeds"])
     n = len(recs)
     metrics = {
         "name": r["name"], "method": r["method"], "n_samples": n,
@@ -337,8 +339,6 @@ def finalize(r: dict, out: Path) -> dict:
         "denoiser_grads": recs[0]["denoiser_grads"], "skipped_steps": sum(x["skipped_steps"] for x in recs),
         "wall_s_per_sample": sum(x["wall_s_per_sample"] for x in recs) / n, "per_sample": recs,
     }  # fmt: skip
-    imgs = [torch.from_numpy(np.array(Image.open(out / f"{s:06d}.png"))) for s in r["seeds"]]
-    imgs = [i.unsqueeze(0) if i.ndim == 2 else i.permute(2, 0, 1) for i in imgs]
-    atomic_write_bytes(out / "grid.png", png_bytes(grid(imgs)))
-    atomic_write_json(out / "metrics.json", metrics)
+    folder.write_bytes("grid.png", png_bytes(grid([folder.read_png(s) for s in r["seeds"]])))
+    folder.write_json("metrics.json", metrics)
     return metrics

@@ -1,8 +1,10 @@
 """The main job, ``lossguide sample``: guided samples from the default MNIST model, written to a run folder.
 
-The folder holds one PNG per seed (``{seed:06d}.png``), ``grid.png``, the resolved ``config.yaml`` and
-``metrics.json``; every file is written atomically. Seeds are the unit of work: a per-seed record is
-written after each batch, and rerunning the same command skips the seeds already done.
+The folder (:class:`~lossguide.runfolder.RunFolder`) holds one PNG per seed (``{seed:06d}.png``), ``grid.png``,
+the resolved ``config.yaml`` and ``metrics.json``; every file is written atomically. Seeds are the unit of work:
+a per-seed record is written after each batch, and rerunning the same command skips the seeds already done.
+Every batch has ``--batch`` rows (a short one is padded), so a seed's numbers depend on ``--batch`` but never on
+which seeds share its batch: a resumed run equals an uninterrupted one, and seed k alone equals seed k among others.
 """
 
 from __future__ import annotations
@@ -12,15 +14,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lossguide import losses, presets
 from lossguide.guidance import resolve_augment
-from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lossguide.runfolder import RunFolder, fixed_batches
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 
@@ -172,10 +173,44 @@ def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:
     return yaml.safe_dump(json.loads(json.dumps(d, default=list)), sort_keys=False)
 
 
-def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = False) -> dict:
+def is_sample_config(d) -> bool:
+    """``d`` (a parsed YAML file) is a ``lossguide sample`` config: SampleConfig fields (plus the ``guidance``
+    block of a written ``config.yaml``), not a recipe, whose ``model`` is a mapping with a ``kind``."""
+    if not isinstance(d, dict) or not d or isinstance(d.get("model"), dict):
+        return False
+    return "guidance" in d or set(d) <= {f.name for f in fields(SampleConfig)}
+
+
+def config_from_yaml(d: dict, source) -> SampleConfig:
+    """The :class:`SampleConfig` of a parsed ``config.yaml`` that ``lossguide sample`` wrote (or its fields)."""
+    names = [f.name for f in fields(SampleConfig)]
+    bad = set(d) - set(names) - {"guidance"}
+    if bad:
+        raise ValueError(f"{source}: unknown keys {sorted(bad)} in a lossguide sample config; allowed: {names}")
+    kw = {k: d[k] for k in names if k in d}
+    params = kw.get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{source}: params must be a mapping of preset parameters, got {params!r}")
+    kw["params"] = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    seeds = kw.get("seeds", SampleConfig().seeds)
+    if isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        kw["seeds"] = parse_seeds(",".join(map(str, seeds)))  # the same checks as --seeds
+    else:
+        kw["seeds"] = parse_seeds(str(seeds))
+    return SampleConfig(**kw)
+
+
+def _plain(d):
+    return json.loads(json.dumps(d, default=list))
+
+
+def run(
+    cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = False, expect_guidance: dict | None = None
+) -> dict:
     """Sample ``cfg.seeds`` into ``out`` (resuming finished seeds) and return the aggregate metrics.
 
-    Everything (parameters, models, loss, sampler) is built and checked before anything is written."""
+    Everything (parameters, models, loss, sampler) is built and checked before anything is written.
+    ``expect_guidance`` (the ``guidance`` block of a ``config.yaml`` being re-run) must be what ``cfg`` builds."""
     from lossguide.models import class_means, load_classifier, load_denoiser
 
     if cfg.batch < 1:
@@ -191,6 +226,14 @@ def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = F
     guidance = presets.get(cfg.method, **cfg.resolved_params())
     model = load_denoiser(cfg.model, device=cfg.device)
     guidance = resolve_augment(guidance, model.augment)
+    if expect_guidance is not None and _plain(expect_guidance) != _plain(guidance.to_dict()):
+        now, was = _plain(guidance.to_dict()), _plain(expect_guidance)
+        diff = sorted(k for k in set(now) | set(was) if now.get(k) != was.get(k))
+        raise ValueError(
+            f"the config's guidance block differs in {diff} from what method {cfg.method!r} with params "
+            f"{cfg.resolved_params()} builds in this lossguide version, so the run cannot be repeated exactly; "
+            "delete the guidance block to run method and params as they are now"
+        )
     guide = load_classifier(cfg.guide, device=cfg.device)
     judge = load_classifier(cfg.judge, device=cfg.device)
     needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
@@ -205,27 +248,20 @@ def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = F
     sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
 
     config_text = _config_yaml(cfg, guidance.to_dict())
-    out = Path(out)
-    cfg_file = out / "config.yaml"
-    if cfg_file.exists() and not overwrite and cfg_file.read_text() != config_text:
-        raise ValueError(
-            f"{out} holds a run with a different config; pass another --out, or --overwrite to replace it"
-        )
-    if overwrite and (out / "records").exists():
-        for f in (out / "records").glob("*.json"):
-            f.unlink()
-    atomic_write_text(cfg_file, config_text)
+    with RunFolder(out, overwrite=overwrite).open(config_text) as folder:  # the first write
+        _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress)
+        return finalize(cfg, folder)
 
+
+def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress) -> None:
+    """The seeds not done yet, in batches of exactly ``cfg.batch`` rows; each seed's PNG and record."""
     from lossguide.data import load_mnist
     from lossguide.metrics import noise_like
 
     real = load_mnist("heldout")[0]
-    records_dir = out / "records"
-    todo = [s for s in cfg.seeds if not (records_dir / f"{s:06d}.json").exists()]
-    if len(todo) < len(cfg.seeds):
-        log.info("resuming: %d of %d seeds already done", len(cfg.seeds) - len(todo), len(cfg.seeds))
-    for b in range(0, len(todo), cfg.batch):
-        seeds = todo[b : b + cfg.batch]
+    for seeds, n in fixed_batches(folder.todo(cfg.seeds), cfg.batch):
+        if n < len(seeds):
+            log.info("padding %d seeds to a batch of --batch %d rows (the padding is dropped)", n, len(seeds))
         t0 = time.perf_counter()
         res = sample(
             model.denoiser,
@@ -239,13 +275,12 @@ def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = F
         )
         wall = time.perf_counter() - t0
         x = res.x0.clamp(-1, 1)
-        with torch.no_grad():
+        with torch.no_grad():  # on the whole fixed-shape batch, so these numbers are batch-invariant too
             probs = torch.softmax(judge(x), dim=1)
             guide_loss = task_loss(x)
             guide_label = guide(x).argmax(1)
         noise = noise_like(x, real)
-        for k, s in enumerate(seeds):
-            atomic_write_bytes(out / f"{s:06d}.png", png_bytes(to_uint8(x[k])))
+        for k, s in enumerate(seeds[:n]):
             rec = {
                 "seed": s,
                 "guide_loss": float(guide_loss[k]),
@@ -258,17 +293,15 @@ def run(cfg: SampleConfig, out: Path, progress: bool = True, overwrite: bool = F
                 "noise_like": bool(noise[k]),
                 "nfe": res.stats.nfe,
                 "denoiser_grads": res.stats.denoiser_grads,
-                "wall_s_per_sample": wall / len(seeds),
+                "wall_s_per_sample": wall / n,  # the padding's time included: it is what the seeds cost
             }
-            atomic_write_json(records_dir / f"{s:06d}.json", rec)
-    return finalize(cfg, out)
+            folder.write_seed(s, png_bytes(to_uint8(x[k])), rec)
 
 
-def finalize(cfg: SampleConfig, out: Path) -> dict:
+def finalize(cfg: SampleConfig, out: Path | RunFolder) -> dict:
     """Aggregate the per-seed records into ``metrics.json`` and draw ``grid.png``."""
-    from PIL import Image
-
-    recs = [json.loads((out / "records" / f"{s:06d}.json").read_text()) for s in cfg.seeds]
+    folder = out if isinstance(out, RunFolder) else RunFolder(out)
+    recs = folder.read_records(cfg.seeds)
     n = len(recs)
     metrics = {
         "n_samples": n,
@@ -285,8 +318,6 @@ def finalize(cfg: SampleConfig, out: Path) -> dict:
         "noise_like": sum(r.get("noise_like", False) for r in recs) / n,
         "per_sample": recs,
     }
-    imgs = [torch.from_numpy(np.array(Image.open(out / f"{s:06d}.png"))) for s in cfg.seeds]
-    imgs = [i.unsqueeze(0) if i.ndim == 2 else i.permute(2, 0, 1) for i in imgs]
-    atomic_write_bytes(out / "grid.png", png_bytes(grid(imgs)))
-    atomic_write_json(out / "metrics.json", metrics)
+    folder.write_bytes("grid.png", png_bytes(grid([folder.read_png(s) for s in cfg.seeds])))
+    folder.write_json("metrics.json", metrics)
     return metrics

@@ -305,6 +305,19 @@ def test_recipe_errors_name_the_fix(tmp_path):
         recipes.load(f)
 
 
+def test_recipe_writes_nothing_before_its_models_load_and_refuses_its_own_config_yaml(tmp_path):
+    from lossguide.models import ModelNotFoundError
+
+    f = tmp_path / "r.yaml"
+    f.write_text("model: {kind: pixel, path: no-such-model}\nloss: {kind: none}\nmethod: none\ndevice: cpu\n")
+    with pytest.raises(ModelNotFoundError):
+        recipes.run(f, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # config.yaml only after everything is built
+    f.write_text(f.read_text() + "guidance: {name: none}\n")  # what a recipe run writes to its config.yaml
+    with pytest.raises(ValueError, match="is the config.yaml a recipe run wrote .* rerun the recipe file"):
+        recipes.load(f)
+
+
 def _write_recipe(folder, model: str, extra_model: str = "") -> Path:
     f = folder / "r.yaml"
     f.write_text(

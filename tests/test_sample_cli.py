@@ -1,6 +1,10 @@
 """The main job end to end on the shipped model: files, metrics, resume, errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,3 +104,105 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "bad seed range" in capsys.readouterr().err
     assert main(["sample", "--set", "bogus=1", "--out", str(tmp_path)]) == 2
     assert "has no parameter 'bogus'" in capsys.readouterr().err
+
+
+def _files(out):
+    """A run folder's PNG bytes, metrics.json without wall times and config.yaml."""
+    m = json.loads((out / "metrics.json").read_text())
+    for r in (m, *m["per_sample"]):
+        r.pop("wall_s_per_sample")
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}, m, (out / "config.yaml").read_text()
+
+
+def _record(out, seed):
+    r = json.loads((out / "records" / f"{seed:06d}.json").read_text())
+    r.pop("wall_s_per_sample")
+    return r
+
+
+@shipped
+def test_a_seed_alone_equals_the_seed_in_a_batch_of_8(tmp_path):
+    """CPU float32 kernels depend on the batch shape and guidance amplifies it: every batch has --batch rows."""
+    args = ["sample", "--steps", "3", "--batch", "8", "--quiet"]
+    assert main(args + ["--seeds", "0-7", "--out", str(tmp_path / "eight")]) == 0
+    assert main(args + ["--seeds", "3-3", "--out", str(tmp_path / "one")]) == 0  # padded to 8 rows
+    assert (tmp_path / "one" / "000003.png").read_bytes() == (tmp_path / "eight" / "000003.png").read_bytes()
+    assert _record(tmp_path / "one", 3) == _record(tmp_path / "eight", 3)  # exact floats: loss, confidence, ...
+
+
+KILL_INSIDE_A_BATCH = """
+import os, signal, sys
+calls, replace = [], os.replace
+
+def replace_then_die(src, dst):
+    if os.path.basename(os.path.dirname(dst)) == "records":
+        calls.append(dst)
+        if len(calls) == 2:  # seed 0 is done, seed 1 has its PNG and half its record: SIGKILL, no cleanup
+            os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst)
+
+os.replace = replace_then_die
+from lossguide.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@shipped
+def test_a_run_killed_inside_a_batch_resumes_to_the_same_files(tmp_path):
+    args = ["sample", "--steps", "2", "--seeds", "0-5", "--batch", "4", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0  # batches [0 1 2 3] [4 5 +2 padding]
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the thread count of this process (conftest)
+    p = subprocess.run([sys.executable, "-c", KILL_INSIDE_A_BATCH, *args, "--out", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert [f.name for f in (out / "records").glob("*.json")] == ["000000.json"]
+    assert list((out / "records").glob(".000001.json.*.tmp")) and (out / ".lock").exists()  # what SIGKILL leaves
+    assert main(args + ["--out", str(out)]) == 0  # resumes 1-5: batches [1 2 3 4] [5 +3 padding]
+    assert not list(out.rglob("*.tmp")) and not (out / ".lock").exists()
+    assert _files(out) == _files(tmp_path / "whole")
+
+
+@shipped
+def test_overwrite_with_fewer_seeds_leaves_no_stale_outputs(tmp_path):
+    out = tmp_path / "run"
+    args = ["sample", "--steps", "2", "--batch", "2", "--quiet", "--out", str(out)]
+    assert main(args + ["--seeds", "0-3"]) == 0
+    assert main(args + ["--seeds", "0-1", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "grid.png"]
+    assert sorted(p.name for p in (out / "records").iterdir()) == ["000000.json", "000001.json"]
+
+
+@shipped
+def test_a_second_process_on_the_same_out_is_one_line(tmp_path, capsys):
+    from test_runfolder import hold_lock
+
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        assert main(["sample", "--steps", "2", "--seeds", "0-0", "--batch", "1", "--out", str(out), "--quiet"]) == 2
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"in use by process {holder.pid} (lock file {out / '.lock'})" in err
+    assert "(a stale lock), delete" in err
+
+
+@shipped
+def test_a_written_config_yaml_reruns_bit_identically(tmp_path, capsys):
+    a = tmp_path / "a"
+    assert main(["sample", "--steps", "2", "--seeds", "0-2", "--batch", "2", "--set", "n_aug=2", "--out", str(a),
+                 "--quiet"]) == 0  # fmt: skip
+    assert main(["sample", "--config", str(a / "config.yaml"), "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert _files(tmp_path / "b") == _files(a)
+    before = {p.name: p.stat().st_mtime_ns for p in (a / "records").iterdir()}
+    assert main(["sample", "--config", str(a / "config.yaml"), "--out", str(a), "--quiet"]) == 0  # its own folder
+    assert {p.name: p.stat().st_mtime_ns for p in (a / "records").iterdir()} == before  # nothing left to do
+    capsys.readouterr()
+    assert main(["sample", "--config", str(a / "config.yaml"), "--steps", "3", "--out", str(tmp_path / "c")]) == 2
+    assert "--steps cannot be combined with --config" in capsys.readouterr().err
+    edited = tmp_path / "edited.yaml"  # params say n_aug 3, the guidance block (written by a run) says 2
+    edited.write_text((a / "config.yaml").read_text().replace("n_aug: 2", "n_aug: 3", 1))
+    assert main(["sample", "--config", str(edited), "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "guidance block differs in ['n_aug']" in capsys.readouterr().err and not (tmp_path / "c").exists()

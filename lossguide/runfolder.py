@@ -1,0 +1,256 @@
+"""The run folder of ``lossguide sample`` and recipes: one writer, config after validation, atomic files.
+
+A folder holds ``config.yaml``, one ``{seed:06d}.png`` and ``records/{seed:06d}.json`` per finished seed,
+``grid.png`` and ``metrics.json``. :class:`RunFolder` takes a lock (``.lock``, the writer's PID) so that two
+processes never write one folder, removes the ``.*.tmp`` files a killed writer left, writes ``config.yaml``
+only when the caller has built and checked everything, and turns every OSError into one line naming the path.
+Seeds run in batches of one fixed shape (:func:`fixed_batches`), so a seed's numbers do not depend on which
+seeds share its batch, and a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+LOCK = ".lock"
+_SEED_FILE = re.compile(r"\d{6,}\.(png|json)")
+
+
+class RunFolderError(OSError):
+    """A run folder that cannot be used, as one line naming the path and the fix."""
+
+
+def _fix(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return "free disk space, then rerun the same command to resume"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "make the folder writable or pass another --out"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return "a file is in the way: pass a folder path as --out"
+    return "check the path, or pass another --out"
+
+
+@contextmanager
+def os_errors(path: Path, what: str) -> Iterator[None]:
+    """Re-raise an OSError of the block as a :class:`RunFolderError` naming ``path`` and the fix."""
+    try:
+        yield
+    except RunFolderError:
+        raise
+    except OSError as e:
+        err = RunFolderError(f"cannot {what} {path}: {e.strerror or type(e).__name__}; {_fix(e)}")
+        err.errno = e.errno
+        raise err from e
+
+
+def fixed_batches(seeds: Sequence[int], batch: int) -> Iterator[tuple[list[int], int]]:
+    """``(rows, n)``: ``seeds`` in batches of exactly ``batch`` rows; a short last batch is padded with copies
+    of its first seed, whose outputs (rows ``n:``) are dropped. CPU/GPU kernels depend on the batch shape,
+    so one shape makes each seed's numbers independent of its companions (their rows never interact)."""
+    if batch < 1:
+        raise ValueError(f"the batch must be ≥ 1 rows, got {batch}")
+    seeds = list(seeds)
+    for b in range(0, len(seeds), batch):
+        rows = seeds[b : b + batch]
+        n = len(rows)
+        yield rows + [rows[0]] * (batch - n), n
+
+
+class RunFolder:
+    """A run folder: lock, orphaned-tmp cleanup, config check/write, ``--overwrite``, per-seed files."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False):
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.records = self.path / "records"
+        self._fd: int | None = None
+
+    # -- opening ---------------------------------------------------------------------------------------
+    def check(self, config_text: str) -> None:
+        """Refuse (without writing anything) a path that is a file or a folder that holds another config."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"--out {self.path} is an existing file, not a folder; pass a folder path")
+        cfg = self.path / "config.yaml"
+        with os_errors(cfg, "read"):
+            differs = cfg.is_file() and cfg.read_text() != config_text
+        if differs and not self.overwrite:
+            raise ValueError(
+                f"{self.path} holds a run with a different config; pass another --out, or --overwrite to replace it"
+            )
+
+    def open(self, config_text: str) -> RunFolder:
+        """Take the lock, clean up after a killed writer, check the config, apply ``--overwrite``, write config.
+
+        Call it after everything (parameters, models, loss) is built and checked: it is the first write."""
+        with os_errors(self.path, "create the run folder"):
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._clean_tmp()
+            self.check(config_text)  # under the lock: a running writer is reported as such, not as a config
+            if self.overwrite:
+                self._remove_outputs()
+            self.write_text("config.yaml", config_text)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Release the lock (and remove the lock file)."""
+        if self._fd is None:
+            return
+        try:
+            (self.path / LOCK).unlink(missing_ok=True)  # before closing: a waiting opener sees a new file
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _lock(self) -> None:
+        lock = self.path / LOCK
+        if fcntl is None:
+            log.warning("no file locks on this platform: nothing stops a second writer on %s", self.path)
+            return
+        while True:
+            with os_errors(lock, "open the lock file"):
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise RunFolderError(f"cannot lock {lock}: {e.strerror}; {_fix(e)}") from e
+                who = f"process {holder}" if holder else "another process"
+                raise RunFolderError(
+                    f"{self.path} is in use by {who} (lock file {lock}); wait for it to finish, or if no lossguide "
+                    f"process writes there any more (a stale lock), delete {lock} and rerun"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder released and removed it meanwhile: lock the new file
+        stale = _read_pid(fd)
+        if stale and stale != os.getpid():
+            log.info("took over the lock of process %d, which has exited", stale)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def _clean_tmp(self) -> None:
+        """Remove the ``.*.tmp`` files of an atomic write that a killed run never finished."""
+        n = 0
+        for d in (self.path, self.records):
+            for f in d.glob(".*.tmp") if d.is_dir() else ():
+                with os_errors(f, "remove the orphaned temporary file"):
+                    f.unlink(missing_ok=True)
+                n += 1
+        if n:
+            log.info("removed %d orphaned temporary files in %s", n, self.path)
+
+    def _remove_outputs(self) -> None:
+        """``--overwrite``: remove the old run's PNGs, records, grid and metrics (other files are kept)."""
+        old = [f for f in self.path.glob("*.png") if _SEED_FILE.fullmatch(f.name)]
+        old += [f for f in self.records.glob("*.json") if _SEED_FILE.fullmatch(f.name)]
+        old += [self.path / n for n in ("grid.png", "metrics.json", "config.yaml")]
+        old = [f for f in old if f.is_file()]
+        for f in old:
+            with os_errors(f, "remove the old output"):
+                f.unlink(missing_ok=True)
+        if old:
+            log.info("--overwrite: removed %d old outputs of %s", len(old), self.path)
+
+    # -- files -----------------------------------------------------------------------------------------
+    def png(self, seed: int) -> Path:
+        return self.path / f"{seed:06d}.png"
+
+    def record(self, seed: int) -> Path:
+        return self.records / f"{seed:06d}.json"
+
+    def done(self, seed: int) -> bool:
+        """The seed has its record and its PNG (the PNG is written first)."""
+        return self.record(seed).is_file() and self.png(seed).is_file()
+
+    def todo(self, seeds: Sequence[int]) -> list[int]:
+        """The seeds not done yet, in order (logged when some are)."""
+        todo = [s for s in seeds if not self.done(s)]
+        if len(todo) < len(seeds):
+            log.info("resuming %s: %d of %d seeds already done", self.path, len(seeds) - len(todo), len(seeds))
+        return todo
+
+    def write_seed(self, seed: int, png: bytes, record: dict) -> None:
+        """A finished seed: its PNG, then its record (which marks it done)."""
+        self.write_bytes(self.png(seed).name, png)
+        p = self.record(seed)
+        with os_errors(p, "write"):
+            atomic_write_json(p, record)
+
+    def read_records(self, seeds: Sequence[int]) -> list[dict]:
+        import json
+
+        out = []
+        for s in seeds:
+            p = self.record(s)
+            with os_errors(p, "read"):
+                out.append(json.loads(p.read_text()))
+        return out
+
+    def read_png(self, seed: int):
+        """Seed ``seed``'s image as a [C, H, W] uint8 tensor."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        p = self.png(seed)
+        with os_errors(p, "read"):
+            with Image.open(p) as im:
+                arr = torch.from_numpy(np.array(im))
+        return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        p = self.path / name
+        with os_errors(p, "write"):
+            atomic_write_bytes(p, data)
+
+    def write_text(self, name: str, text: str) -> None:
+        p = self.path / name
+        with os_errors(p, "write"):
+            atomic_write_text(p, text)
+
+    def write_json(self, name: str, obj) -> None:
+        p = self.path / name
+        with os_errors(p, "write"):
+            atomic_write_json(p, obj)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
