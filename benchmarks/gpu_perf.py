@@ -34,6 +34,7 @@ import torch
 
 import lossguide as lg
 from lossguide import net_losses as nl
+from lossguide.augment import policy
 from lossguide.guidance import GuidanceEngine, GuidanceStats
 from lossguide.latent import DecodeThenAugment, LatentStack
 
@@ -153,7 +154,8 @@ def measure(model: str, dtype_name: str, compiled: bool, ckpt: bool, methods, ar
 
         def run(steps=None, cfg=cfg):
             s = sampler if steps is None else lg.DDIM(den.schedule, steps)
-            lg.sample(den, s, cfg, loss if cfg.enabled else None, shape=shape, seeds=range(B), device=dev)
+            lg.sample(den, s, cfg, loss if cfg.enabled else None, shape=shape, seeds=range(B), device=dev,
+                      augment=policy("photo"))
 
         run(steps=2)  # warm-up (and compilation)
         if dev.startswith("cuda"):

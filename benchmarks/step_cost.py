@@ -20,6 +20,7 @@ import time
 import torch
 
 import lossguide as lg
+from lossguide.augment import policy
 from lossguide.guidance import GuidanceEngine, GuidanceStats
 from lossguide.losses import ClassLoss
 from lossguide.models.nets import GuideCNN
@@ -67,7 +68,7 @@ def main() -> None:
         torch.autograd.grad(loss(xi).sum(), xi)
 
     def guided(cfg):
-        engine = GuidanceEngine(cfg, loss)
+        engine = GuidanceEngine(cfg, loss, augment=policy("digits"))
 
         def run():
             st = GuidanceStats()

@@ -104,6 +104,11 @@ def cmd_sample(args) -> int:
             device=args.device,
         )  # fmt: skip
     m = run_sample.run(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite, expect_guidance=expect)
+    if "not_applicable" in m:  # not MNIST digits: no guide or judge numbers
+        print(
+            f"{m['n_samples']} unguided samples, NFE {m['nfe']}, {m['wall_s_per_sample']:.2f} s/sample -> {args.out}"
+        )
+        return 0
     print(
         f"{m['n_samples']} samples of class {m['target']} with {m['method']}: judge validity "
         f"{m['judge_validity']:.1%}, guide validity {m['guide_validity']:.1%}, mean guide loss "

@@ -12,13 +12,15 @@ Per step and per sample:
 
 ℓ̃ is ℓ smoothed by random augmentation (mean over |T| copies, Alg. 1) and/or by Monte-Carlo Gaussian
 noise (−log mean exp(−ℓ), LGD-MC and TFG's γ). A non-finite loss or gradient in one sample skips that
-sample's step and is counted; x0_hat is never clamped.
+sample's step and is counted, as are zero gradients and samples that overflow (:class:`GuidanceStats`); x0_hat
+is never clamped.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -91,17 +93,17 @@ class GuidanceConfig:
                 raise TypeError(
                     f"{name} must be a step rule (lossguide.steps.Constant(...), Polyak(...), ...), got {rule!r}"
                 )
-        if self.n_mc > 1 and self.mc_sigma == 0:
-            raise ValueError(f"n_mc={self.n_mc} Monte-Carlo copies need mc_sigma > 0 (the smoothing noise scale)")
         if self.mc_schedule not in MC_SCHEDULES:
             raise ValueError(f"mc_schedule must be one of {MC_SCHEDULES}, got {self.mc_schedule!r}")
-        for name in ("n_iter", "n_mc", "n_recur"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.n_aug < 0:
-            raise ValueError(f"n_aug must be ≥ 0, got {self.n_aug}")
-        if self.mc_sigma < 0:
-            raise ValueError(f"mc_sigma must be ≥ 0, got {self.mc_sigma}")
+        for name, lo in (("n_iter", 1), ("n_mc", 1), ("n_recur", 1), ("n_aug", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+                raise ValueError(f"{name} must be an integer ≥ {lo}, got {v!r}; pass e.g. {name}={max(lo, 1)}")
+        sigma = self.mc_sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 <= sigma < math.inf:
+            raise ValueError(f"mc_sigma must be a finite number ≥ 0, got {sigma!r}; pass e.g. mc_sigma=0.0 (none)")
+        if self.n_mc > 1 and self.mc_sigma == 0:
+            raise ValueError(f"n_mc={self.n_mc} Monte-Carlo copies need mc_sigma > 0 (the smoothing noise scale)")
         for name in ("window", "recur_window"):
             lo, hi = getattr(self, name)
             if not 0.0 <= lo <= hi <= 1.0:
@@ -151,22 +153,38 @@ def resolve_augment(config: GuidanceConfig, augment: Callable | None) -> Guidanc
     return config
 
 
+#: |x| above which a sample counts as overflowed (``GuidanceStats.overflow``)
+MAX_ABS = 1e6
+
+
 @dataclass
 class GuidanceStats:
-    """Counters of one sampling run; per-sample tensors are ``[B]``."""
+    """Counters of one sampling run; per-sample tensors are ``[B]``.
+
+    ``zero_grad`` counts guided gradient steps (``loss_grads`` per sample) on which the sample's gradient was
+    exactly zero, or below a Polyak rule's ``min_grad_norm``, so guidance did nothing; ``skipped`` those with a
+    non-finite loss, gradient or step size; ``overflow`` the sampler steps after which the sample's max |x| exceeds
+    ``max_abs`` (default :data:`MAX_ABS` = 1e6) or is not finite. Every model here works on data of scale one
+    (pixels in [−1, 1], unit-variance latents and vectors, and x_t = √ᾱ·x0 + √(1−ᾱ)·ε stays within a few units),
+    so 1e6 is six orders of magnitude beyond any sample and still far below float32's overflow of x² (≈ 1.8e19):
+    it flags divergence before it turns into Inf/NaN, never a sane sample.
+    """
 
     nfe: int = 0  # denoiser forward passes (each sample sees the same count)
     denoiser_grads: int = 0  # backward passes through the denoiser
     loss_evals: int = 0  # loss evaluations per sample (every augmented / MC copy counts)
     loss_grads: int = 0  # loss gradients per sample
-    skipped: torch.Tensor | None = None  # steps skipped for a non-finite loss/gradient
-    zero_grad: torch.Tensor | None = None  # steps the ‖g‖ ≈ 0 guard held back
+    skipped: torch.Tensor | None = None  # guided steps skipped for a non-finite loss/gradient/step size
+    zero_grad: torch.Tensor | None = None  # guided gradient steps with ‖g‖ = 0 (or under Polyak's min_grad_norm)
+    overflow: torch.Tensor | None = None  # steps after which max |x| > max_abs (or non-finite)
+    max_abs: float = MAX_ABS
     last_loss: torch.Tensor | None = None  # ℓ̃ of the last guided evaluation
     loss_trace: list = field(default_factory=list)  # (i, t, ℓ [B]) per guided step
 
     def init(self, batch: int) -> None:
         self.skipped = torch.zeros(batch, dtype=torch.long)
         self.zero_grad = torch.zeros(batch, dtype=torch.long)
+        self.overflow = torch.zeros(batch, dtype=torch.long)
         self.last_loss = torch.full((batch,), float("nan"), dtype=torch.float64)
 
 
@@ -281,9 +299,11 @@ class GuidanceEngine:
 
     def _step_size(self, rule, ctx: StepContext, bad, stats) -> torch.Tensor:
         step = rule(ctx).to(ctx.grad.dtype)
-        zero = ctx.stats.pop("zero_grad", None)
-        if zero is not None:
-            stats.zero_grad += (zero & ~bad).cpu().long()
+        zero = ctx.grad.detach().flatten(1).abs().amax(dim=1) == 0  # guidance does nothing, whatever the rule
+        guard = ctx.stats.pop("zero_grad", None)
+        if guard is not None:
+            zero = zero | guard.to(zero.device)
+        stats.zero_grad += (zero & ~bad).cpu().long()
         nonfinite = ~torch.isfinite(step)
         if nonfinite.any():
             stats.skipped += (nonfinite & ~bad).cpu().long()
@@ -356,4 +376,7 @@ class GuidanceEngine:
         x_prev = sampler.step(x_t.detach(), x0, eps, i, generators)
         if delta_prev is not None:
             x_prev = x_prev + delta_prev.detach()
+        if stats.overflow is not None:
+            big = ~(x_prev.detach().flatten(1).abs().amax(dim=1) <= stats.max_abs)  # NaN counts too
+            stats.overflow += big.cpu().long()
         return x_prev

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from lossguide.guidance import GuidanceConfig
 from lossguide.steps import AlphaBarPower, Constant, LossNormalized, Polyak, TFGSchedule
+from lossguide.validate import Range, check_params
 
 
 def none() -> GuidanceConfig:
@@ -31,7 +32,7 @@ def dps(scale: float = 1.0, power: float = 0.5) -> GuidanceConfig:
     return GuidanceConfig(name="dps", rho=LossNormalized(scale, power))
 
 
-def freedom(scale: float = 1.0, n_recur: int = 1, recur_window=(0.5, 0.8)) -> GuidanceConfig:
+def freedom(scale: float = 1.0, n_recur: int = 1, recur_window: tuple[float, float] = (0.5, 0.8)) -> GuidanceConfig:
     """FreeDoM (Yu et al. 2023, eq. 11 and Alg. 1): x_{t'} −= scale·√ᾱ_t·∇_{x_t} ℓ(x0_hat(x_t)),
     with time travel of ``n_recur`` repeats in ``recur_window`` (their ImageNet code: 10 in t ∈ [500, 800])."""
     return GuidanceConfig(name="freedom", rho=AlphaBarPower(scale, 0.5), n_recur=n_recur, recur_window=recur_window)
@@ -104,14 +105,14 @@ def shen2024(
     eta: float = 0.03,
     n_aug: int = 10,
     n_recur: int = 3,
-    recur_window=(0.3, 0.8),
+    recur_window: tuple[float, float] = (0.3, 0.8),
     polyak: bool = True,
     scale: float = 1.0,
     augment: Callable | None = None,
     polyak_gap: str = "eps",
     loss_floor: float = 0.0,
     max_ratio: float | None = None,
-    window=(0.0, 1.0),
+    window: tuple[float, float] = (0.0, 1.0),
 ) -> GuidanceConfig:
     """Shen et al. (2024), "Understanding and Improving Training-free Loss-based Diffusion Guidance", §5:
     FreeDoM + random augmentation (Alg. 1, |T| = ``n_aug`` copies) + Polyak step η·‖ε‖/‖g‖² (Alg. 2) + time
@@ -153,9 +154,15 @@ PRESETS: dict[str, Callable[..., GuidanceConfig]] = {
     f.__name__: f for f in (none, dps, freedom, ugd, lgd_mc, mpgd, tfg, shen2024, cg)
 }
 
+#: where a preset's range differs from :data:`lossguide.validate.RANGES` (ugd: ``n_iter=0`` is no backward step)
+PARAM_RANGES: dict[str, dict[str, Range]] = {"ugd": {"n_iter": Range(0)}}
+
 
 def get(name: str, **params) -> GuidanceConfig:
-    """The preset ``name`` with ``params``; unknown names or parameters raise a one-line error."""
+    """The preset ``name`` with ``params``; unknown names, parameters or bad values raise a one-line error.
+
+    Each value is checked against the preset's signature and :mod:`lossguide.validate`'s ranges (an integer
+    parameter refuses 2.0: write 2)."""
     if name not in PRESETS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESETS)}")
     fn = PRESETS[name]
@@ -166,6 +173,7 @@ def get(name: str, **params) -> GuidanceConfig:
             f"method {name!r} has no parameter {', '.join(map(repr, bad))}; its parameters are: "
             f"{', '.join(allowed) or '(none)'}"
         )
+    check_params(fn, params, PARAM_RANGES.get(name), where=f"method {name!r}: ")
     return fn(**params)
 
 

@@ -28,6 +28,8 @@ from lossguide.sampling import sample
 log = logging.getLogger(__name__)
 
 LOSSES = ("class-feature", "class", "sketch", "inpaint", "sr", "class+sketch")
+MNIST_SHAPE = (1, 28, 28)  # what the guide, the judge and the reference digits take
+MNIST_METRICS = ("judge_validity", "guide_validity", "mean_guide_loss", "mean_judge_confidence", "noise_like")
 
 
 @dataclass
@@ -234,6 +236,22 @@ def run(
             f"{cfg.resolved_params()} builds in this lossguide version, so the run cannot be repeated exactly; "
             "delete the guidance block to run method and params as they are now"
         )
+    shape = tuple(model.sample_shape)
+    if shape != MNIST_SHAPE:  # the MNIST guide, judge and reference digits cannot apply
+        if cfg.method != "none":
+            raise ValueError(
+                f"--model {cfg.model} makes samples of shape {shape}, but --loss {cfg.loss} needs the MNIST guide or "
+                f"reference digits of shape {MNIST_SHAPE}; use --method none for unguided samples from it, or a "
+                "recipe (lossguide sample --config recipes/...) for a loss that fits it"
+            )
+        log.warning(
+            "--model %s makes samples of shape %s, not MNIST digits: no guide or judge metrics (%s) are computed; "
+            "metrics.json lists them under not_applicable", cfg.model, shape, ", ".join(MNIST_METRICS),
+        )  # fmt: skip
+        sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
+        with RunFolder(out, overwrite=overwrite).open(_config_yaml(cfg, guidance.to_dict())) as folder:
+            _sample_seeds(cfg, folder, model, sampler, guidance, None, None, None, None, progress)
+            return finalize(cfg, folder)
     guide = load_classifier(cfg.guide, device=cfg.device)
     judge = load_classifier(cfg.judge, device=cfg.device)
     needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
@@ -258,7 +276,8 @@ def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide,
     from lossguide.data import load_mnist
     from lossguide.metrics import noise_like
 
-    real = load_mnist("heldout")[0]
+    real = load_mnist("heldout")[0] if judge is not None else None
+    did_nothing = []  # per batch: every guided step of every sample had a zero gradient
     for seeds, n in fixed_batches(folder.todo(cfg.seeds), cfg.batch):
         if n < len(seeds):
             log.info("padding %d seeds to a batch of --batch %d rows (the padding is dropped)", n, len(seeds))
@@ -275,27 +294,40 @@ def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide,
         )
         wall = time.perf_counter() - t0
         x = res.x0.clamp(-1, 1)
-        with torch.no_grad():  # on the whole fixed-shape batch, so these numbers are batch-invariant too
-            probs = torch.softmax(judge(x), dim=1)
-            guide_loss = task_loss(x)
-            guide_label = guide(x).argmax(1)
-        noise = noise_like(x, real)
+        if res.stats.loss_grads:
+            did_nothing.append(bool((res.stats.zero_grad[:n] == res.stats.loss_grads).all()))
+        if judge is not None:
+            with torch.no_grad():  # on the whole fixed-shape batch, so these numbers are batch-invariant too
+                probs = torch.softmax(judge(x), dim=1)
+                guide_loss = task_loss(x)
+                guide_label = guide(x).argmax(1)
+            noise = noise_like(x, real)
         for k, s in enumerate(seeds[:n]):
-            rec = {
-                "seed": s,
-                "guide_loss": float(guide_loss[k]),
-                "guide_label": int(guide_label[k]),
-                "judge_label": int(probs[k].argmax()),
-                "judge_confidence": float(probs[k].max()),
-                "judge_p_target": float(probs[k, cfg.target]),
+            rec = {"seed": s}
+            if judge is not None:
+                rec.update({
+                    "guide_loss": float(guide_loss[k]),
+                    "guide_label": int(guide_label[k]),
+                    "judge_label": int(probs[k].argmax()),
+                    "judge_confidence": float(probs[k].max()),
+                    "judge_p_target": float(probs[k, cfg.target]),
+                })  # fmt: skip
+            rec.update({
                 "skipped_steps": int(res.stats.skipped[k]),
                 "zero_grad_steps": int(res.stats.zero_grad[k]),
-                "noise_like": bool(noise[k]),
+                "overflow_steps": int(res.stats.overflow[k]),
+                **({"noise_like": bool(noise[k])} if judge is not None else {}),
                 "nfe": res.stats.nfe,
                 "denoiser_grads": res.stats.denoiser_grads,
                 "wall_s_per_sample": wall / n,  # the padding's time included: it is what the seeds cost
-            }
+            })  # fmt: skip
             folder.write_seed(s, png_bytes(to_uint8(x[k])), rec)
+    if did_nothing and all(did_nothing):
+        log.warning(
+            "method %s did nothing: every guided step of every sample had a zero gradient of --loss %s, so these are "
+            "unguided samples; check that the loss depends on the sample, or use --set polyak_gap=loss with a "
+            "saturating loss", cfg.method, cfg.loss,
+        )  # fmt: skip
 
 
 def finalize(cfg: SampleConfig, out: Path | RunFolder) -> dict:
@@ -303,21 +335,31 @@ def finalize(cfg: SampleConfig, out: Path | RunFolder) -> dict:
     folder = out if isinstance(out, RunFolder) else RunFolder(out)
     recs = folder.read_records(cfg.seeds)
     n = len(recs)
-    metrics = {
-        "n_samples": n,
-        "target": cfg.target,
-        "method": cfg.method,
-        "judge_validity": sum(r["judge_label"] == cfg.target for r in recs) / n,
-        "guide_validity": sum(r["guide_label"] == cfg.target for r in recs) / n,
-        "mean_guide_loss": sum(r["guide_loss"] for r in recs) / n,
-        "mean_judge_confidence": sum(r["judge_confidence"] for r in recs) / n,
+    metrics = {"n_samples": n, "target": cfg.target, "method": cfg.method}
+    if all("judge_label" in r for r in recs):
+        metrics.update({
+            "judge_validity": sum(r["judge_label"] == cfg.target for r in recs) / n,
+            "guide_validity": sum(r["guide_label"] == cfg.target for r in recs) / n,
+            "mean_guide_loss": sum(r["guide_loss"] for r in recs) / n,
+            "mean_judge_confidence": sum(r["judge_confidence"] for r in recs) / n,
+        })  # fmt: skip
+    else:
+        metrics["not_applicable"] = {
+            "metrics": list(MNIST_METRICS),
+            "reason": f"the model's samples are not MNIST digits of shape {MNIST_SHAPE}, so the MNIST guide and "
+            "judge do not apply",
+        }
+    metrics.update({
         "nfe": recs[0]["nfe"],
         "denoiser_grads": recs[0]["denoiser_grads"],
         "wall_s_per_sample": sum(r["wall_s_per_sample"] for r in recs) / n,
         "skipped_steps": sum(r["skipped_steps"] for r in recs),
-        "noise_like": sum(r.get("noise_like", False) for r in recs) / n,
-        "per_sample": recs,
-    }
+        "zero_grad_steps": sum(r.get("zero_grad_steps", 0) for r in recs),
+        "overflow_steps": sum(r.get("overflow_steps", 0) for r in recs),
+    })  # fmt: skip
+    if "not_applicable" not in metrics:
+        metrics["noise_like"] = sum(r.get("noise_like", False) for r in recs) / n
+    metrics["per_sample"] = recs
     folder.write_bytes("grid.png", png_bytes(grid([folder.read_png(s) for s in cfg.seeds])))
     folder.write_json("metrics.json", metrics)
     return metrics

@@ -55,6 +55,9 @@ def sample(
         callback: called after every step with ``{"i", "t", "x", "stats"}``.
         augment: the data's augmentation, used where ``guidance`` asks for copies (``n_aug > 0``) and
             names none (presets never pick one: e.g. ``LoadedDenoiser.augment``).
+
+    Logs one warning at the end where guidance did nothing (zero gradient), skipped steps or overflowed
+    (:func:`guidance_summary` of :class:`~lossguide.guidance.GuidanceStats`).
     """
     engine = GuidanceEngine(guidance, loss, augment=augment)
     if generators is None:
@@ -102,13 +105,24 @@ def sample(
             bar.set_postfix(loss=f"{float(stats.last_loss.nanmean()):.4g}")
         if callback is not None:
             callback({"i": i, "t": int(sampler.timesteps[i]), "x": x, "stats": stats})
-    n_skip = int(stats.skipped.sum())
-    if n_skip:
-        log.warning(
-            "skipped %d guidance steps with a non-finite loss or gradient in %d of %d samples "
-            "(per-sample counts in stats.skipped)",
-            n_skip,
-            int((stats.skipped > 0).sum()),
-            len(stats.skipped),
-        )
+    summary = guidance_summary(stats)
+    if summary:
+        log.warning("guidance '%s': %s", cfg.name, summary)
     return SampleResult(x0=x, stats=stats)
+
+
+def guidance_summary(stats: GuidanceStats) -> str:
+    """One line on every nonzero per-sample counter of ``stats`` (zero gradient, skipped, overflow), or ''."""
+    B = len(stats.skipped)
+    parts = []
+
+    def counted(c: torch.Tensor | None, what: str, of: str, field: str) -> None:
+        if c is not None and int(c.sum()):
+            parts.append(f"{what} in {int((c > 0).sum())} of {B} samples, on up to {int(c.max())} of their {of} "
+                         f"({int(c.sum())} in all; per-sample counts in stats.{field})")  # fmt: skip
+
+    guided = f"{stats.loss_grads} guided steps"
+    counted(stats.zero_grad, "guidance did nothing (zero gradient)", guided, "zero_grad")
+    counted(stats.skipped, "guided steps were skipped (non-finite loss, gradient or step size)", guided, "skipped")
+    counted(stats.overflow, f"|x| exceeded {stats.max_abs:g} or turned non-finite", f"{stats.nfe} steps", "overflow")
+    return "; ".join(parts)

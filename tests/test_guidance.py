@@ -7,7 +7,7 @@ import lossguide as lg
 from lossguide.augment import DiffAugment, GaussianJitter
 from lossguide.denoiser import from_module
 from lossguide.guidance import GuidanceConfig, GuidanceEngine, GuidanceStats
-from lossguide.steps import Polyak, StepContext, TFGSchedule
+from lossguide.steps import Constant, Polyak, StepContext, TFGSchedule
 
 
 def _one_step(den, sampler, cfg, loss, x, i=5, seeds=(0, 1, 2)):
@@ -346,3 +346,54 @@ def test_classical_polyak_gap_keeps_the_update_bounded_as_loss_and_gradient_vani
     torch.testing.assert_close(updates["eps"][1], 100 * updates["eps"][0])
     with pytest.raises(ValueError, match="gap"):
         Polyak(gap="nope")
+
+
+# -- guidance that silently does nothing is reported -----------------------------------------------------
+def _run(prior, schedule, cfg, loss, steps=10):
+    den, sampler = prior.denoiser(schedule), lg.DDIM(schedule, steps)
+    return lg.sample(den, sampler, cfg, loss, shape=(prior.dim,), seeds=range(4), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["freedom", "dps", "mpgd", "shen2024"])
+def test_a_zero_gradient_loss_is_counted_and_warned(prior, schedule, caplog, method):
+    """A loss flat everywhere returns the unguided samples: every rule counts it and sample() says so once."""
+    params = dict(n_aug=0, n_recur=1) if method == "shen2024" else {}
+    with caplog.at_level("WARNING", logger="lossguide.sampling"):
+        res = _run(prior, schedule, lg.preset(method, **params), lambda x0: x0.sum(1) * 0)
+    n = res.stats.loss_grads
+    assert n == 10 and res.stats.zero_grad.tolist() == [n] * 4 and res.stats.overflow.tolist() == [0] * 4
+    torch.testing.assert_close(res.x0, _run(prior, schedule, None, None).x0)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert "guidance did nothing (zero gradient) in 4 of 4 samples, on up to 10 of their 10 guided steps" in msg
+
+
+def test_exploding_guidance_counts_overflow(prior, schedule, caplog):
+    with caplog.at_level("WARNING", logger="lossguide.sampling"):
+        res = _run(prior, schedule, lg.preset("mpgd", scale=1e9), lambda x0: x0.sum(1))
+    assert (res.stats.overflow > 0).all() and res.stats.max_abs == 1e6
+    (rec,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "|x| exceeded 1e+06 or turned non-finite in 4 of 4 samples" in rec.getMessage()
+
+
+def test_a_nan_step_rule_is_summarised_with_the_other_counters(prior, schedule, caplog):
+    class NanRule(Constant):
+        def __call__(self, ctx):
+            return self._full(ctx, float("nan"))
+
+    cfg = lg.preset("freedom").replace(rho=NanRule())
+    with caplog.at_level("WARNING", logger="lossguide.sampling"):
+        res = _run(prior, schedule, cfg, _target_loss)
+    assert res.stats.skipped.tolist() == [10] * 4 and torch.isfinite(res.x0).all()
+    (rec,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "guided steps were skipped (non-finite loss, gradient or step size) in 4 of 4 samples" in rec.getMessage()
+
+
+def test_normal_guidance_logs_no_warning(prior, schedule, caplog):
+    with caplog.at_level("WARNING", logger="lossguide.sampling"):
+        res = _run(prior, schedule, lg.preset("freedom", scale=0.3), _target_loss)
+        res2 = _run(prior, schedule, lg.preset("shen2024", n_aug=0, n_recur=1), _target_loss)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    for r in (res, res2):
+        assert int(r.stats.zero_grad.sum() + r.stats.skipped.sum() + r.stats.overflow.sum()) == 0

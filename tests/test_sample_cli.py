@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lossguide import models
+from lossguide import models, run_sample
 from lossguide.cli import main
 from lossguide.run_sample import SampleConfig, parse_params, parse_seeds, run
 
@@ -206,3 +206,72 @@ def test_a_written_config_yaml_reruns_bit_identically(tmp_path, capsys):
     edited.write_text((a / "config.yaml").read_text().replace("n_aug: 2", "n_aug: 3", 1))
     assert main(["sample", "--config", str(edited), "--out", str(tmp_path / "c"), "--quiet"]) == 2
     assert "guidance block differs in ['n_aug']" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "abc", "-1"])
+def test_a_bad_preset_value_fails_before_any_model_loads_or_file_is_written(tmp_path, capsys, monkeypatch, value):
+    """--set eta=nan once ran fully unguided and exited 0; now it is a one-line error naming eta."""
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_denoiser", no_models)
+    out = tmp_path / "run"
+    assert main(["sample", "--set", f"eta={value}", "--steps", "1", "--out", str(out), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    shown = repr(value) if value == "abc" else value
+    assert err.count("\n") == 1 and f"eta must be a finite number > 0, got {shown}" in err and not out.exists()
+    assert main(["sample", "--set", "n_aug=2.5", "--out", str(out)]) == 2 and not out.exists()
+    assert "n_aug must be an integer ≥ 0, got 2.5" in capsys.readouterr().err
+
+
+def _tiny_rgb_unet(path):
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )  # fmt: skip
+    unet.save_pretrained(path / "unet")
+    diffusers.DDPMScheduler(clip_sample=False).save_pretrained(path / "scheduler")
+    return path
+
+
+def test_a_non_mnist_model_samples_unguided_and_refuses_mnist_losses(tmp_path, capsys, caplog):
+    """A diffusers model of another shape: MNIST losses are refused before sampling; --method none runs, no judge."""
+    model = str(_tiny_rgb_unet(tmp_path / "model"))
+    out = tmp_path / "run"
+    base = ["sample", "--model", model, "--steps", "2", "--seeds", "0-2", "--batch", "2", "--quiet", "--out", str(out)]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "makes samples of shape (3, 8, 8), but --loss class-feature" in err
+    assert "use --method none" in err and not out.exists()
+    with caplog.at_level("WARNING", logger="lossguide.run_sample"):
+        assert main([*base, "--method", "none"]) == 0
+    assert any("not MNIST digits: no guide or judge metrics" in r.getMessage() for r in caplog.records)
+    m = json.loads((out / "metrics.json").read_text())
+    assert "judge_validity" not in m and "judge_validity" in m["not_applicable"]["metrics"]
+    assert m["nfe"] == 2 and [r["seed"] for r in m["per_sample"]] == [0, 1, 2]
+    assert all(r["overflow_steps"] == 0 and "judge_label" not in r for r in m["per_sample"])
+    assert np.array(Image.open(out / "000000.png")).shape == (8, 8, 3)
+    assert "3 unguided samples" in capsys.readouterr().out
+
+
+@shipped
+def test_guidance_that_did_nothing_is_warned_on_the_cli(tmp_path, caplog, monkeypatch):
+    """Every guided step of every sample had a zero gradient: the CLI warns; a normal run does not."""
+    args = ["sample", "--steps", "2", "--seeds", "0-1", "--batch", "2", "--quiet", "--set", "n_aug=0",
+            "--set", "n_recur=1"]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert not any("did nothing" in r.getMessage() for r in caplog.records)
+    rec = json.loads((tmp_path / "a" / "records" / "000000.json").read_text())
+    assert rec["zero_grad_steps"] == 0 and rec["overflow_steps"] == 0
+    monkeypatch.setattr(run_sample, "build_loss", lambda *a: lambda x0: x0.flatten(1).sum(1) * 0)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    (cli,) = [r.getMessage() for r in caplog.records if r.name == "lossguide.run_sample"]
+    assert "method shen2024 did nothing: every guided step of every sample had a zero gradient" in cli
+    rec = json.loads((tmp_path / "b" / "records" / "000000.json").read_text())
+    assert rec["zero_grad_steps"] == 2

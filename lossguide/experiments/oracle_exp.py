@@ -281,7 +281,7 @@ def _run(out, quick: bool) -> dict:
         "",
         "MNIST guide (ℓ = 1 − p(y|x), bounded, float64) at the points guidance sees: Tweedie x0_hat of noised "
         "held-out digits at t = 500, target = their class. The same estimate for the loss averaged over |T| "
-        "DiffAugment copies (the same draws at both points), at two finite-difference radii; `relative` divides "
+        "`digits` augmentations (the same draws at both points), at two finite-difference radii; `relative` divides "
         "by the gradient norm at the point.",
         "",
         md_table(rows_a, [*rows_a[0]]) if rows_a else "(skipped)",

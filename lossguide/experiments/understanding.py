@@ -238,7 +238,8 @@ def gradients(out, quick: bool = False) -> dict:
         f"background per image "
         f"({n_img} images, seeds 0–{n_img - 1}, target = seed mod 10; the grid shows the first 10); "
         f"the noise-aware classifier is fed t = 1000·(1 − k/{n_steps}) at "
-        f"step k; augmentation averages the gradient over |T| = {n_aug} DiffAugment copies (seeds 1000 + image).",
+        f"step k; augmentation averages the gradient over |T| = {n_aug} `digits` augmentations (±2 px shift, "
+        "zoom 0.9–1.1, fill −1; seeds 1000 + image).",
         "",
         "![gradients](gradients.png)",
         "",
@@ -304,7 +305,8 @@ def adversarial_gap(out, quick: bool = False) -> dict:
     body = [
         f"FreeDoM (scale {base.rho.scale} from the settings, the same for every guide network), DDIM-{steps}, "
         f"seeds 0–{n - 1} (target = seed mod 10); RA = "
-        f"|T| = {n_aug} DiffAugment copies; robust = `mnist-robust` (L2-PGD trained); real = the 1,000 held-out "
+        f"|T| = {n_aug} `digits` augmentations (±2 px shift, zoom 0.9–1.1, fill −1); robust = `mnist-robust` "
+        "(L2-PGD trained); real = the 1,000 held-out "
         "digits. Columns: the network that guided (or real data); rows: the network that evaluates "
         "(mean cross-entropy and validity).",
         "",
@@ -470,7 +472,7 @@ def ra_cost(out, quick: bool = False) -> dict:
     rows = []
     for n_aug in sizes:
         cfg = presets.with_techniques(config("freedom"), n_aug=n_aug)
-        engine = GuidanceEngine(cfg, loss)
+        engine = GuidanceEngine(cfg, loss, augment=k.model.augment)
         times = []
         for r in range(reps + 1):
             stats = GuidanceStats()
