@@ -16,7 +16,8 @@ def _fmt_table(rows: list[dict], cols: list[str]) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
         if isinstance(v, dict):
-            return ",".join(f"{k}={v2:g}" for k, v2 in v.items()) or "-"
+            return ",".join(f"{k}={v2:g}" if isinstance(v2, (int, float)) else f"{k}={v2}"
+                            for k, v2 in v.items()) or "-"  # fmt: skip
         return str(v)
 
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]

@@ -67,7 +67,7 @@ PIXEL_PRESETS = {
     "v_prediction": {
         "freedom": dict(scale=5.0), "dps": dict(scale=1.0), "ugd": dict(scale=0.05, backward_scale=2.0),
         "lgd_mc": dict(scale=5.0, n_mc=2), "mpgd": dict(scale=5.0), "tfg": dict(rho=3.0, mu=3.0, n_iter=1),
-        "shen2024": dict(eta=0.3, n_recur=2, **_JIT),
+        "shen2024": dict(eta=0.03, n_recur=2, **_JIT),  # the paper's Polyak rule is inversely scaled in ℓ
     },
     "sample": {
         "ugd": dict(scale=0.5, backward_scale=5.0), "mpgd": dict(scale=5.0), "tfg": dict(rho=3.0, mu=3.0, n_iter=1),
