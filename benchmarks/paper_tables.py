@@ -51,7 +51,7 @@ def rows(runs: Path, name: str) -> list[dict]:
 def records(runs: Path, name: str, method: str, steps: int) -> dict[int, dict]:
     """Per-seed evaluation records of one (method, steps) cell, by seed."""
     out = {}
-    for f in (runs / name / "shards" / "eval").glob(f"*/{method}/*/s{steps}/*.json"):
+    for f in (runs / name / "shards" / "eval").glob(f"*/{method.replace('+', '_')}/*/s{steps}/*.json"):
         for r in json.loads(f.read_text())["records"]:
             out[r["seed"]] = r
     return out
