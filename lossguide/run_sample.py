@@ -256,7 +256,7 @@ def run(
     judge = load_classifier(cfg.judge, device=cfg.device)
     needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
     reference = reference_digit(cfg.target, cfg.reference).to(cfg.device) if needs_ref else None
-    means = class_means(cfg.guide, device=cfg.device) if cfg.loss == "class-feature" else None
+    means = class_means(cfg.guide, device=cfg.device, net=guide) if cfg.loss == "class-feature" else None
     task_loss = build_loss(cfg, guide, reference, means)  # what is reported as the guide loss, for every method
     loss = task_loss
     if cfg.method == "cg":  # classifier guidance steers with the noise-aware classifier of the target class

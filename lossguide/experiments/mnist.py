@@ -76,7 +76,7 @@ class MnistKit:
         from lossguide.models import class_means
 
         if net not in self._means:
-            self._means[net] = class_means(f"mnist-{net}", device=self.device)
+            self._means[net] = class_means(f"mnist-{net}", device=self.device, net=self.nets[net])
         return self._means[net]
 
     def loss(self, net: str, targets: Sequence[int], kind: str = "ce"):

@@ -202,14 +202,14 @@ def load_classifier(name: str, device="cpu", check_hash: bool = False) -> torch.
     return freeze(model.to(device))
 
 
-def class_means(name: str, device="cpu") -> torch.Tensor:
+def class_means(name: str, device="cpu", net: torch.nn.Module | None = None) -> torch.Tensor:
     """μ_y ``[10, D]``: the shipped classifier ``name``'s mean penultimate feature per class, over its own
     training split (from the manifest; never the held-out digits), for
-    :class:`~lossguide.losses.FeatureDistanceLoss`."""
+    :class:`~lossguide.losses.FeatureDistanceLoss`; ``net`` is that classifier when already loaded."""
     from lossguide.data import load_mnist
     from lossguide.losses import class_feature_means
 
-    net = load_classifier(name, device=device)
+    net = load_classifier(name, device=device) if net is None else net
     if not hasattr(net, "features"):
         raise ValueError(f"classifier {name!r} has no .features(x) to take class means of")
     x, y = load_mnist(manifest()[name]["split"])
