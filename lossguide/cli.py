@@ -169,12 +169,19 @@ def cmd_recipe(args) -> int:
 def cmd_experiment(args) -> int:
     from lossguide import experiments
 
-    names = list(experiments.EXPERIMENTS) if args.name == "all" else [args.name]
+    if args.name == "all":
+        names = list(experiments.EXPERIMENTS) if args.loss == "ce" else list(experiments.LOSS_AWARE)
+    else:
+        names = [args.name]
     for name in names:
         experiments.get(name)  # fail fast on an unknown name
+        if args.loss != "ce" and name not in experiments.LOSS_AWARE:
+            raise ValueError(f"experiment {name!r} has no class loss to switch; --loss applies to "
+                             f"{', '.join(experiments.LOSS_AWARE)}")  # fmt: skip
     for name in names:
-        out = args.out / name if (args.name == "all" or args.out == Path("runs/experiments")) else args.out
-        summary = experiments.run(name, out, quick=args.quick)
+        folder = name if args.loss == "ce" else f"{name}-{args.loss}"
+        out = args.out / folder if (args.name == "all" or args.out == Path("runs/experiments")) else args.out
+        summary = experiments.run(name, out, quick=args.quick, loss=args.loss)
         print(f"{name}: {summary.get('headline', 'done')} -> {out}")
     return 0
 
@@ -302,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="experiment name, or all")
     p.add_argument("--out", type=Path, default=Path("runs/experiments"), help="folder (NAME is appended)")
     p.add_argument("--quick", action="store_true", help="few samples (for tests); numbers are not meaningful")
+    p.add_argument("--loss", choices=("ce", "feature"), default="ce",
+                   help="class loss of the understanding experiments: the guide's cross-entropy (saturating) or "
+                   "the paper-style feature distance ‖f(x0_hat) − μ_y‖ (folder NAME-feature)")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(

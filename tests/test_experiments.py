@@ -2,6 +2,7 @@
 
 import json
 import math
+import numpy as np
 
 import pytest
 import torch
@@ -129,3 +130,23 @@ def test_unknown_experiment_is_a_clear_error(capsys):
 
     assert main(["experiment", "nope"]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+def test_loss_curves_feature_quick(kit, tmp_path):
+    """--loss feature: the loss along the trajectory and of real digits is the guide's feature distance."""
+    from lossguide import experiments
+
+    experiments.run("loss-curves", tmp_path / "f", quick=True, loss="feature")
+    data = json.loads((tmp_path / "f" / "results.json").read_text())
+    assert "lossguide experiment loss-curves --quick --loss feature" in (tmp_path / "f" / "report.md").read_text()
+    real = kit.class_loss("guide", kit.real_x, kit.real_y, "feature")
+    ce = kit.class_loss("guide", kit.real_x, kit.real_y)
+    assert abs(data["real_guide_loss_median"] - float(np.median(real.numpy()))) < 1e-6
+    assert float(real.median()) > 10 * float(ce.median())  # a distance in feature units, not a saturated CE
+
+
+def test_loss_switch_refused_where_there_is_no_class_loss(capsys):
+    from lossguide.cli import main
+
+    assert main(["experiment", "oracle", "--loss", "feature"]) == 2
+    assert "has no class loss to switch" in capsys.readouterr().err

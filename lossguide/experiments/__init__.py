@@ -32,8 +32,18 @@ def get(name: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module), fn)
 
 
-def run(name: str, out: Path, quick: bool = False) -> dict:
-    """Run experiment ``name`` into ``out`` (created if needed)."""
+#: experiments that take ``loss="ce"|"feature"`` (the guide's cross-entropy or its class feature distance)
+LOSS_AWARE = ("loss-curves", "gradients", "adversarial-gap", "convergence", "ablation")
+LOSS_KINDS = ("ce", "feature")
+
+
+def run(name: str, out: Path, quick: bool = False, loss: str = "ce") -> dict:
+    """Run experiment ``name`` into ``out`` (created if needed), with the class loss ``loss``."""
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"unknown --loss {loss!r}; choose one of {', '.join(LOSS_KINDS)}")
+    fn = get(name)
+    if loss != "ce" and name not in LOSS_AWARE:
+        raise ValueError(f"experiment {name!r} has no class loss to switch; --loss applies to {', '.join(LOSS_AWARE)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return get(name)(out, quick=quick)
+    return fn(out, quick=quick, **({"loss": loss} if name in LOSS_AWARE else {}))

@@ -50,6 +50,7 @@ class Generated:
     wall_s: float
     loss_trace: list = field(default_factory=list)
     skipped: int = 0
+    kind: str = "ce"  # the class loss that guided (MnistKit.loss)
 
 
 class MnistKit:
@@ -140,12 +141,16 @@ class MnistKit:
             wall_s=wall,
             loss_trace=trace,
             skipped=skipped,
+            kind=kind,
         )
 
     # -- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def class_loss(self, net: str, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-sample cross-entropy of clean images under ``net`` (guide, robust, judge)."""
+    def class_loss(self, net: str, x: torch.Tensor, targets: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+        """Per-sample loss of clean images under ``net`` (guide, robust, judge): cross-entropy, or with
+        ``kind="feature"`` the feature distance ‖f(x) − μ_y‖ to ``net``'s own class mean."""
+        if kind == "feature":
+            return self.loss(net, targets.tolist(), "feature")(x).double()
         p = metrics.classify(self.nets[net], x)
         return -torch.log(p[torch.arange(len(x)), targets.long()].clamp_min(1e-30)).double()
 
@@ -172,7 +177,7 @@ class MnistKit:
             "n": len(gen.x),
             "judge_validity": self.validity("judge", gen.x, gen.targets),
             "guide_validity": self.validity("guide", gen.x, gen.targets),
-            "guide_loss": float(self.class_loss("guide", gen.x, gen.targets).mean()),
+            "guide_loss": float(self.class_loss("guide", gen.x, gen.targets, gen.kind).mean()),
             "noise_like": float(metrics.noise_like(gen.x, self.real_x).double().mean()),
             "nfe": gen.nfe,
             "denoiser_grads": gen.denoiser_grads,

@@ -62,8 +62,8 @@ def pyplot():
     return plt
 
 
-def command_line(name: str, quick: bool) -> str:
-    return f"lossguide experiment {name}" + (" --quick" if quick else "")
+def command_line(name: str, quick: bool, loss: str = "ce") -> str:
+    return f"lossguide experiment {name}" + (" --quick" if quick else "") + (f" --loss {loss}" if loss != "ce" else "")
 
 
 def write_report(out: Path, title: str, command: str, body: list[str], data: dict) -> None:

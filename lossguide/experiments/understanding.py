@@ -43,21 +43,31 @@ def _verdict(ok: bool, partly: bool = False) -> str:
 
 
 # -- 1. loss curves (Fig. 1) -----------------------------------------------------------------------------
-def loss_curves(out, quick: bool = False) -> dict:
+def _task(loss: str) -> str:
+    """The settings section of a class loss kind."""
+    return "class" if loss == "ce" else "class-feature"
+
+
+def _loss_words(loss: str) -> str:
+    return ("cross-entropy −log p(y|x0_hat) of the guide (saturating)" if loss == "ce" else
+            "feature distance ‖f(x0_hat) − μ_y‖₂ of the guide (unsquared, μ_y on its training split A)")
+
+
+def loss_curves(out, quick: bool = False, loss: str = "ce") -> dict:
     """Guide loss ℓ(x0_hat_t) along FreeDoM trajectories, successful vs failed (by the judge), against
     the guide loss of real held-out digits (Fig. 1)."""
     k = kit()
     n, steps = (10, 10) if quick else (100, 50)
     seeds = list(range(n))
-    cfg = config("freedom")
-    gen = k.generate(cfg, seeds, steps)
+    cfg = config("freedom", _task(loss))
+    gen = k.generate(cfg, seeds, steps, kind=loss)
     trace = np.stack([tr[2].double().numpy() for tr in gen.loss_trace])  # [guided steps, n]
     ts = np.array([t for _, t, _ in gen.loss_trace])
     judge_label = classify(k.nets["judge"], gen.x).argmax(1).cpu()
     success = (judge_label == gen.targets).numpy()
-    final_guide = k.class_loss("guide", gen.x, gen.targets).numpy()
-    final_judge = k.class_loss("judge", gen.x, gen.targets).numpy()
-    real = k.class_loss("guide", k.real_x, k.real_y).numpy()
+    final_guide = k.class_loss("guide", gen.x, gen.targets, loss).numpy()
+    final_judge = k.class_loss("judge", gen.x, gen.targets, loss).numpy()
+    real = k.class_loss("guide", k.real_x, k.real_y, loss).numpy()
     real_med, real_mean, real_p95 = float(np.median(real)), float(real.mean()), float(np.quantile(real, 0.95))
     guide_label = classify(k.nets["guide"], gen.x).argmax(1).cpu().numpy()
 
@@ -133,7 +143,7 @@ def loss_curves(out, quick: bool = False) -> dict:
         f"failed samples as their target. Here: {head}. "
         f"Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Loss curves (paper Fig. 1)", command_line("loss-curves", quick), body,
+    write_report(out, "Loss curves (paper Fig. 1)", command_line("loss-curves", quick, loss), body,
                  {"seeds": seeds, "steps": steps, "method": cfg.to_dict(), "groups": {"successful": g_ok,
                   "failed": g_bad}, "t": ts.tolist(), "real_guide_loss_median": real_med,
                   "verdict_confirmed": bool(ok)})  # fmt: skip
@@ -156,7 +166,7 @@ def sdedit(k: MnistKit, x: torch.Tensor, t0: int = 250, steps: int = 50, seed0: 
 
 
 # -- 2. gradients from random backgrounds (Fig. 2) -------------------------------------------------------
-def gradients(out, quick: bool = False) -> dict:
+def gradients(out, quick: bool = False, loss: str = "ce") -> dict:
     """Accumulated normalised gradient steps x ← clip(x − lr·g/‖g‖) from random backgrounds toward each class,
     for the robust, noise-aware (fed t = T(1 − k/K) at step k), plain, and plain + augmentation nets (Fig. 2)."""
     k = kit()
@@ -181,14 +191,14 @@ def gradients(out, quick: bool = False) -> dict:
     finals, projected, rows = {}, {}, []
     for label, (net_name, augment) in variants.items():
         x = x_init.clone()
-        loss_fn = k.loss(net_name, classes)
+        loss_fn = k.loss(net_name, classes, loss)
         aug_gens = make_generators(range(1000, 1000 + n_img))
         for step in range(n_steps):
             xv = x.detach().requires_grad_(True)
             if net_name == "noise-aware":
                 L = loss_fn(xv, int(round(T * (1 - (step + 1) / n_steps))))
             elif augment is not None:
-                L = k.loss(net_name, classes)(augment(xv, aug_gens, n_aug)).view(n_img, n_aug).mean(1)
+                L = k.loss(net_name, classes, loss)(augment(xv, aug_gens, n_aug)).view(n_img, n_aug).mean(1)
             else:
                 L = loss_fn(xv)
             (g,) = torch.autograd.grad(L.sum(), xv)
@@ -198,8 +208,8 @@ def gradients(out, quick: bool = False) -> dict:
         projected[label] = sdedit(k, x)
         rows.append({
             "guided by": label,
-            "plain-guide loss": float(k.class_loss("guide", x, targets).mean()),
-            "robust loss": float(k.class_loss("robust", x, targets).mean()),
+            "plain-guide loss": float(k.class_loss("guide", x, targets, loss).mean()),
+            "robust loss": float(k.class_loss("robust", x, targets, loss).mean()),
             "judge validity": k.validity("judge", x, targets),
             "judge validity after SDEdit": k.validity("judge", projected[label], targets),
             "judge labels after SDEdit (first 10; targets 0–9)": "".join(
@@ -234,7 +244,8 @@ def gradients(out, quick: bool = False) -> dict:
     partly = by["robust"][key] > by["plain"][key] or by["noise-aware"][key] > by["plain"][key]
     head = ", ".join(f"{r['guided by']} {r[key]:.0%}" for r in rows) + " judge validity after SDEdit"
     body = [
-        f"{n_steps} normalised gradient steps of size {lr} (L2, per image) on −log p(y|x) from one random dark "
+        f"{n_steps} normalised gradient steps of size {lr} (L2, per image) on the {_loss_words(loss)} "
+        "(the noise-aware row: −log p(y|x_t, t), its training loss) from one random dark "
         f"background per image "
         f"({n_img} images, seeds 0–{n_img - 1}, target = seed mod 10; the grid shows the first 10); "
         f"the noise-aware classifier is fed t = 1000·(1 − k/{n_steps}) at "
@@ -256,20 +267,20 @@ def gradients(out, quick: bool = False) -> dict:
         "the target more often after robust, noise-aware and plain + augmentation steps than after plain steps "
         f"(partly: robust only). Here: {head}. Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Gradients from random backgrounds (paper Fig. 2)", command_line("gradients", quick), body,
+    write_report(out, "Gradients from random backgrounds (paper Fig. 2)", command_line("gradients", quick, loss), body,
                  {"n_steps": n_steps, "lr": lr, "n_aug": n_aug, "seeds": list(range(n_img)), "rows": rows,
                   "verdict_confirmed": bool(ok)})  # fmt: skip
     return {"headline": head, "confirmed": bool(ok), "rows": rows}
 
 
 # -- 3. adversarial gap (Table 4) -------------------------------------------------------------------------
-def adversarial_gap(out, quick: bool = False) -> dict:
+def adversarial_gap(out, quick: bool = False, loss: str = "ce") -> dict:
     """Guide by {plain, plain + RA, robust} (FreeDoM, scale tuned for plain), plus real digits; evaluate each
     set's loss and validity under {plain, robust, judge} (Table 4)."""
     k = kit()
     n, steps, n_aug = (10, 10, 2) if quick else (100, 50, 10)
     seeds = list(range(n))
-    base = config("freedom")
+    base = config("freedom", _task(loss))
     sets = {
         "plain": (base, "guide"),
         "plain + RA": (presets.with_techniques(base, n_aug=n_aug), "guide"),
@@ -277,7 +288,7 @@ def adversarial_gap(out, quick: bool = False) -> dict:
     }
     gen_sets, meta = {}, {}
     for label, (cfg, net) in sets.items():
-        g = k.generate(cfg, seeds, steps, net=net)
+        g = k.generate(cfg, seeds, steps, net=net, kind=loss)
         gen_sets[label] = (g.x, g.targets)
         meta[label] = {"nfe": g.nfe, "wall_s_per_sample": g.wall_s / n, "skipped_steps": g.skipped}
     gen_sets["real held-out"] = (k.real_x, k.real_y.cpu())
@@ -286,7 +297,7 @@ def adversarial_gap(out, quick: bool = False) -> dict:
         loss_row = {"evaluated by": evaluator, "metric": "loss"}
         val_row = {"evaluated by": evaluator, "metric": "validity"}
         for label, (x, y) in gen_sets.items():
-            loss_row[label] = float(k.class_loss(net, x, y).mean())
+            loss_row[label] = float(k.class_loss(net, x, y, loss).mean())
             val_row[label] = k.validity(net, x, y)
         rows += [loss_row, val_row]
     write_csv(out / "results.csv", rows)
@@ -308,7 +319,7 @@ def adversarial_gap(out, quick: bool = False) -> dict:
         f"|T| = {n_aug} `digits` augmentations (±2 px shift, zoom 0.9–1.1, fill −1); robust = `mnist-robust` "
         "(L2-PGD trained); real = the 1,000 held-out "
         "digits. Columns: the network that guided (or real data); rows: the network that evaluates "
-        "(mean cross-entropy and validity).",
+        f"(mean loss and validity). Loss: the {_loss_words(loss)}, each evaluator with its own class means.",
         "",
         md_table(rows, cols),
         "",
@@ -318,14 +329,14 @@ def adversarial_gap(out, quick: bool = False) -> dict:
         "loss exceeds the real data's, and RA removes at least half of that gap (partly: any part). "
         f"Here: {head}. Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Adversarial gap (paper Table 4)", command_line("adversarial-gap", quick), body,
+    write_report(out, "Adversarial gap (paper Table 4)", command_line("adversarial-gap", quick, loss), body,
                  {"seeds": seeds, "steps": steps, "n_aug": n_aug, "method": base.to_dict(), "sets": meta,
                   "rows": rows, "verdict_confirmed": bool(ok)})  # fmt: skip
     return {"headline": head, "confirmed": bool(ok), "rows": rows}
 
 
 # -- 4. convergence (Table 5) -----------------------------------------------------------------------------
-def convergence(out, quick: bool = False) -> dict:
+def convergence(out, quick: bool = False, loss: str = "ce") -> dict:
     """FreeDoM, FreeDoM + Polyak and classifier guidance (noise-aware) at DDIM-20/50/100: guide loss, judge
     validity, FID/KID on judge features (Table 5)."""
     k = kit()
@@ -334,7 +345,7 @@ def convergence(out, quick: bool = False) -> dict:
     rows = []
     for steps in budgets:
         for name in ("freedom", "freedom+polyak", "cg"):
-            gen = k.generate(config(name), seeds, steps)
+            gen = k.generate(config(name, _task(loss)), seeds, steps, kind=loss)
             row = {"steps": steps, "method": name, **k.evaluate(gen)}
             rows.append(row)
             log.info("convergence %s", row)
@@ -392,31 +403,31 @@ def convergence(out, quick: bool = False) -> dict:
         f"lead over FreeDoM is positive at the fewest steps and shrinks with more (partly: either). Here: {head}. "
         f"Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Convergence (paper Table 5)", command_line("convergence", quick), body,
+    write_report(out, "Convergence (paper Table 5)", command_line("convergence", quick, loss), body,
                  {"seeds": seeds, "budgets": list(budgets), "settings": load_settings(), "rows": rows,
                   "verdict_confirmed": bool(ok)})  # fmt: skip
     return {"headline": head, "confirmed": bool(ok), "rows": rows}
 
 
 # -- 5. ablation ------------------------------------------------------------------------------------------
-def ablation(out, quick: bool = False) -> dict:
+def ablation(out, quick: bool = False, loss: str = "ce") -> dict:
     """The paper's method with each technique switched off in turn, at DDIM-50 and DDIM-100."""
     k = kit()
     n, budgets, n_aug = (10, (5,), 2) if quick else (60, (50, 100), 10)
     seeds = list(range(n))
-    full = config("shen2024", n_aug=n_aug)
-    freedom_scale = load_settings().get("class", {}).get("freedom", {}).get("scale", 1.0)
+    full = config("shen2024", _task(loss), n_aug=n_aug)
+    freedom_scale = load_settings().get(_task(loss), {}).get("freedom", {}).get("scale", 1.0)
     variants = {
         "full (RA + Polyak + time travel)": full,
         "− augmentation": presets.with_techniques(full, n_aug=0),
-        "− Polyak (FreeDoM step)": config("shen2024", n_aug=n_aug, polyak=False, scale=freedom_scale),
+        "− Polyak (FreeDoM step)": config("shen2024", _task(loss), n_aug=n_aug, polyak=False, scale=freedom_scale),
         "− time travel": presets.with_techniques(full, n_recur=1),
-        "FreeDoM (all off)": config("freedom"),
+        "FreeDoM (all off)": config("freedom", _task(loss)),
     }
     rows = []
     for steps in budgets:
         for label, cfg in variants.items():
-            gen = k.generate(cfg, seeds, steps)
+            gen = k.generate(cfg, seeds, steps, kind=loss)
             rows.append({"steps": steps, "variant": label, **k.evaluate(gen)})
             log.info("ablation %s", rows[-1])
     write_csv(out / "results.csv", rows)
@@ -453,7 +464,7 @@ def ablation(out, quick: bool = False) -> dict:
         "ablated variant beats the full method's judge validity at any budget (partly: at least two of the four "
         f"do not). Here: {head}. Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Ablation of the paper's techniques", command_line("ablation", quick), body,
+    write_report(out, "Ablation of the paper's techniques", command_line("ablation", quick, loss), body,
                  {"seeds": seeds, "budgets": list(budgets), "rows": rows, "verdict_confirmed": bool(ok),
                   "variants": {k2: v.to_dict() for k2, v in variants.items()}})  # fmt: skip
     return {"headline": head, "confirmed": bool(ok), "rows": rows}
