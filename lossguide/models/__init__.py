@@ -216,6 +216,21 @@ def class_means(name: str, device="cpu", net: torch.nn.Module | None = None) -> 
     return class_feature_means(net.features, x.to(device), y.to(device))
 
 
+def load_network(path, flags: dict | None = None) -> torch.nn.Module:
+    """A frozen network of the papers' own checkpoints (guided-diffusion ADM UNet or classifier, DDIM-codebase
+    UNet) from its file and its reference flags (``flags['architecture']`` or told from the keys); it returns
+    what the reference returns (``net(x, t)`` or ``net(x, t, y)``). See :mod:`lossguide.networks`."""
+    if not Path(path).expanduser().is_file():
+        raise ModelNotFoundError(
+            f"no checkpoint file {str(path)!r}; pass the path of the .pt/.ckpt/.safetensors file (e.g. "
+            "guided-diffusion's 256x256_diffusion_uncond.pt or SDEdit's celeba_hq.ckpt) and its constructor "
+            "flags; for shipped or diffusers models use load_denoiser/load_classifier"
+        )
+    from lossguide.networks import load_network_file
+
+    return load_network_file(Path(path).expanduser(), flags)
+
+
 def load(name: str, device="cpu"):
     """Convenience: a :class:`LoadedDenoiser` for diffusion models, a frozen module for classifiers."""
     if name in CLASSIFIERS:
