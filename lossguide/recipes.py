@@ -46,7 +46,7 @@ TOP_KEYS = {
 }  # fmt: skip
 LOSS_KINDS = ("clip_text", "clip_image", "clip_style", "classifier", "feature_match", "identity", "none")
 MODEL_KEYS = {
-    "pixel": {"kind", "path", "dtype", "state_dtype"},
+    "pixel": {"kind", "path", "dtype", "state_dtype", "flags"},
     "latent": {
         "kind", "path", "dtype", "prompt", "negative_prompt", "cfg_scale", "height", "width", "decode_scale",
         "gradient_checkpointing", "autocast",
@@ -230,7 +230,7 @@ def build(r: dict) -> Built:
     guidance = _guidance(r)
     if m["kind"] == "pixel":
         ld = load_denoiser(_local(r, m["path"]), device=device, dtype=m.get("dtype", "fp32"),
-                           state_dtype=m.get("state_dtype", "fp32"))  # fmt: skip
+                           state_dtype=m.get("state_dtype", "fp32"), flags=m.get("flags"))  # fmt: skip
         den, shape = ld.denoiser, ld.sample_shape
         if guidance.n_aug > 0 and guidance.augment is None:  # the model's data supplies the augmentation
             guidance = guidance.replace(augment=ld.augment)

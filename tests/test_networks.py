@@ -179,3 +179,37 @@ def test_denoiser_keeps_a_plain_eps_network_whole():
     with torch.no_grad():
         out = d(io["input.x"][1:], int(io["input.t"][1]))
     assert (out.eps - io["output"][1:]).abs().max().item() <= TOL
+
+
+@needs_fixtures
+def test_load_denoiser_reads_an_original_checkpoint_file():
+    """load_denoiser (and recipes) take the same .pt file and flags as load_network: ε = the reference's first
+    3 output channels, the schedule is guided-diffusion's linear β, the shape comes from the flags."""
+    from safetensors.torch import load_file
+
+    from lossguide.models import load_denoiser
+
+    name = "adm_imagenet256_uncond_layout"
+    flags = json.loads((FIXTURES / f"{name}.json").read_text())["constructor_kwargs"]
+    ref = load_file(str(FIXTURES / f"{name}.safetensors"))
+    ld = load_denoiser(str(FIXTURES / f"{name}.pt"), flags=dict(flags, image_size=64))
+    assert ld.sample_shape == (3, 64, 64)
+    ab = ld.denoiser.schedule.alpha_bar
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    assert torch.allclose(ab, torch.cumprod(1 - betas, 0), rtol=1e-6, atol=0)
+    x, t = ref["input.x"], ref["input.t"]
+    for k in range(len(t)):
+        out = ld.denoiser(x[k : k + 1], int(t[k]))
+        assert (out.eps - ref["output"][k : k + 1, :3]).abs().max() < 1e-4
+
+
+@needs_fixtures
+def test_load_denoiser_refuses_flags_for_a_diffusers_model_and_a_classifier_file():
+    from lossguide.models import load_denoiser
+
+    with pytest.raises(ValueError, match="flags are for original checkpoint files"):
+        load_denoiser("mnist-ddpm", flags={"num_channels": 128})
+    name = "adm_classifier64_layout"
+    flags = json.loads((FIXTURES / f"{name}.json").read_text())["constructor_kwargs"]
+    with pytest.raises(ValueError, match="noise-aware classifier"):
+        load_denoiser(str(FIXTURES / f"{name}.pt"), flags=flags)

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,23 +127,8 @@ def _subfolder(src: str, name: str) -> str | None:
     return name  # a hub id: pipelines (and google/ddpm-*) repos differ; the loader tries both
 
 
-def load_denoiser(
-    name_or_path: str = "mnist-ddpm", device="cpu", dtype=torch.float32, state_dtype=None
-) -> LoadedDenoiser:
-    """Load a diffusers UNet and scheduler: a pipeline folder (``unet/``, ``scheduler/``), a bare model
-    folder (``config.json``, ``scheduler_config.json``), a hub id or a shipped name.
-
-    ``dtype`` is the weights' dtype (fp32, fp16, bf16); ``state_dtype`` (e.g. fp32) keeps the sampler
-    state in another dtype while the UNet runs in ``dtype`` (mixed precision; see ``from_diffusers``).
-    """
-    try:
-        import diffusers
-    except ImportError as e:
-        raise ImportError("loading diffusion models needs diffusers: pip install 'lossguide[diffusers]'") from e
-    dtype = parse_dtype(dtype)
-    state_dtype = None if state_dtype is None else parse_dtype(state_dtype)
-    src, local_only = _resolve(name_or_path)
-    kw = dict(local_files_only=local_only)
+def _load_unet_and_scheduler(diffusers, name_or_path, src, local_only, dtype, kw):
+    """The UNet and DDPM scheduler of a diffusers folder or hub id; load errors become ModelNotFoundError."""
     try:
         sub = _subfolder(src, "unet")
         try:
@@ -167,6 +153,41 @@ def load_denoiser(
         raise ModelNotFoundError(
             f"cannot load {name_or_path!r} as a diffusers model ({e.__class__.__name__}); {hint}"
         ) from e
+    return unet, scheduler
+
+
+#: file suffixes read as the papers' original checkpoints (:func:`load_network`), not diffusers folders
+CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors")
+
+
+def load_denoiser(
+    name_or_path: str = "mnist-ddpm", device="cpu", dtype=torch.float32, state_dtype=None, flags: dict | None = None
+) -> LoadedDenoiser:
+    """Load a diffusers UNet and scheduler: a pipeline folder (``unet/``, ``scheduler/``), a bare model
+    folder (``config.json``, ``scheduler_config.json``), a hub id or a shipped name; or an original
+    guided-diffusion / DDIM-codebase checkpoint file (``.pt``, ``.ckpt``, ...) with its reference ``flags``
+    (see :func:`load_network`; the schedule from ``noise_schedule``/``diffusion_steps`` or the DDIM config).
+
+    ``dtype`` is the weights' dtype (fp32, fp16, bf16); ``state_dtype`` (e.g. fp32) keeps the sampler
+    state in another dtype while the UNet runs in ``dtype`` (mixed precision; see ``from_diffusers``).
+    """
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ImportError("loading diffusion models needs diffusers: pip install 'lossguide[diffusers]'") from e
+    dtype = parse_dtype(dtype)
+    state_dtype = None if state_dtype is None else parse_dtype(state_dtype)
+    if str(name_or_path).endswith(CHECKPOINT_SUFFIXES):
+        return _load_checkpoint_denoiser(diffusers, Path(name_or_path).expanduser(), flags or {}, device, dtype)
+    if flags:
+        raise ValueError(f"flags are for original checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}); "
+                         f"{name_or_path!r} is read as a diffusers model, which carries its own config")  # fmt: skip
+    src, local_only = _resolve(name_or_path)
+    kw = dict(local_files_only=local_only)
+    with warnings.catch_warnings():
+        # diffusers' load_config passes huggingface_hub a deprecated argument, which warns on every load
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        unet, scheduler = _load_unet_and_scheduler(diffusers, name_or_path, src, local_only, dtype, kw)
     unet = unet.to(device)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -181,6 +202,40 @@ def load_denoiser(
         source=src,
         augment=policy(aug) if aug else None,
     )
+
+
+def _load_checkpoint_denoiser(diffusers, path: Path, flags: dict, device, dtype) -> LoadedDenoiser:
+    """An unconditional ADM or DDIM-codebase checkpoint as a denoiser, with a DDPMScheduler of its schedule."""
+    from lossguide.augment import policy
+    from lossguide.networks import ADMClassifier, denoiser_from_network
+
+    net = load_network(path, flags).to(device=device, dtype=dtype)
+    if isinstance(net, ADMClassifier):
+        raise ValueError(f"{path} is a noise-aware classifier, not a denoiser: load it with load_network")
+    if getattr(net, "num_classes", None):
+        raise ValueError(f"{path} is class-conditional: build its denoiser with lossguide.networks."
+                         "denoiser_from_network(load_network(path, flags), schedule, y=labels)")  # fmt: skip
+    diff = flags.get("diffusion") if isinstance(flags.get("diffusion"), dict) else {}
+    T = int(diff.get("num_diffusion_timesteps", flags.get("diffusion_steps", 1000)))
+    kind = str(diff.get("beta_schedule", flags.get("noise_schedule", "linear")))
+    if kind == "linear":
+        scale = 1000 / T  # guided-diffusion scales the linear β range with T; the DDIM config gives it
+        start = float(diff.get("beta_start", scale * 1e-4))
+        end = float(diff.get("beta_end", scale * 0.02))
+        scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", beta_start=start,
+                                            beta_end=end, clip_sample=False)  # fmt: skip
+    elif kind == "cosine":
+        scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    else:
+        raise ValueError(f"unknown noise schedule {kind!r} in the flags; lossguide reads 'linear' and 'cosine'")
+    from lossguide.schedule import NoiseSchedule
+
+    den = denoiser_from_network(net, NoiseSchedule.from_diffusers(scheduler))
+    data = flags.get("data") if isinstance(flags.get("data"), dict) else {}
+    size = int(flags.get("image_size", data.get("image_size", flags.get("resolution", 256))))
+    shape = (int(net.in_channels), size, size)
+    return LoadedDenoiser(denoiser=den, scheduler=scheduler, sample_shape=shape, source=str(path),
+                          augment=policy("photo"))  # fmt: skip
 
 
 def load_classifier(name: str, device="cpu", check_hash: bool = False) -> torch.nn.Module:
