@@ -11,9 +11,9 @@ from lossguide.guidance import GuidanceConfig, GuidanceEngine, GuidanceStats
 from lossguide.presets import PRESETS, with_techniques
 from lossguide.presets import get as preset
 from lossguide.rng import make_generators
-from lossguide.samplers import DDIM, DDPM, DiffusersSampler, Sampler
+from lossguide.samplers import DDIM, DDPM, DiffusersSampler, EDMEuler, EDMHeun, FlowEuler, Sampler
 from lossguide.sampling import SampleResult, sample
-from lossguide.schedule import NoiseSchedule
+from lossguide.schedule import FlowSchedule, NoiseSchedule, SigmaSchedule
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,10 @@ __all__ = [
     "DenoiserOutput",
     "DiffAugment",
     "DiffusersSampler",
+    "EDMEuler",
+    "EDMHeun",
+    "FlowEuler",
+    "FlowSchedule",
     "GaussianJitter",
     "GuidanceConfig",
     "GuidanceEngine",
@@ -32,6 +36,7 @@ __all__ = [
     "NoiseSchedule",
     "SampleResult",
     "Sampler",
+    "SigmaSchedule",
     "from_diffusers",
     "from_module",
     "make_generators",

@@ -1,21 +1,24 @@
-"""The denoiser contract: a noise schedule plus a network that predicts ε, x0 or v.
+"""The denoiser contract: a noise schedule plus a network that predicts ε, x0, v or a flow velocity.
 
-From the network's output at (x_t, t) the denoiser returns ε_hat and the Tweedie estimate
-x0_hat = (x_t − √(1−ᾱ_t)·ε_hat)/√ᾱ_t (Efron 2011; Chung et al. 2023, eq. 9). Adapters wrap a plain
-``torch.nn.Module``, a diffusers ``UNet2DModel``/``UNet2DConditionModel`` with its scheduler, and any
+On x_t = α_t·x0 + σ_t·ε (any family of :mod:`lossguide.schedule`) the denoiser turns the network's output at
+(x_t, t) into ε_hat and the Tweedie estimate x0_hat = (x_t − σ_t·ε_hat)/α_t (Efron 2011; Chung et al. 2023,
+eq. 9), always with x_t = α_t·x0_hat + σ_t·ε_hat. Adapters wrap a plain ``torch.nn.Module``, a diffusers
+``UNet2DModel``/``UNet2DConditionModel``/transformer with its scheduler (VP, σ-space or flow matching), and any
 callable (the Gaussian-mixture oracle).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from lossguide.schedule import NoiseSchedule
+from lossguide.schedule import FlowSchedule, NoiseSchedule, SigmaSchedule
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
 
 @dataclass
@@ -32,15 +35,22 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class Denoiser:
-    """(x_t, t) → (ε_hat, x0_hat) for a network whose output is ε, x0 or v (diffusers' names).
+    """(x_t, t) → (ε_hat, x0_hat) for a network whose output is ε, x0, v or u (diffusers' names).
 
     Args:
-        net: callable ``net(x_t, t) -> output`` with ``t`` a long tensor ``[B]`` of training timesteps.
-        schedule: the ᾱ the network was trained with.
-        prediction_type: ``"epsilon"``, ``"sample"`` (x0) or ``"v_prediction"`` (v = √ᾱ·ε − √(1−ᾱ)·x0).
+        net: callable ``net(x_t, t) -> output``; ``t`` is ``[B]``: a long tensor of training timesteps (VP), or
+            floats: t·T on a flow schedule (diffusers' convention), σ on a VE one, fractional VP timesteps.
+        schedule: the family and (α_t, σ_t) the network was trained with (:mod:`lossguide.schedule`).
+        prediction_type: ``"epsilon"``, ``"sample"`` (x0), ``"v_prediction"`` (v = √ᾱ·ε − √(1−ᾱ)·x0 of the VP
+            x_t/k, Salimans & Ho 2022) or ``"flow_prediction"`` (the rectified-flow velocity u = dx_t/dt = ε − x0).
     """
 
-    def __init__(self, net: Callable, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+    def __init__(
+        self,
+        net: Callable,
+        schedule: NoiseSchedule | FlowSchedule | SigmaSchedule,
+        prediction_type: str = "epsilon",
+    ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
         self.net = net
@@ -60,35 +70,57 @@ class Denoiser:
                 f"x_t is on {x_t.device} but the model is on {self.device}; pass device='{self.device}' to sample()"
             )
 
-    def __call__(self, x_t: torch.Tensor, t: int) -> DenoiserOutput:
+    @property
+    def family(self) -> str:
+        return self.schedule.family
+
+    def __call__(
+        self, x_t: torch.Tensor, t: int | float, alpha: float | None = None, sigma: float | None = None
+    ) -> DenoiserOutput:
+        """ε_hat, x0_hat at (x_t, t); (α_t, σ_t) are the schedule's unless given (a sampler whose levels are not
+        the schedule's own, e.g. diffusers' σ-space schedulers at fractional timesteps, passes them)."""
         self._check_input(x_t)
-        tt = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
-        out = self.net(x_t, tt)
+        out = self.net(x_t, self._net_time(x_t, t))
         if out.shape != x_t.shape:
             raise ValueError(
                 f"the network returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}; a denoiser must "
                 "return one prediction of the input's shape (split a learned variance off in the adapter)"
             )
-        ab = self.schedule.at(int(t))
-        a, s = ab**0.5, (1 - ab) ** 0.5
+        a = self.schedule.alpha(t) if alpha is None else alpha
+        s = self.schedule.sigma(t) if sigma is None else sigma
         if self.prediction_type == "epsilon":
             eps = out
             x0 = (x_t - s * eps) / a
         elif self.prediction_type == "sample":
             x0 = out
             eps = (x_t - a * x0) / s
-        else:  # v = a·ε − s·x0
-            x0 = a * x_t - s * out
-            eps = s * x_t + a * out
+        elif self.prediction_type == "v_prediction":  # v = (α·ε − σ·x0)/k, the VP v of x_t/k
+            k = 1.0 if self.family == "vp" else math.hypot(a, s)
+            x_vp, a, s = x_t / k, a / k, s / k
+            x0 = a * x_vp - s * out
+            eps = s * x_vp + a * out
+        else:  # u = ε − x0, so x_t = (α + σ)·x0 + σ·u
+            x0 = (x_t - s * out) / (a + s)
+            eps = (x_t + a * out) / (a + s)
         return DenoiserOutput(eps=eps, x0_hat=x0)
 
-    def score(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """∇ log p_t(x_t) = −ε_hat / √(1−ᾱ_t)."""
-        return -self(x_t, t).eps / (1 - self.schedule.at(int(t))) ** 0.5
+    def _net_time(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """``[B]`` timesteps for the network: long for an integer VP t, floats otherwise."""
+        if self.family == "vp" and float(t) == int(t) and not isinstance(t, float):
+            return torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
+        dtype = x_t.dtype if x_t.dtype == torch.float64 else torch.float32
+        return torch.full((x_t.shape[0],), float(self.schedule.net_time(t)), dtype=dtype, device=x_t.device)
+
+    def score(self, x_t: torch.Tensor, t: int | float) -> torch.Tensor:
+        """∇ log p_t(x_t) = −ε_hat/σ_t."""
+        return -self(x_t, t).eps / self.schedule.sigma(t)
 
 
 def from_module(
-    module: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str = "epsilon", **net_kwargs
+    module: torch.nn.Module,
+    schedule: NoiseSchedule | FlowSchedule | SigmaSchedule,
+    prediction_type: str = "epsilon",
+    **net_kwargs,
 ) -> Denoiser:
     """Wrap a frozen ``module(x_t, t, **net_kwargs)`` that returns a tensor."""
     freeze(module)
@@ -100,22 +132,31 @@ def from_module(
 def from_diffusers(
     unet: torch.nn.Module, scheduler, state_dtype: torch.dtype | None = None, **unet_kwargs
 ) -> Denoiser:
-    """Wrap a diffusers UNet (``.sample`` output) with the ᾱ and ``prediction_type`` of its scheduler.
+    """Wrap a diffusers UNet or transformer (``.sample`` output) with the schedule and prediction of its scheduler.
 
-    ``unet_kwargs`` (e.g. ``encoder_hidden_states`` for a ``UNet2DConditionModel``) are passed to every
-    call. A UNet trained with a learned variance (2× output channels) keeps the first half.
-    ``state_dtype`` (mixed precision): x_t, ε_hat and x0_hat stay in this dtype (e.g. float32) while the
-    UNet runs in its weights' dtype (bf16/fp16); None keeps everything in the weights' dtype.
+    A ``FlowMatchEulerDiscreteScheduler`` gives a :class:`~lossguide.schedule.FlowSchedule` and the velocity
+    prediction (``"flow_prediction"``, the model called with t·T); any scheduler with ``alphas_cumprod``, σ-space
+    ones (Euler, Heun, LMS, ...) included, gives the VP :class:`~lossguide.schedule.NoiseSchedule` the model was
+    trained on and its ``prediction_type``. ``unet_kwargs`` (e.g. ``encoder_hidden_states`` for a
+    ``UNet2DConditionModel``) are passed to every call. A UNet trained with a learned variance (2× output
+    channels) keeps the first half. ``state_dtype`` (mixed precision): x_t, ε_hat and x0_hat stay in this dtype
+    (e.g. float32) while the UNet runs in its weights' dtype (bf16/fp16); None keeps everything in the weights'
+    dtype.
     """
     freeze(unet)
-    pred = getattr(scheduler.config, "prediction_type", "epsilon")
-    schedule = NoiseSchedule.from_diffusers(scheduler)
+    if "FlowMatch" in type(scheduler).__name__:
+        schedule, pred = FlowSchedule.from_diffusers(scheduler), "flow_prediction"
+    else:
+        schedule = NoiseSchedule.from_diffusers(scheduler)
+        pred = getattr(scheduler.config, "prediction_type", "epsilon")
     in_ch = getattr(unet.config, "in_channels", None)
     p = next(iter(unet.parameters()), None)
     w_dtype = p.dtype if p is not None else None
+    t_kw = _timestep_keyword(unet)
 
     def net(x, t):
-        out = unet(x if w_dtype is None else x.to(w_dtype), t, **unet_kwargs).sample
+        xin = x if w_dtype is None else x.to(w_dtype)
+        out = (unet(xin, timestep=t, **unet_kwargs) if t_kw else unet(xin, t, **unet_kwargs)).sample
         if in_ch is not None and out.shape[1] == 2 * in_ch:
             out = out[:, :in_ch]
         return out.to(x.dtype)
@@ -125,6 +166,15 @@ def from_diffusers(
     if state_dtype is not None:
         d.dtype = state_dtype
     return d
+
+
+def _timestep_keyword(module) -> bool:
+    """Whether ``timestep`` must go by keyword: transformers (SD3, Flux) take it after other inputs."""
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return "timestep" in names and names.index("timestep") != 1
 
 
 def _record_param_dtype(d: Denoiser, module: torch.nn.Module) -> None:

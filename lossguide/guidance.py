@@ -5,7 +5,7 @@ Per step and per sample:
 1. ε_hat, x0_hat = D(x_t, t), with autograd to x_t when the ρ part needs it;
 2. ρ part: g = ∇_{x_t} ℓ̃(x0_hat(x_t)) through the denoiser (DPS, FreeDoM, UGD-forward, TFG ρ), or
    ∇_{x_t} ℓ(x_t, t) of a noise-aware loss (classifier guidance); applied to x_{t'} (−step·g) or to
-   ε (ε + step·√(1−ᾱ_t)·g);
+   ε (ε + step·σ_t·g, σ_t = √(1−ᾱ_t) on VP);
 3. μ part: ``n_iter`` steps x0 ← x0 − step·∇_{x0} ℓ̃(x0) without the denoiser (MPGD, UGD-backward,
    TFG μ), then an optional projection hook (MPGD's autoencoder);
 4. x_{t'} = sampler.step(x_t, x0, ε) + the ρ correction.
@@ -14,6 +14,11 @@ Per step and per sample:
 noise (−log mean exp(−ℓ), LGD-MC and TFG's γ). A non-finite loss or gradient in one sample skips that
 sample's step and is counted, as are zero gradients and samples that overflow (:class:`GuidanceStats`); x0_hat
 is never clamped.
+
+The engine works on x_t = α_t·x0 + σ_t·ε of any family (VP, rectified flow, VE/EDM): it reads (α_t, σ_t) and the
+VP-equivalent ᾱ_t = α_t²/(α_t² + σ_t²) of each step from the sampler (:meth:`~lossguide.samplers.Sampler.levels`)
+and hands (α_t, σ_t) to the denoiser, so x0_hat, ε_hat and the ε-form corrections are exact in every family,
+while the step rules and the MC smoothing read ᾱ and mean on every family what they mean on VP.
 """
 
 from __future__ import annotations
@@ -43,11 +48,12 @@ class GuidanceConfig:
 
     Args:
         rho: step rule for the gradient through the denoiser (None: no ρ part).
-        rho_target: ``"x_prev"`` subtracts step·g from x_{t'}; ``"eps"`` adds step·√(1−ᾱ_t)·g to ε_hat.
+        rho_target: ``"x_prev"`` subtracts step·g from x_{t'}; ``"eps"`` adds step·σ_t·g to ε_hat (σ_t = √(1−ᾱ_t)
+            on VP), which with ℓ = −log p(y|x_t) and step 1 is the exact conditional score.
         mu: step rule for x0-space gradient steps (None: no μ part).
         n_iter: number of x0-space steps per diffusion step.
         mu_hold: what stays fixed when the μ steps move x0: ``"eps"`` (MPGD/TFG: x_{t'} moves by
-            √ᾱ_{t'}·Δx0) or ``"x_t"`` (Universal Guidance's backward step: ε is recomputed from x_t and x0).
+            α_{t'}·Δx0) or ``"x_t"`` (Universal Guidance's backward step: ε is recomputed from x_t and x0).
         loss_input: ``"x0"`` (the loss sees x0_hat) or ``"x_t"`` (a noise-aware loss ``ℓ(x_t, t)``).
         augment: augmentation callable (e.g. :class:`~lossguide.augment.DiffAugment`), or None: the data's
             own augmentation, passed to :func:`~lossguide.sampling.sample` (``augment=``) by its adapter.
@@ -58,7 +64,8 @@ class GuidanceConfig:
         n_recur: time-travel repeats s per step inside ``recur_window`` (1: none).
         recur_window: (lo, hi) fractions of the training timesteps, t/T ∈ [lo, hi].
         window: (lo, hi): guidance is applied where lo < t/T ≤ hi (0 ≤ t/T ≤ hi when lo = 0), so
-            (0.2, 1.0) is the reference code's "no guidance for t ≤ 200" of T = 1000.
+            (0.2, 1.0) is the reference code's "no guidance for t ≤ 200" of T = 1000. The fraction is
+            :meth:`~lossguide.samplers.Sampler.fraction`: t/T on VP, t on rectified flow, σ/(1 + σ) on VE.
         x0_projection: hook ``P(x0) -> x0`` after the μ steps (MPGD-Z's autoencoder projection).
         name: the preset this config came from, for records.
     """
@@ -165,7 +172,8 @@ class GuidanceStats:
     exactly zero, or below a Polyak rule's ``min_grad_norm``, so guidance did nothing; ``skipped`` those with a
     non-finite loss, gradient or step size; ``overflow`` the sampler steps after which the sample's max |x| exceeds
     ``max_abs`` (default :data:`MAX_ABS` = 1e6) or is not finite. Every model here works on data of scale one
-    (pixels in [−1, 1], unit-variance latents and vectors, and x_t = √ᾱ·x0 + √(1−ᾱ)·ε stays within a few units),
+    (pixels in [−1, 1], unit-variance latents and vectors, and x_t = α·x0 + σ·ε stays within a few units, a few σ_max
+    on VE),
     so 1e6 is six orders of magnitude beyond any sample and still far below float32's overflow of x² (≈ 1.8e19):
     it flags divergence before it turns into Inf/NaN, never a sane sample.
     """
@@ -240,7 +248,7 @@ class GuidanceEngine:
         if not self.config.enabled:
             return False
         lo, hi = self.config.window
-        frac = int(sampler.timesteps[i]) / sampler.schedule.num_train_timesteps
+        frac = sampler.fraction(i)
         return (frac > lo or lo == 0) and frac <= hi
 
     def recurrences(self, sampler: Sampler, i: int) -> int:
@@ -248,7 +256,7 @@ class GuidanceEngine:
         if self.config.n_recur == 1 or not self.active(sampler, i):
             return 1
         lo, hi = self.config.recur_window
-        frac = int(sampler.timesteps[i]) / sampler.schedule.num_train_timesteps
+        frac = sampler.fraction(i)
         return self.config.n_recur if lo <= frac <= hi else 1
 
     # -- the smoothed loss ℓ̃ --------------------------------------------------------------------------
@@ -315,8 +323,14 @@ class GuidanceEngine:
     ) -> torch.Tensor:
         """x_{t'} from x_t at step i, guided where the window says so."""
         cfg = self.config
-        t = int(sampler.timesteps[i])
+        if denoiser.schedule.family != sampler.schedule.family:
+            raise ValueError(
+                f"the denoiser's schedule is {denoiser.schedule.family!r} but {type(sampler).__name__} steps a "
+                f"{sampler.schedule.family!r} one; build the sampler on denoiser.schedule"
+            )
+        t = sampler.timestep(i)
         ab_t, _ = sampler.alpha_bars(i)
+        a_t, s_t = sampler.levels(i)[:2]
         active = self.active(sampler, i)
         view = (-1,) + (1,) * (x_t.ndim - 1)
         grad_through_denoiser = active and cfg.rho is not None and cfg.loss_input == "x0"
@@ -324,13 +338,13 @@ class GuidanceEngine:
         with torch.set_grad_enabled(grad_through_denoiser):
             if grad_through_denoiser:
                 x_t.requires_grad_(True)
-            out = denoiser(x_t, t)
+            out = denoiser(x_t, t, alpha=a_t, sigma=s_t)
         stats.nfe += 1
         eps, x0 = out.eps, out.x0_hat
         delta_prev = None
         alpha_bars = None
         if active and cfg.rho is not None:
-            alpha_bars = sampler.alpha_bar_pairs()
+            alpha_bars, levels = sampler.alpha_bar_pairs(), sampler.level_list()
             with torch.enable_grad():
                 if cfg.loss_input == "x0":
                     L = self.smoothed_loss(x0, generators, ab_t, stats)
@@ -343,19 +357,20 @@ class GuidanceEngine:
                     g = self._grad(L, xt, "x_t")
             stats.loss_grads += 1
             g, bad = self._sanitize(L, g, stats)
-            ctx = StepContext(i=i, alpha_bars=alpha_bars, eps=eps.detach(), grad=g, loss=L.detach())
+            ctx = StepContext(i=i, alpha_bars=alpha_bars, eps=eps.detach(), grad=g, loss=L.detach(), levels=levels)
             step = self._step_size(cfg.rho, ctx, bad, stats).view(view)
             stats.last_loss = L.detach().double().cpu()
             stats.loss_trace.append((i, t, L.detach().cpu()))
             if cfg.rho_target == "x_prev":
                 delta_prev = -step * g
-            else:
-                s_t = (1 - ab_t) ** 0.5
+            elif a_t > 0:  # ε ← ε + step·σ_t·g, x0 from x_t = α_t·x0 + σ_t·ε
                 eps = eps.detach() + step * s_t * g
-                x0 = (x_t.detach() - s_t * eps) / ab_t**0.5
+                x0 = (x_t.detach() - s_t * eps) / a_t
+            # at α_t = 0 (rectified flow's t = 1) x_t = ε_hat exactly and p(y | x_t) does not depend on x_t:
+            # no ε-correction is consistent with x_t, so none is made
         eps, x0 = eps.detach(), x0.detach()
         if active and cfg.mu is not None:
-            alpha_bars = sampler.alpha_bar_pairs()
+            alpha_bars, levels = sampler.alpha_bar_pairs(), sampler.level_list()
             for _ in range(cfg.n_iter):
                 with torch.enable_grad():
                     x0_var = x0.detach().requires_grad_(True)
@@ -363,7 +378,7 @@ class GuidanceEngine:
                     g0 = self._grad(L, x0_var, "x0")
                 stats.loss_grads += 1
                 g0, bad = self._sanitize(L, g0, stats)
-                ctx = StepContext(i=i, alpha_bars=alpha_bars, eps=eps, grad=g0, loss=L.detach())
+                ctx = StepContext(i=i, alpha_bars=alpha_bars, eps=eps, grad=g0, loss=L.detach(), levels=levels)
                 step = self._step_size(cfg.mu, ctx, bad, stats).view(view)
                 x0 = x0 - step * g0
                 if cfg.rho is None:
@@ -372,7 +387,7 @@ class GuidanceEngine:
             if cfg.x0_projection is not None:
                 x0 = cfg.x0_projection(x0).detach()
             if cfg.mu_hold == "x_t":
-                eps = (x_t.detach() - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
+                eps = (x_t.detach() - a_t * x0) / s_t
         x_prev = sampler.step(x_t.detach(), x0, eps, i, generators)
         if delta_prev is not None:
             x_prev = x_prev + delta_prev.detach()

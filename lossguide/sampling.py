@@ -1,4 +1,7 @@
-"""The sampling loop: x_T ~ N(0, I), then guided steps with time travel (Shen et al. 2024, Alg. 3)."""
+"""The sampling loop: x_T ~ N(0, k_T²I), then guided steps with time travel (Shen et al. 2024, Alg. 3).
+
+k_T = √(α_T² + σ_T²) is 1 on VP and rectified flow (t = 1) and √(1 + σ_max²) on VE (:mod:`lossguide.schedule`).
+"""
 
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ def sample(
         loss: per-sample loss ``loss(x0) -> [B]`` (``loss(x_t, t)`` for noise-aware guidance).
         shape: per-sample shape, e.g. ``(1, 28, 28)``; not needed when ``x_T`` is given.
         seeds / generators: one per sample; every random draw of sample k uses only its generator.
-        x_T: initial noise; drawn from the generators when None.
+        x_T: initial noise; drawn from the generators when None, as k_T·z with k_T = ``sampler.scales(0)[0]``
+            (1 on VP and flow, √(1 + σ_max²) on VE).
         progress: show a tqdm bar with the mean guidance loss.
         callback: called after every step with ``{"i", "t", "x", "stats"}``.
         augment: the data's augmentation, used where ``guidance`` asks for copies (``n_aug > 0``) and
@@ -72,6 +76,9 @@ def sample(
         if shape is None:
             raise ValueError("pass shape=(C, H, W) (per sample) or x_T")
         x = randn(tuple(shape), generators, dtype=dtype, device=device)
+        k_T = sampler.scales(0)[0]
+        if k_T != 1.0:
+            x = k_T * x
     else:
         x = x_T.to(device=device, dtype=dtype)
     check_generators(generators, x.shape[0])
@@ -104,7 +111,7 @@ def sample(
         if progress and engine.active(sampler, i):
             bar.set_postfix(loss=f"{float(stats.last_loss.nanmean()):.4g}")
         if callback is not None:
-            callback({"i": i, "t": int(sampler.timesteps[i]), "x": x, "stats": stats})
+            callback({"i": i, "t": sampler.timestep(i), "x": x, "stats": stats})
     summary = guidance_summary(stats)
     if summary:
         log.warning("guidance '%s': %s", cfg.name, summary)

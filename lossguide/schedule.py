@@ -1,7 +1,15 @@
-"""Noise schedules: ᾱ_t over a model's discrete training timesteps, and inference timestep spacing.
+"""Noise schedules: x_t = α_t·x0 + σ_t·ε for every model family, and inference timestep spacing.
 
-Notation follows DDPM (Ho et al. 2020): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, t = 0..T−1. Schedule maths is
-kept in float64 and cast to the sample's dtype only where it multiplies a sample.
+Three families share one contract (``alpha(t)``, ``sigma(t)``, ``at(t)``, ``scale(t)``, ``fraction(t)``):
+
+- :class:`NoiseSchedule`, VP (DDPM, Ho et al. 2020): α = √ᾱ_t, σ = √(1−ᾱ_t) over discrete t = 0..T−1;
+- :class:`FlowSchedule`, rectified flow (Liu et al. 2023; Lipman et al. 2023): α = 1 − t, σ = t, t ∈ [0, 1];
+- :class:`SigmaSchedule`, VE / EDM (Song et al. 2021; Karras et al. 2022): α = 1, σ = t.
+
+Every family is VP after dividing by k_t = √(α_t² + σ_t²): x_t/k_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε with the
+VP-equivalent signal fraction ᾱ_t = α_t²/(α_t² + σ_t²) (``at``), so a rule written in ᾱ means the same thing
+on every family (k = 1 exactly for VP). Schedule maths is kept in float64 and cast to the sample's dtype only
+where it multiplies a sample.
 """
 
 from __future__ import annotations
@@ -17,10 +25,12 @@ SPACINGS = ("leading", "trailing", "linspace")
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """ᾱ_t for t = 0..T−1 (float64, decreasing) and the ᾱ used after the last step."""
+    """VP: ᾱ_t for t = 0..T−1 (float64, decreasing) and the ᾱ used after the last step (t = −1)."""
 
     alpha_bar: torch.Tensor
     final_alpha_bar: float = 1.0
+    family = "vp"  # class attributes, not fields
+    t_end = -1  # the t' after the last inference step
 
     def __post_init__(self):
         ab = self.alpha_bar
@@ -36,7 +46,32 @@ class NoiseSchedule:
 
     def at(self, t: int) -> float:
         """ᾱ_t, with ᾱ_{−1} = ``final_alpha_bar`` (the value diffusers calls final_alpha_cumprod)."""
-        return self.final_alpha_bar if t < 0 else float(self.alpha_bar[t])
+        if t != int(t):
+            raise ValueError(
+                f"t = {t} is not a training timestep; a sampler at fractional t (diffusers' σ-space schedulers) "
+                "passes alpha= and sigma= to the denoiser"
+            )
+        return self.final_alpha_bar if t < 0 else float(self.alpha_bar[int(t)])
+
+    def alpha(self, t: int) -> float:
+        """α_t = √ᾱ_t."""
+        return self.at(t) ** 0.5
+
+    def sigma(self, t: int) -> float:
+        """σ_t = √(1 − ᾱ_t)."""
+        return (1 - self.at(t)) ** 0.5
+
+    def scale(self, t: int) -> float:
+        """k_t = √(α_t² + σ_t²) = 1."""
+        return 1.0
+
+    def fraction(self, t: float) -> float:
+        """t/T, the position in [0, 1] that guidance windows read."""
+        return t / self.num_train_timesteps
+
+    def net_time(self, t):
+        """The timestep the network sees: t itself."""
+        return t
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, **kw) -> NoiseSchedule:
@@ -70,6 +105,125 @@ class NoiseSchedule:
         if final is None:
             final = 1.0
         return cls(ab, final_alpha_bar=float(final))
+
+
+def _vp_equivalent(alpha: float, sigma: float) -> float:
+    """ᾱ = α²/(α² + σ²)."""
+    return alpha**2 / (alpha**2 + sigma**2)
+
+
+def _shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift t ← shift·t/(1 + (shift − 1)·t) (Esser et al. 2024, eq. 23)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Rectified flow: x_t = (1 − t)·x0 + t·ε, t ∈ [0, 1] continuous (t = 1 is pure noise).
+
+    Args:
+        num_train_timesteps: the network sees t·``num_train_timesteps`` (diffusers' flow-matching convention).
+        shift: default inference spacing t_i = shift·s/(1 + (shift − 1)·s), s uniform on (0, 1] (1: uniform).
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    family = "flow"
+    t_end = 0.0
+
+    def __post_init__(self):
+        if not self.shift > 0:
+            raise ValueError(f"flow shift must be > 0, got {self.shift}")
+
+    def alpha(self, t: float) -> float:
+        """α_t = 1 − t."""
+        return 1.0 - t
+
+    def sigma(self, t: float) -> float:
+        """σ_t = t."""
+        return float(t)
+
+    def at(self, t: float) -> float:
+        """VP-equivalent ᾱ_t = (1 − t)²/((1 − t)² + t²)."""
+        return _vp_equivalent(self.alpha(t), self.sigma(t))
+
+    def scale(self, t: float) -> float:
+        """k_t = √((1 − t)² + t²)."""
+        return math.hypot(self.alpha(t), self.sigma(t))
+
+    def fraction(self, t: float) -> float:
+        """t itself."""
+        return float(t)
+
+    def net_time(self, t: float) -> float:
+        """t·T, the timestep a diffusers flow model is called with."""
+        return t * self.num_train_timesteps
+
+    def times(self, num_steps: int) -> torch.Tensor:
+        """Descending t_i = shift(1 − i/n), i = 0..n−1 (the last step goes to t' = 0)."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
+        s = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)[:-1]
+        return _shifted(s, self.shift)
+
+    @classmethod
+    def from_diffusers(cls, scheduler) -> FlowSchedule:
+        """Read T and the shift of a diffusers ``FlowMatchEulerDiscreteScheduler``."""
+        cfg = scheduler.config
+        if cfg.get("invert_sigmas"):
+            raise ValueError("invert_sigmas=True runs time backwards (t = 0 is noise); lossguide needs t = 1 as noise")
+        return cls(int(cfg.num_train_timesteps), float(cfg.get("shift", 1.0)))
+
+
+@dataclass(frozen=True)
+class SigmaSchedule:
+    """VE / EDM: x_σ = x0 + σ·ε with t = σ ∈ [0, σ_max] (Karras et al. 2022, Table 1).
+
+    Args:
+        sigma_min, sigma_max, rho: the default inference σ's of Karras et al. (2022), eq. 5.
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    family = "ve"
+    t_end = 0.0
+
+    def __post_init__(self):
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+
+    def alpha(self, t: float) -> float:
+        """α = 1."""
+        return 1.0
+
+    def sigma(self, t: float) -> float:
+        """σ = t."""
+        return float(t)
+
+    def at(self, t: float) -> float:
+        """VP-equivalent ᾱ = 1/(1 + σ²)."""
+        return _vp_equivalent(1.0, self.sigma(t))
+
+    def scale(self, t: float) -> float:
+        """k = √(1 + σ²)."""
+        return math.hypot(1.0, self.sigma(t))
+
+    def fraction(self, t: float) -> float:
+        """σ/(1 + σ): the rectified-flow t of the same signal-to-noise ratio, in [0, 1)."""
+        return float(t) / (1 + float(t))
+
+    def net_time(self, t: float) -> float:
+        """σ, what an EDM network is called with."""
+        return t
+
+    def times(self, num_steps: int) -> torch.Tensor:
+        """σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, i = 0..n−1 (Karras et al. 2022, eq. 5)."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
+        ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        return (hi + ramp * (lo - hi)) ** self.rho
 
 
 def spaced_timesteps(T: int, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:

@@ -2,6 +2,11 @@
 
 The guidance update is ``−step·g`` with g the loss gradient; every norm is taken per sample over all
 dimensions but the batch, so a sample's step never depends on its batch-mates.
+
+Rules read ᾱ_t, which on every family (VP, rectified flow, VE/EDM) is the VP-equivalent signal fraction
+ᾱ_t = α_t²/(α_t² + σ_t²) of x_t = α_t·x0 + σ_t·ε, i.e. the ᾱ of the VP x_t/k_t, k_t = √(α_t² + σ_t²). So FreeDoM's
+√ᾱ_t, the Polyak cap's √(1−ᾱ_t), TFG's ᾱ_t/ᾱ_{t'} and DPS's loss power mean the same thing on every family (on VP
+they are the literal ᾱ_t). A rule that needs the actual levels reads ``ctx.alpha``, ``ctx.sigma`` (and ``_prev``).
 """
 
 from __future__ import annotations
@@ -14,22 +19,51 @@ import torch
 
 @dataclass
 class StepContext:
-    """What a rule may look at: the step, its ᾱ pair, and the per-sample ε, gradient and loss."""
+    """What a rule may look at: the step, its ᾱ pair and levels (α, σ), and the per-sample ε, gradient and loss."""
 
     i: int
-    alpha_bars: list[tuple[float, float]]  # (ᾱ_t, ᾱ_{t'}) for every step of the sampler
+    alpha_bars: list[tuple[float, float]]  # (ᾱ_t, ᾱ_{t'}) for every step, VP-equivalent α²/(α² + σ²)
     eps: torch.Tensor  # ε_hat [B, ...] (unguided)
     grad: torch.Tensor  # g [B, ...]
     loss: torch.Tensor  # ℓ [B]
     stats: dict = field(default_factory=dict)
+    levels: list[tuple[float, float, float, float]] | None = None  # (α_t, σ_t, α_{t'}, σ_{t'}); None: VP from ᾱ
 
     @property
     def alpha_bar(self) -> float:
+        """ᾱ_t (VP-equivalent)."""
         return self.alpha_bars[self.i][0]
 
     @property
     def alpha_bar_prev(self) -> float:
+        """ᾱ_{t'} (VP-equivalent)."""
         return self.alpha_bars[self.i][1]
+
+    def _level(self, j: int) -> float:
+        if self.levels is not None:
+            return self.levels[self.i][j]
+        ab = self.alpha_bars[self.i][j // 2]
+        return ab**0.5 if j % 2 == 0 else (1 - ab) ** 0.5
+
+    @property
+    def alpha(self) -> float:
+        """α_t of x_t = α_t·x0 + σ_t·ε."""
+        return self._level(0)
+
+    @property
+    def sigma(self) -> float:
+        """σ_t."""
+        return self._level(1)
+
+    @property
+    def alpha_prev(self) -> float:
+        """α_{t'}."""
+        return self._level(2)
+
+    @property
+    def sigma_prev(self) -> float:
+        """σ_{t'}."""
+        return self._level(3)
 
 
 def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +124,7 @@ class LossNormalized(StepRule):
 class TFGSchedule(StepRule):
     """TFG's ρ_t or μ_t (Ye et al. 2024): scale·s(t)·N/Σ_t' s(t'), with α_t = ᾱ_t/ᾱ_{t'} and
     s = α_t ('increase'), 1 − α_t ('decrease') or 1 ('constant'); ``inv_sqrt_alpha`` adds TFG's 1/√α_t
-    factor of the ρ term."""
+    factor of the ρ term, and the step is 0 where α_t = 0 (pure noise: rectified flow's t = 1)."""
 
     scale: float = 1.0
     schedule: str = "increase"
@@ -108,7 +142,8 @@ class TFGSchedule(StepRule):
         s_all = [self._s(*p) for p in ctx.alpha_bars]
         value = self.scale * self._s(*ctx.alpha_bars[ctx.i]) * len(s_all) / sum(s_all)
         if self.inv_sqrt_alpha:
-            value /= math.sqrt(ctx.alpha_bar / ctx.alpha_bar_prev)
+            a_t = ctx.alpha_bar / ctx.alpha_bar_prev
+            value = value / math.sqrt(a_t) if a_t > 0 else 0.0
         return self._full(ctx, value)
 
 
@@ -129,7 +164,8 @@ class Polyak(StepRule):
     Two lossguide guards, neither in the paper's text: samples with ‖g‖ < ``min_grad_norm`` take no step and
     are counted in ``stats.zero_grad`` (the guard the reference code meant to have: its ``rho = 0`` is
     overwritten), and, when ``max_ratio`` is set, the update norm is capped at max_ratio·√(1−ᾱ_t)·‖ε‖, the
-    size of the noise in the current x_t (positive at every step, so the final step is never switched off).
+    size of the noise in the current x_t (of the VP x_t/k_t on flow and VE; positive at every step, so the final
+    step is never switched off).
     ``max_ratio=None`` (the default) is the paper's exact rule.
     """
 

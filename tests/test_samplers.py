@@ -65,9 +65,10 @@ def test_diffusers_sampler_path_equals_our_ddim(prior):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_diffusers_sampler_rejects_sigma_space_and_clamping_schedulers():
+def test_diffusers_sampler_rejects_unsupported_sigma_space_and_clamping_schedulers():
+    """Euler/Heun/LMS σ-space schedulers are stepped (tests/test_flow.py); others in σ-space are refused."""
     with pytest.raises(ValueError, match="σ-space"):
-        DiffusersSampler(diffusers.EulerDiscreteScheduler(), 10)
+        DiffusersSampler(diffusers.KDPM2DiscreteScheduler(), 10)
     with pytest.raises(ValueError, match="clip_sample=False"):
         DiffusersSampler(diffusers.DDIMScheduler(), 10)  # diffusers' default clamps x0_hat
 
