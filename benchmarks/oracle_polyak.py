@@ -28,7 +28,7 @@ def main() -> None:
     schedule = NoiseSchedule.linear()
     rows = []
     for task in oracle_bench.oracle_tasks(schedule):
-        post = oracle_bench._posterior_samples(task)
+        post = oracle_bench.posterior_samples(task)
         floor = 0.0 if task.name.startswith("class") else 1.0  # ℓ* = m/2 for m = 2 measurements
         variants = {"paper ‖ε‖": dict(), "classical ℓ": dict(polyak_gap="loss"),
                     f"classical ℓ − {floor:g}": dict(polyak_gap="loss", loss_floor=floor)}  # fmt: skip

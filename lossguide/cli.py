@@ -36,8 +36,7 @@ def cmd_oracle(args) -> int:
         settings, trace = oracle_bench.tune(n=args.tune_n, steps=args.steps)
         print(json.dumps(settings, indent=2))
         if args.write_settings:
-            atomic_write_json(oracle_bench.SETTINGS_FILE, settings)
-            print(f"wrote {oracle_bench.SETTINGS_FILE}")
+            print(f"wrote {oracle_bench.save_settings(settings)}")
         if args.json:
             atomic_write_json(args.json, {"settings": settings, "trace": trace})
         return 0
@@ -187,7 +186,7 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lossguide import bench
+    from lossguide.harness import bench
 
     cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
     for name in ("tasks", "methods"):

@@ -1,64 +1,52 @@
-"""Every preset on the Gaussian-mixture oracle, scored by its distance to exact posterior samples.
+"""``lossguide oracle``: every preset on the Gaussian-mixture oracle, scored by its distance to the exact posterior.
 
-Two fixed tasks on :func:`~lossguide.oracle.default_mixture` (d = 8, 4 components): ``class`` (toward the
+Two fixed tasks (:func:`~lossguide.harness.tasks.oracle.oracle_tasks`, d = 8, 4 components): ``class`` (toward the
 least likely component, exact clean classifier as the loss) and ``linear`` (posterior of a 2-D linear
 measurement). The distance is the sliced 2-Wasserstein distance (256 directions) between the guided samples
 and 4,096 exact posterior samples. Each preset's step parameter is chosen by :func:`tune` on tuning seeds
-(disjoint from the evaluation seeds) and stored in ``oracle_settings.json``; ``cg`` uses the exact
-noise-aware classifier at scale 1 and is not tuned.
+(``tune_seeds("oracle", n)``, disjoint from the evaluation seeds) and stored in the settings store (sections
+``oracle-class``, ``oracle-linear``); ``cg`` uses the exact noise-aware classifier at scale 1 and is not tuned.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from lossguide import presets
-from lossguide.augment import GaussianJitter
+from lossguide.harness import settings as store
+from lossguide.harness.methods import METHODS, tuned_param
+from lossguide.harness.methods import method_config as _method_config
+from lossguide.harness.tasks.oracle import oracle_tasks, posterior_samples
+from lossguide.harness.tuning import grid_search, tune_seeds
 from lossguide.metrics import sliced_wasserstein
-from lossguide.oracle import OracleTask, class_task, default_mixture, linear_task
+from lossguide.oracle import OracleTask
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 from lossguide.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
-SETTINGS_FILE = Path(__file__).with_name("oracle_settings.json")
-METHODS = ("none", "dps", "freedom", "ugd", "lgd_mc", "mpgd", "tfg", "shen2024", "cg")
-#: the tuned parameter of each method and its grid (multiplicative, as TFG's beam search)
-GRIDS: dict[str, tuple[str, list[float]]] = {
-    "dps": ("scale", [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]),
-    "freedom": ("scale", [0.003, 0.01, 0.03, 0.1, 0.3]),
-    "ugd": ("scale", [0.01, 0.03, 0.1, 0.3]),
-    "lgd_mc": ("scale", [0.003, 0.01, 0.03, 0.1, 0.3]),
-    "mpgd": ("scale", [0.001, 0.003, 0.01, 0.03, 0.1]),
-    "tfg": ("rho", [0.003, 0.01, 0.03, 0.1]),
-    "shen2024": ("eta", [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]),
+#: the multiplicative grid of each method's step parameter (:func:`~lossguide.harness.methods.tuned_param`)
+GRIDS: dict[str, list[float]] = {
+    "dps": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+    "freedom": [0.003, 0.01, 0.03, 0.1, 0.3],
+    "ugd": [0.01, 0.03, 0.1, 0.3],
+    "lgd_mc": [0.003, 0.01, 0.03, 0.1, 0.3],
+    "mpgd": [0.001, 0.003, 0.01, 0.03, 0.1],
+    "tfg": [0.003, 0.01, 0.03, 0.1],
+    "shen2024": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
 }
 #: parameters held fixed while the grid runs: the paper's Polyak gap ‖ε‖ diverges on the class task's saturating
 #: cross-entropy at every η (``benchmarks/oracle_polyak.py``), so there shen2024 takes the classical gap ℓ
 FIXED: dict[str, dict[str, dict]] = {"class": {"shen2024": {"polyak_gap": "loss"}}}
-TUNE_SEED0 = 1_000_000  # tuning seeds start here; evaluation seeds are 0..n-1
-POSTERIOR_SEED = 123
-
-
-def oracle_tasks(schedule: NoiseSchedule) -> list[OracleTask]:
-    prior = default_mixture()
-    return [class_task(prior, schedule), linear_task(prior, schedule)]
 
 
 def method_config(name: str, params: dict):
-    """The preset with its oracle parameters; shen2024's augmentation is Gaussian jitter (vectors)."""
-    params = dict(params)
-    if name == "tfg" and "rho" in params:
-        params.setdefault("mu", params["rho"])
-    if name == "shen2024":
-        params.setdefault("augment", GaussianJitter(0.05))
-    return presets.get(name, **params)
+    """Method ``name`` with its oracle parameters ``params`` (augmentation: Gaussian jitter, as for vectors)."""
+    return _method_config(name, oracle=True, **params)
 
 
 def run_one(task: OracleTask, name: str, params: dict, schedule, seeds, steps: int, posterior_x) -> dict:
@@ -101,12 +89,15 @@ def run_config(task: OracleTask, name: str, cfg, schedule, seeds, steps: int, po
     return row
 
 
-def _posterior_samples(task: OracleTask, n: int = 4096) -> torch.Tensor:
-    return task.posterior.sample(n, torch.Generator().manual_seed(POSTERIOR_SEED))[0]
-
-
 def load_settings() -> dict:
-    return json.loads(SETTINGS_FILE.read_text()) if SETTINGS_FILE.exists() else {}
+    """The shipped oracle settings, by task kind: ``{"class": {method: params}, "linear": {...}}``."""
+    s = store.load()
+    return {kind: s[f"oracle-{kind}"] for kind in ("class", "linear") if f"oracle-{kind}" in s}
+
+
+def save_settings(settings: dict) -> Path:
+    """Store ``settings`` (by task kind, as :func:`tune` returns them) as the shipped oracle sections."""
+    return store.save({f"oracle-{kind}": v for kind, v in settings.items()})
 
 
 def run(n: int = 512, steps: int = 50, methods=METHODS, settings: dict | None = None) -> list[dict]:
@@ -115,7 +106,7 @@ def run(n: int = 512, steps: int = 50, methods=METHODS, settings: dict | None = 
     settings = load_settings() if settings is None else settings
     rows = []
     for task in oracle_tasks(schedule):
-        post = _posterior_samples(task)
+        post = posterior_samples(task)
         kind = task.name.split("-")[0]
         for name in methods:
             params = settings.get(kind, {}).get(name, {})
@@ -127,20 +118,20 @@ def run(n: int = 512, steps: int = 50, methods=METHODS, settings: dict | None = 
 def tune(n: int = 128, steps: int = 50) -> tuple[dict, list[dict]]:
     """Grid search of each method's step parameter on tuning seeds; returns (settings, trace)."""
     schedule = NoiseSchedule.linear()
-    seeds = range(TUNE_SEED0, TUNE_SEED0 + n)
+    seeds = tune_seeds("oracle", n)
     settings: dict = {}
     trace = []
     for task in oracle_tasks(schedule):
-        post = _posterior_samples(task)
+        post = posterior_samples(task)
         kind = task.name.split("-")[0]
         settings[kind] = {}
-        for name, (param, values) in GRIDS.items():
-            best = None
-            fixed = FIXED.get(kind, {}).get(name, {})
-            for v in values:
+        for name, values in GRIDS.items():
+            param, fixed = tuned_param(name, oracle=True)[0], FIXED.get(kind, {}).get(name, {})
+
+            def score(v, task=task, name=name, param=param, fixed=fixed, post=post):
                 row = run_one(task, name, {**fixed, param: v}, schedule, seeds, steps, post)
                 trace.append(row)
-                if best is None or row["sw_to_posterior"] < best[0]:
-                    best = (row["sw_to_posterior"], v)
-            settings[kind][name] = {**fixed, param: best[1]}
+                return -row["sw_to_posterior"]
+
+            settings[kind][name] = {**fixed, param: grid_search(score, values)[0]}
     return settings, trace

@@ -62,7 +62,7 @@ def load(path: str | Path) -> dict:
     """Read and validate a recipe; unknown keys and kinds are one-line errors naming the fix."""
     import yaml
 
-    from lossguide.run_sample import parse_seeds
+    from lossguide.runfolder import parse_seeds
 
     path = Path(path)
     if not path.exists():
@@ -290,7 +290,7 @@ def _config_text(r: dict, guidance) -> str:
 
 def run(recipe: str | Path | dict, out: str | Path | None = None, overwrite: bool = False, progress: bool = True):
     """Run a recipe into ``out`` (default ``runs/<name>``), resuming finished seeds; returns the metrics."""
-    from lossguide.run_sample import png_bytes, to_uint8
+    from lossguide.runfolder import png_bytes, to_uint8
 
     r = load(recipe) if not isinstance(recipe, dict) else copy.deepcopy(recipe)
     out = Path(out or Path("runs") / r["name"])
@@ -328,7 +328,7 @@ def run(recipe: str | Path | dict, out: str | Path | None = None, overwrite: boo
 
 def finalize(r: dict, out: Path | RunFolder) -> dict:
     """Aggregate per-seed records into ``metrics.json`` and draw ``grid.png``."""
-    from lossguide.run_sample import grid, png_bytes
+    from lossguide.runfolder import grid, png_bytes
 
     folder = out if isinstance(out, RunFolder) else RunFolder(out)
     recs = folder.read_records(r["seeds"])

@@ -9,10 +9,8 @@ which seeds share its batch: a resumed run equals an uninterrupted one, and seed
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 
 from lossguide import losses, presets
 from lossguide.guidance import resolve_augment
-from lossguide.runfolder import RunFolder, fixed_batches
+from lossguide.runfolder import RunFolder, fixed_batches, grid, parse_seeds, png_bytes, to_uint8
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 
@@ -54,35 +52,6 @@ class SampleConfig:
     def resolved_params(self) -> dict:
         """The preset's parameters as given (its defaults fill the rest and are written to config.yaml)."""
         return dict(self.params)
-
-
-def parse_seeds(spec: str, max_seeds: int = 1_000_000) -> list[int]:
-    """``"0-15,100"`` → [0, 1, ..., 15, 100] (as EDM's ``--seeds``), at most ``max_seeds`` seeds."""
-
-    def seed(s: str, part: str) -> int:
-        s = s.strip()
-        if not (s.isascii() and s.isdigit()):
-            raise ValueError(f"bad seed {s!r} in {part!r}: seeds are integers ≥ 0, e.g. 0-15 or 0-7,100")
-        return int(s)
-
-    ranges: list[range] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        a, dash, b = part.partition("-")
-        lo = seed(a, part)
-        r = range(lo, seed(b, part) + 1) if dash else range(lo, lo + 1)
-        if not r:
-            raise ValueError(f"bad seed range {part!r}: the end is before the start")
-        ranges.append(r)
-    n = sum(len(r) for r in ranges)  # counted before any list is built
-    if n > max_seeds:
-        raise ValueError(f"seeds {spec!r} name {n:,} seeds, more than {max_seeds:,}; split the run into smaller specs")
-    out = [s for r in ranges for s in r]
-    if not out or len(set(out)) != len(out):
-        raise ValueError(f"seeds {spec!r} must name at least one seed and no seed twice")
-    return out
 
 
 def parse_params(items: list[str]) -> dict:
@@ -136,34 +105,6 @@ def reference_digit(target: int, index: int) -> torch.Tensor:
     if not 0 <= index < len(pool):
         raise ValueError(f"--reference must be in [0, {len(pool) - 1}] for class {target}")
     return pool[index : index + 1]
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def png_bytes(img: torch.Tensor) -> bytes:
-    """[C, H, W] uint8 → PNG bytes."""
-    from PIL import Image
-
-    arr = img.permute(1, 2, 0).cpu().numpy()
-    im = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def grid(images: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
-    """Square-ish grid of [C, H, W] uint8 images."""
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    C, H, W = images[0].shape
-    out = torch.zeros(C, rows * (H + pad) + pad, cols * (W + pad) + pad, dtype=torch.uint8)
-    for k, img in enumerate(images):
-        r, c = divmod(k, cols)
-        out[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = img
-    return out
 
 
 def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:

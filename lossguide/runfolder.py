@@ -5,18 +5,23 @@ A folder holds ``config.yaml``, one ``{seed:06d}.png`` and ``records/{seed:06d}.
 processes never write one folder, removes the ``.*.tmp`` files a killed writer left, writes ``config.yaml``
 only when the caller has built and checked everything, and turns every OSError into one line naming the path.
 Seeds run in batches of one fixed shape (:func:`fixed_batches`), so a seed's numbers do not depend on which
-seeds share its batch, and a resumed run equals an uninterrupted one.
+seeds share its batch, and a resumed run equals an uninterrupted one. Seed specs (:func:`parse_seeds`) and the
+PNG helpers (:func:`to_uint8`, :func:`png_bytes`, :func:`grid`) live here too.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -223,7 +228,6 @@ class RunFolder:
     def read_png(self, seed: int):
         """Seed ``seed``'s image as a [C, H, W] uint8 tensor."""
         import numpy as np
-        import torch
         from PIL import Image
 
         p = self.png(seed)
@@ -254,3 +258,61 @@ def _read_pid(fd: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def parse_seeds(spec: str, max_seeds: int = 1_000_000) -> list[int]:
+    """``"0-15,100"`` → [0, 1, ..., 15, 100] (as EDM's ``--seeds``), at most ``max_seeds`` seeds."""
+
+    def seed(s: str, part: str) -> int:
+        s = s.strip()
+        if not (s.isascii() and s.isdigit()):
+            raise ValueError(f"bad seed {s!r} in {part!r}: seeds are integers ≥ 0, e.g. 0-15 or 0-7,100")
+        return int(s)
+
+    ranges: list[range] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        a, dash, b = part.partition("-")
+        lo = seed(a, part)
+        r = range(lo, seed(b, part) + 1) if dash else range(lo, lo + 1)
+        if not r:
+            raise ValueError(f"bad seed range {part!r}: the end is before the start")
+        ranges.append(r)
+    n = sum(len(r) for r in ranges)  # counted before any list is built
+    if n > max_seeds:
+        raise ValueError(f"seeds {spec!r} name {n:,} seeds, more than {max_seeds:,}; split the run into smaller specs")
+    out = [s for r in ranges for s in r]
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"seeds {spec!r} must name at least one seed and no seed twice")
+    return out
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [−1, 1] → uint8 in [0, 255]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def png_bytes(img: torch.Tensor) -> bytes:
+    """[C, H, W] uint8 → PNG bytes."""
+    from PIL import Image
+
+    arr = img.permute(1, 2, 0).cpu().numpy()
+    im = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid(images: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """Square-ish grid of [C, H, W] uint8 images."""
+    n = len(images)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    C, H, W = images[0].shape
+    out = torch.zeros(C, rows * (H + pad) + pad, cols * (W + pad) + pad, dtype=torch.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        out[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = img
+    return out

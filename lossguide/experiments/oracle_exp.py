@@ -8,9 +8,11 @@ import math
 
 import torch
 
-from lossguide import oracle_bench, presets
-from lossguide.augment import GaussianJitter, policy
+from lossguide import oracle_bench
+from lossguide.augment import policy
 from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
+from lossguide.harness.methods import method_config
+from lossguide.harness.tasks.oracle import posterior_samples
 from lossguide.oracle import default_mixture
 from lossguide.rng import make_generators
 from lossguide.schedule import NoiseSchedule
@@ -24,19 +26,12 @@ def technique_variants(settings: dict, kind: str) -> dict:
     s = settings.get(kind, {})
     scale = s.get("freedom", {}).get("scale", 0.01)
     eta = s.get("shen2024", {}).get("eta", 0.01)
-    jitter = GaussianJitter(0.05)
-    base = presets.freedom(scale=scale)
-    full = presets.shen2024(eta=eta, augment=jitter)
-    return {
-        "freedom": base,
-        "freedom + RA": presets.with_techniques(base, n_aug=10, augment=jitter),
-        "freedom + Polyak": presets.with_techniques(base, polyak=eta),
-        "freedom + time travel": presets.with_techniques(base, n_recur=3, recur_window=(0.3, 0.8)),
-        "shen2024 (all three)": full,
-        "shen2024 − RA": presets.with_techniques(full, n_aug=0),
-        "shen2024 − Polyak": presets.shen2024(polyak=False, scale=scale, augment=jitter),
-        "shen2024 − time travel": presets.with_techniques(full, n_recur=1),
-    }
+    specs = {"freedom": ("freedom", scale), "freedom + RA": ("freedom+ra", scale),
+             "freedom + Polyak": ("freedom+polyak", eta), "freedom + time travel": ("freedom+tt", scale),
+             "shen2024 (all three)": ("shen2024", eta), "shen2024 − RA": ("shen2024-ra", eta),
+             "shen2024 − Polyak": ("shen2024-polyak", scale),
+             "shen2024 − time travel": ("shen2024-tt", eta)}  # fmt: skip
+    return {label: method_config(spec, v, oracle=True) for label, (spec, v) in specs.items()}
 
 
 def _grad_lipschitz(loss, x: torch.Tensor, radius: float, seed: int, with_norm: bool = False):
@@ -199,7 +194,7 @@ def _run(out, quick: bool) -> dict:
     tech_rows = []
     for task in oracle_bench.oracle_tasks(schedule):
         kind = task.name.split("-")[0]
-        post = oracle_bench._posterior_samples(task)
+        post = posterior_samples(task)
         for label, cfg in technique_variants(settings, kind).items():
             row = oracle_bench.run_config(task, label, cfg, schedule, range(n), steps, post)
             tech_rows.append(row)
@@ -249,8 +244,9 @@ def _run(out, quick: bool) -> dict:
             f"techniques that help FreeDoM: {n_help}/6")  # fmt: skip
     body = [
         f"Gaussian mixture (d = 8, 4 components), DDIM-{steps}, {n} samples (seeds 0–{n - 1}); distance = sliced "
-        "W2 (256 directions) to 4,096 exact posterior samples. Step parameters from `lossguide/oracle_settings.json` "
-        "(`lossguide oracle --tune`, tuning seeds ≥ 1,000,000). On vectors the augmentation is Gaussian jitter "
+        "W2 (256 directions) to 4,096 exact posterior samples. Step parameters from `lossguide/harness/settings.json` "
+        "(sections oracle-class, oracle-linear; `lossguide oracle --tune`, tuning seeds ≥ 1,000,000). On vectors the "
+        "augmentation is Gaussian jitter "
         "(std 0.05).",
         "",
         "## Every preset",

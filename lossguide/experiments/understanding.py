@@ -4,7 +4,7 @@ Each function is one ``lossguide experiment NAME``: it writes ``report.md`` (tab
 and a reading whose verdict is computed from the numbers by the rule stated in the report), PNG figures,
 ``results.json`` and ``results.csv`` into ``out``. Seed sets are fixed here and recorded in the JSON:
 evaluation seeds start at 0, with target class ``seed mod 10``; step parameters come from
-``mnist_settings.json`` (tuned on seeds ≥ 1000).
+the settings store ``lossguide/harness/settings.json`` (tuned on seeds ≥ 1000).
 """
 
 from __future__ import annotations

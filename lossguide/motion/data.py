@@ -30,6 +30,7 @@ import torch
 
 FPS = 20  # HumanML3D's rate (Guo et al. 2022), as MDM
 WINDOW = 60  # 3 s
+DATA_SEED = 0  # the stitched sequences of the shipped model (training and realism statistics)
 URDF_SCALE = 0.25
 
 # (name, kind) in the order of a DeepMimic frame after the root

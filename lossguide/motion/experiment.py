@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from lossguide import presets
 from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
+from lossguide.harness import settings
+from lossguide.harness.methods import method_config, tuned_param
+from lossguide.harness.tuning import grid_search, tune_seeds
 from lossguide.io import atomic_write_bytes
 from lossguide.motion.augment import MotionAugment
 from lossguide.motion.data import BONES, FPS, POINTS, forward_kinematics
@@ -38,29 +40,19 @@ SCENARIOS = (
 )
 GUIDE_MARGIN = 0.2  # the paper's code guides with r + 0.2 and evaluates with r
 EVAL_SEEDS = tuple(range(8))
-TUNE_SEEDS = tuple(range(1000, 1004))
-# method label → (preset, tuned parameter, multiplicative grid, fixed parameters)
+TUNE_SEEDS = tuple(tune_seeds("motion", 4))
+# method label → (method spec, multiplicative grid of its step parameter, fixed parameters)
 METHODS = {
-    "none": ("none", None, (), {}),
-    "dps": ("dps", "scale", (0.1, 0.3, 1.0, 3.0, 10.0), {}),
-    "freedom": ("freedom", "scale", (0.1, 0.3, 1.0, 3.0, 10.0), {}),
-    "ugd (forward)": ("ugd", "scale", (0.1, 0.3, 1.0, 3.0, 10.0), {"backward_scale": 0.0, "n_iter": 0}),
-    "lgd_mc": ("lgd_mc", "scale", (0.1, 0.3, 1.0, 3.0, 10.0), {"n_mc": 10}),
-    "mpgd": ("mpgd", "scale", (0.03, 0.1, 0.3, 1.0, 3.0), {}),
-    "shen2024 −RA": ("shen2024", "eta", (0.0003, 0.001, 0.003, 0.01, 0.03), {"n_aug": 0}),
-    "shen2024": ("shen2024", "eta", (0.0003, 0.001, 0.003, 0.01, 0.03), {"n_aug": 10}),
+    "none": ("none", (), {}),
+    "dps": ("dps", (0.1, 0.3, 1.0, 3.0, 10.0), {}),
+    "freedom": ("freedom", (0.1, 0.3, 1.0, 3.0, 10.0), {}),
+    "ugd (forward)": ("ugd", (0.1, 0.3, 1.0, 3.0, 10.0), {"backward_scale": 0.0, "n_iter": 0}),
+    "lgd_mc": ("lgd_mc", (0.1, 0.3, 1.0, 3.0, 10.0), {"n_mc": 10}),
+    "mpgd": ("mpgd", (0.03, 0.1, 0.3, 1.0, 3.0), {}),
+    "shen2024 −RA": ("shen2024-ra", (0.0003, 0.001, 0.003, 0.01, 0.03), {}),
+    "shen2024": ("shen2024", (0.0003, 0.001, 0.003, 0.01, 0.03), {}),
 }
 QUICK_METHODS = ("none", "freedom", "dps", "lgd_mc", "shen2024")
-# the values the full run's tuning picked (used by --quick, which does not tune)
-TUNED = {
-    "dps": 3.0,
-    "freedom": 3.0,
-    "ugd (forward)": 0.3,
-    "lgd_mc": 3.0,
-    "mpgd": 1.0,
-    "shen2024 −RA": 0.01,
-    "shen2024": 0.01,
-}
 REALISM_GUARD = 1.5  # tuning keeps a scale only if mean skating ≤ 1.5 × unguided's (same seeds)
 STEPS = 50
 
@@ -85,13 +77,21 @@ def build_batch(scenarios, seeds):
 
 
 def make_config(model: MotionModel, label: str, value):
-    preset, param, _, fixed = METHODS[label]
-    params = dict(fixed)
-    if param is not None:
-        params[param] = value
-    if preset == "shen2024" and params.get("n_aug", 10):
-        params["augment"] = MotionAugment(model)
-    return presets.get(preset, **params)
+    """The guidance config of method ``label`` at step ``value``; random augmentation is the motion's."""
+    spec, _, fixed = METHODS[label]
+    return method_config(spec, value, augment=MotionAugment(model), **fixed)
+
+
+def param_name(label: str) -> str | None:
+    """The step parameter that ``label`` tunes (None for ``none``)."""
+    p = tuned_param(METHODS[label][0])
+    return None if p is None else p[0]
+
+
+def shipped_values(labels) -> dict:
+    """The step values the full run's tuning chose (settings store, section ``motion``), used by --quick."""
+    store = settings.load()
+    return {k: settings.params("motion", k, store)[param_name(k)] for k in labels if param_name(k)}
 
 
 def evaluate(x: torch.Tensor, goals, centers, radii) -> dict[str, torch.Tensor]:
@@ -123,26 +123,25 @@ def run_method(model: MotionModel, label: str, value, scenarios, seeds, steps: i
 
 
 def tune(model: MotionModel, labels, steps: int) -> tuple[dict, list[dict]]:
-    """Pick each method's step parameter on TUNE_SEEDS: the lowest mean Loss whose skating stays within
-    REALISM_GUARD × unguided's (the smallest grid value if none does)."""
+    """Pick each method's step parameter on TUNE_SEEDS by grid search: the lowest mean Loss whose skating stays
+    within REALISM_GUARD × unguided's (the smallest grid value if none does)."""
     base = run_method(model, "none", None, SCENARIOS, TUNE_SEEDS, steps)
     skate0 = float(base["metrics"]["skating"].mean())
     chosen, rows = {}, []
     for label in labels:
-        _, param, grid, _ = METHODS[label]
+        param = param_name(label)
         if param is None:
             continue
-        best = None
-        for v in grid:
-            r = run_method(model, label, v, SCENARIOS, TUNE_SEEDS, steps)
-            m = r["metrics"]
+
+        def score(v, label=label, param=param):
+            m = run_method(model, label, v, SCENARIOS, TUNE_SEEDS, steps)["metrics"]
             total = float((m["target_mse"] + m["avoid"]).mean())
             skate = float(m["skating"].mean())
             ok = skate <= REALISM_GUARD * skate0 and math.isfinite(total)
             rows.append({"method": label, param: v, "loss": total, "skating": skate, "within_guard": ok})
-            if ok and (best is None or total < best[0]):
-                best = (total, v)
-        chosen[label] = best[1] if best is not None else grid[0]
+            return -total if ok else -math.inf
+
+        chosen[label] = grid_search(score, METHODS[label][1])[0]
         log.info("tuned %s: %s=%s", label, param, chosen[label])
     return chosen, rows
 
@@ -275,7 +274,7 @@ def _run(out: Path, quick: bool) -> dict:
     labels = QUICK_METHODS if quick else tuple(METHODS)
     steps = STEPS
     if quick:
-        chosen, tune_rows = {k: TUNED[k] for k in labels if k in TUNED}, []
+        chosen, tune_rows = shipped_values(labels), []
     else:
         chosen, tune_rows = tune(model, labels, steps)
     ref, _ = data_reference(256 if quick else 1024)
@@ -287,7 +286,7 @@ def _run(out: Path, quick: bool) -> dict:
     rows, per_sample = [], []
     for label, res in results.items():
         m = res["metrics"]
-        param = METHODS[label][1]
+        param = param_name(label)
         tm, av = float(m["target_mse"].mean()), float(m["avoid"].mean())
         w1 = compare({k: v for k, v in m.items() if k in ref}, ref)
         rows.append(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lossguide.motion.data import FPS, POINTS, forward_kinematics
+from lossguide.motion.data import DATA_SEED, FPS, POINTS, MotionData, forward_kinematics
 
 CONTACT_HEIGHT = 0.03  # metres; the data's toes rest at ≈ 0.01 m
 FOOT_POINTS = {"right": ("right_ankle", "right_toe"), "left": ("left_ankle", "left_toe")}
@@ -66,9 +66,6 @@ def compare(samples: dict[str, torch.Tensor], data: dict[str, torch.Tensor]) -> 
 
 def data_reference(n: int = 1024, seed: int = 2):
     """Statistics of ``n`` training windows (the shipped model's data recipe; ``seed`` picks the windows)."""
-    from lossguide.motion.data import MotionData
-    from lossguide.training.motion import DATA_SEED
-
     data = MotionData.build(seed=DATA_SEED)
     x = data.windows(n, torch.Generator().manual_seed(seed))
     return window_stats(x), x

@@ -1,0 +1,330 @@
+"""``lossguide bench``: every method on every task and budget, tuned fairly, evaluated on disjoint seeds.
+
+Seeds are the unit of work. A *shard* is one (phase, task, method, step value, DDIM steps, seed chunk); its
+per-sample records are written atomically to ``out/shards/...json`` (samples beside it), and a shard whose
+file exists is never recomputed, so a run killed at any point (SIGKILL included) continues where it stopped
+and ends with the same numbers. Shards are spread over processes by rank (``torchrun --nproc_per_node N``:
+gloo on CPU, NCCL on GPUs); the ranks meet at a barrier after each tuning round and before the summary.
+
+Tuning (TFG's multiplicative beam search, ``../shared/docs/method.md`` §2.6, in both directions): each method's
+step parameter starts at its default (:data:`lossguide.harness.methods.DEFAULTS`), candidates multiply the
+``width`` best values by ``factor^±1``, for ``rounds`` rounds, on tuning seeds (``tune_seeds("bench", n)``: from
+10,000, disjoint from the evaluation seeds 0..n−1). Objective: the task's (:mod:`lossguide.harness.tasks`): judge
+validity (class tasks; ties by lower guide loss), PSNR to the reference (inverse problems), minus the sliced W2
+distance to the exact posterior (oracle). Tables and figures: :mod:`lossguide.harness.report`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lossguide.harness import settings as store
+from lossguide.harness.methods import METHODS, method_config, parse_method, tuned_param
+from lossguide.harness.report import write_outputs
+from lossguide.harness.tasks import CLASS_TASKS, ORACLE_TASKS, TASKS
+from lossguide.harness.tasks.mnist import MnistKit, MnistTask
+from lossguide.harness.tasks.oracle import OracleTaskAdapter
+from lossguide.harness.tuning import beam_search, tune_seeds
+from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lossguide.samplers import DDIM
+from lossguide.sampling import sample
+
+log = logging.getLogger(__name__)
+
+#: the tuner's quality ceiling on class tasks: FID ≤ this × the unguided model's FID on the tuning seeds
+FID_CEILING = 1.5
+
+
+# -- config, ranks, shards ------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    """A benchmark grid; everything that changes the numbers (written to ``config.json``)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["class"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    steps: list[int] = field(default_factory=lambda: [50])
+    n_eval: int = 100
+    n_tune: int = 32
+    tune: bool = True
+    tune_steps: int = 50
+    beam_factor: float = 3.0
+    beam_width: int = 2
+    beam_rounds: int = 2
+    best_of: int = 1
+    batch: int = 50
+    device: str = "cpu"
+    ddim_eta: float = 0.0  # 0: deterministic DDIM; 1: stochastic, as the paper's code
+    settings_file: str | None = None  # step parameters from an earlier run's settings.json (no tuning)
+    norm: str = "squared"  # sketch/inpaint/sr residual: ‖r‖² or ‖r‖ ("l2", the paper's code)
+
+    def validate(self) -> None:
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+        for m in self.methods:
+            method_config(m, 1.0)
+        if min(self.steps) < 1 or self.n_eval < 1 or self.batch < 1 or self.best_of < 1:
+            raise ValueError("--steps, --n-eval, --batch and --best-of must be ≥ 1")
+
+    @staticmethod
+    def quick() -> BenchConfig:
+        return BenchConfig(tasks=["class", "sketch", "oracle-class"], methods=["none", "dps", "freedom", "shen2024",
+                           "cg"], steps=[5], n_eval=8, n_tune=4, tune_steps=5, beam_rounds=1, batch=8)  # fmt: skip
+
+
+class Ranks:
+    """This process's rank and world size (torchrun's env), with a barrier (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.dist = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+            self.dist = dist
+
+    def mine(self, jobs: list) -> list:
+        return [j for i, j in enumerate(jobs) if i % self.world == self.rank]
+
+    def barrier(self) -> None:
+        if self.dist is not None:
+            self.dist.barrier()
+
+    def close(self) -> None:
+        if self.dist is not None and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Shard:
+    phase: str  # "tune" or "eval"
+    task: str
+    method: str
+    value: float | None
+    steps: int
+    seeds: tuple[int, ...]
+
+    def path(self, out: Path) -> Path:
+        v = "default" if self.value is None else f"{self.value:.6g}"
+        name = f"{self.seeds[0]:06d}-{self.seeds[-1]:06d}"
+        return out / "shards" / self.phase / self.task / self.method.replace("+", "_") / f"v{v}" / f"s{self.steps}" / (
+            name + ".json")  # fmt: skip
+
+
+def _peak_mem_mb(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak so far
+
+
+class Bench:
+    """Runs a :class:`BenchConfig` into a folder; see the module docstring."""
+
+    def __init__(self, cfg: BenchConfig, out: Path):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(out)
+        self.ranks = Ranks(cfg.device)
+        self._tasks: dict = {}
+        self._kit = None
+
+    # -- tasks
+    def task(self, name: str):
+        if name not in self._tasks:
+            if name in ORACLE_TASKS:
+                self._tasks[name] = OracleTaskAdapter(name)
+            else:
+                if self._kit is None:
+                    self._kit = MnistKit(self.cfg.device)
+                self._tasks[name] = MnistTask(name, self._kit, self.cfg.norm)
+        return self._tasks[name]
+
+    def applicable(self, task: str, method: str) -> bool:
+        return parse_method(method)[0] != "cg" or task in (*CLASS_TASKS, *ORACLE_TASKS)
+
+    @staticmethod
+    def step_value(settings: dict, task: str, method: str) -> float | None:
+        """The step value of ``method`` on ``task`` in ``settings`` (a run's settings.json or the shipped store)."""
+        return store.step_value(task, method, settings, task in ORACLE_TASKS)
+
+    # -- one shard
+    def run_shard(self, sh: Shard) -> dict:
+        """Sample and record one shard (or read it when its file exists)."""
+        path = sh.path(self.out)
+        if path.exists():
+            return json.loads(path.read_text())
+        task = self.task(sh.task)
+        cfg = method_config(sh.method, sh.value, task.oracle)
+        n_cand = self.cfg.best_of if sh.phase == "eval" else 1
+        seeds = list(sh.seeds)
+        cand_seeds = [s + j * 1_000_000 for s in seeds for j in range(n_cand)]  # candidate j of seed s
+        dtype = torch.float64 if task.oracle else torch.float32
+        device = "cpu" if task.oracle else self.cfg.device
+        if str(device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        denoiser = task.denoiser()
+        t0 = time.perf_counter()
+        res = sample(
+            denoiser,
+            DDIM(denoiser.schedule, sh.steps, eta=self.cfg.ddim_eta),
+            cfg,
+            task.loss([s for s in seeds for _ in range(n_cand)], cfg.loss_input == "x_t") if cfg.enabled else None,
+            shape=task.shape,
+            seeds=cand_seeds,
+            dtype=dtype,
+            device=device,
+            augment=task.augment,
+        )
+        wall = time.perf_counter() - t0
+        x = res.x0 if task.oracle else res.x0.clamp(-1, 1)
+        if n_cand > 1:  # best-of-N: the candidate with the lowest guide loss; NFE counts every candidate
+            with torch.no_grad():
+                L = task.loss([s for s in seeds for _ in range(n_cand)])(x).view(len(seeds), n_cand)
+            x = x.view(len(seeds), n_cand, *x.shape[1:])[torch.arange(len(seeds)), L.argmin(1)]
+        rec = {
+            "shard": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(sh).items()},
+            "config": cfg.to_dict(),
+            "nfe_per_sample": res.stats.nfe * n_cand,
+            "denoiser_grads_per_sample": res.stats.denoiser_grads * n_cand,
+            "loss_grads_per_sample": res.stats.loss_grads * n_cand,
+            "skipped_steps": int(res.stats.skipped.sum()),
+            "wall_s": wall,
+            "peak_mem_mb": _peak_mem_mb(device),
+            "records": task.records(x, seeds),
+        }
+        if not task.oracle:  # samples beside the record (the record is the completion marker)
+            buf = io.BytesIO()
+            torch.save(((x + 1) * 127.5).round().to(torch.uint8).cpu(), buf)
+            atomic_write_bytes(path.with_suffix(".pt"), buf.getvalue())
+        atomic_write_json(path, rec)
+        return rec
+
+    def run_shards(self, shards: list[Shard]) -> list[dict]:
+        """Run this rank's share of ``shards``, meet at the barrier, then read all of them."""
+        for sh in self.ranks.mine(shards):
+            if not sh.path(self.out).exists():
+                log.info("shard %s", sh)
+                self.run_shard(sh)
+        self.ranks.barrier()
+        return [json.loads(sh.path(self.out).read_text()) for sh in shards]
+
+    def shards(self, phase, task, method, value, steps, seeds) -> list[Shard]:
+        b = self.cfg.batch
+        return [Shard(phase, task, method, value, steps, tuple(seeds[i : i + b])) for i in range(0, len(seeds), b)]
+
+    def cell(self, recs: list[dict], task: str) -> dict:
+        """Set metrics of a cell from its shards' records, plus per-sample cost."""
+        t = self.task(task)
+        all_recs = [r for rec in recs for r in rec["records"]]
+        out = t.summary(all_recs)
+        out.update(
+            nfe=recs[0]["nfe_per_sample"],
+            denoiser_grads=recs[0]["denoiser_grads_per_sample"],
+            loss_grads=recs[0]["loss_grads_per_sample"],
+            skipped_steps=sum(r["skipped_steps"] for r in recs),
+            wall_s_per_sample=sum(r["wall_s"] for r in recs) / len(all_recs),
+            peak_mem_mb=max(r["peak_mem_mb"] for r in recs),
+        )
+        return out
+
+    # -- phases
+    def tune(self) -> dict:
+        """Beam-search each (task, method)'s step parameter; writes ``tuning.json`` and ``settings.json``."""
+        cfg = self.cfg
+        if cfg.settings_file is not None:
+            path = Path(cfg.settings_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"--settings {path}: no such file (a settings.json of lossguide bench)")
+            settings = store.load(path)
+            missing = [(t, m) for t in cfg.tasks for m in cfg.methods if tuned_param(m, t in ORACLE_TASKS)
+                       and self.applicable(t, m) and self.step_value(settings, t, m) is None]  # fmt: skip
+            if missing:
+                raise ValueError(f"--settings {path} has no step parameter for {missing[0][1]!r} on {missing[0][0]!r}")
+            return settings
+        settings: dict = {}
+        trace: list[dict] = []
+        seeds = list(tune_seeds("bench", cfg.n_tune))
+        for task in cfg.tasks:
+            oracle = task in ORACLE_TASKS
+            ceiling = None
+            if task in CLASS_TASKS and cfg.tune:  # the quality bound from the unguided model on the tuning seeds
+                none = self.cell(self.run_shards(self.shards("tune", task, "none", None, cfg.tune_steps, seeds)), task)
+                ceiling = FID_CEILING * none["fid"]
+                settings.setdefault("_fid_ceiling", {})[task] = ceiling
+            for method in cfg.methods:
+                p = tuned_param(method, oracle)
+                if p is None or not self.applicable(task, method):
+                    continue
+                if not cfg.tune:
+                    settings.setdefault(task, {})[method] = p[1]
+                    continue
+
+                def evaluate(values, task=task, method=method, ceiling=ceiling):
+                    shards = [self.shards("tune", task, method, v, cfg.tune_steps, seeds) for v in values]
+                    recs = self.run_shards([s for group in shards for s in group])
+                    out, i = [], 0
+                    for group in shards:
+                        cell = self.cell(recs[i : i + len(group)], task)
+                        i += len(group)
+                        out.append(self.task(task).objective(cell, ceiling))
+                    return out
+
+                best, tr = beam_search(evaluate, p[1], cfg.beam_factor, cfg.beam_width, cfg.beam_rounds)
+                settings.setdefault(task, {})[method] = best
+                trace += [{"task": task, "method": method, "param": p[0], **row} for row in tr]
+        if self.ranks.rank == 0:
+            atomic_write_json(self.out / "tuning.json", {"seeds": f"{seeds[0]}..{seeds[-1]}", "trace": trace})
+            atomic_write_json(self.out / "settings.json", settings)
+        return settings
+
+    def evaluate(self, settings: dict) -> list[dict]:
+        cfg = self.cfg
+        seeds = list(range(cfg.n_eval))
+        cells, shards = [], []
+        for task in cfg.tasks:
+            for method in cfg.methods:
+                if not self.applicable(task, method):
+                    continue
+                v = self.step_value(settings, task, method)
+                for steps in cfg.steps:
+                    group = self.shards("eval", task, method, v, steps, seeds)
+                    cells.append((task, method, v, steps, len(shards), len(group)))
+                    shards += group
+        recs = self.run_shards(shards)
+        rows = []
+        for task, method, v, steps, i, n in cells:
+            p = tuned_param(method, task in ORACLE_TASKS)
+            row = {"task": task, "method": method, "steps": steps,
+                   "param": f"{p[0]}={v:.4g}" if p else "-", **self.cell(recs[i : i + n], task)}  # fmt: skip
+            rows.append(row)
+        return rows
+
+    def run(self) -> list[dict]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings = self.tune()
+        rows = self.evaluate(settings)
+        if self.ranks.rank == 0:
+            write_outputs(self, rows, settings)
+        self.ranks.barrier()
+        return rows
+
+
+def check_config(cfg: BenchConfig, out: Path, overwrite: bool = False) -> None:
+    """Refuse to mix two configs in one folder (shards would be reused across them)."""
+    f = Path(out) / "config.json"
+    text = json.dumps(asdict(cfg), indent=2) + "\n"
+    if f.exists() and f.read_text() != text and not overwrite:
+        raise ValueError(f"{out} holds a bench run with a different config; pass another --out, or --overwrite")
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_text(f, text)

@@ -1,0 +1,35 @@
+"""The harness's tasks: what a guided sample set is for and how it is scored, per seed.
+
+A task gives, for a list of seeds, the guide loss (:meth:`Task.loss`), the model (:meth:`Task.denoiser`, its data
+augmentation :attr:`Task.augment`), per-sample records of a sample set (:meth:`Task.records`), their summary and
+the tuners' objective. MNIST tasks are in :mod:`~lossguide.harness.tasks.mnist`, the Gaussian-mixture oracle's
+in :mod:`~lossguide.harness.tasks.oracle`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+MNIST_TASKS = ("class", "class-feature", "sketch", "inpaint", "sr", "class+sketch")
+CLASS_TASKS = ("class", "class-feature")  # target = seed mod 10
+ORACLE_TASKS = ("oracle-class", "oracle-linear")
+TASKS = MNIST_TASKS + ORACLE_TASKS
+
+
+class Task(Protocol):
+    """What the harness asks of a task (seeds are the unit: the same seed gives the same target and reference)."""
+
+    oracle: bool  # float64 vectors on CPU, no clamping, no image files
+    shape: tuple[int, ...]
+    augment: Callable | None
+
+    def loss(self, seeds: Sequence[int], noise_aware: bool = False) -> Callable: ...
+
+    def denoiser(self): ...
+
+    def records(self, x, seeds: Sequence[int]) -> list[dict]: ...
+
+    def summary(self, records: list[dict]) -> dict: ...
+
+    def objective(self, summary: dict, fid_ceiling: float | None = None) -> float: ...

@@ -1,0 +1,277 @@
+"""The MNIST tasks on the shipped models: the kit (DDPM and classifiers, loaded once) and the harness task over it.
+
+Class-guided sample sets use seed k with target class ``k mod 10``, so every set of n ≥ 10 seeds is
+class-balanced like the held-out reference set (100 digits per class) that FID/KID compare against; inverse
+problems take the held-out digit ``perm[seed mod 1000]`` as reference (its class is the judge's target).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lossguide import losses, metrics
+from lossguide.guidance import GuidanceConfig
+from lossguide.harness.tasks import CLASS_TASKS
+from lossguide.samplers import DDIM
+from lossguide.sampling import sample
+
+
+def targets_for(seeds: Sequence[int]) -> list[int]:
+    """Target class of each seed: ``seed mod 10``."""
+    return [int(s) % 10 for s in seeds]
+
+
+@dataclass
+class Generated:
+    """A generated set: samples in [−1, 1], their targets, the guide loss ℓ(x0_hat) per guided step
+    (``loss_trace[j]`` is ``(i, t, ℓ [N])``), compute counters and wall time."""
+
+    x: torch.Tensor
+    targets: torch.Tensor
+    nfe: int
+    denoiser_grads: int
+    loss_evals: int
+    wall_s: float
+    loss_trace: list = field(default_factory=list)
+    skipped: int = 0
+    kind: str = "ce"  # the class loss that guided (MnistKit.loss)
+
+
+class MnistKit:
+    """The shipped DDPM and classifiers, loaded once."""
+
+    def __init__(self, device: str = "cpu"):
+        from lossguide.data import load_mnist
+        from lossguide.models import load_classifier, load_denoiser
+
+        self.device = device
+        self.model = load_denoiser("mnist-ddpm", device=device)
+        self.nets = {
+            name: load_classifier(f"mnist-{name}", device=device)
+            for name in ("guide", "judge", "noise-aware", "robust")
+        }
+        x, y = load_mnist("heldout")
+        self.real_x, self.real_y = x.to(device), y.to(device)
+        self._real_features = None
+        self._means: dict[str, torch.Tensor] = {}
+
+    # -- losses ----------------------------------------------------------------------------------------
+    def class_means(self, net: str) -> torch.Tensor:
+        """μ_y of ``net``'s features on its own training split (cached)."""
+        from lossguide.models import class_means
+
+        if net not in self._means:
+            self._means[net] = class_means(f"mnist-{net}", device=self.device, net=self.nets[net])
+        return self._means[net]
+
+    def loss(self, net: str, targets: Sequence[int], kind: str = "ce"):
+        """Per-sample class loss of ``net`` (guide, robust, judge): cross-entropy (``kind="ce"``) or the unsquared
+        feature distance ‖f(x0) − μ_y‖ (``"feature"``); the noise-aware net gives −log p(y|x_t, t)."""
+        if net == "noise-aware":
+            return losses.NoisyClassLoss(self.nets[net], list(targets))
+        if kind == "feature":
+            return losses.FeatureDistanceLoss(self.nets[net].features, self.class_means(net), list(targets))
+        if kind != "ce":
+            raise ValueError(f"unknown class loss kind {kind!r}; choose 'ce' or 'feature'")
+        return losses.ClassLoss(self.nets[net], list(targets))
+
+    # -- generation ------------------------------------------------------------------------------------
+    def generate(
+        self,
+        guidance: GuidanceConfig,
+        seeds: Sequence[int],
+        steps: int = 50,
+        net: str = "guide",
+        batch: int = 64,
+        targets: Sequence[int] | None = None,
+        kind: str = "ce",
+        ddim_eta: float = 0.0,
+    ) -> Generated:
+        """Samples for ``seeds`` (targets ``seed mod 10`` unless given) guided by class net ``net`` with loss
+        ``kind`` (see :meth:`loss`), DDIM(``ddim_eta``); ``cg`` presets (loss on x_t) use the noise-aware
+        classifier whatever ``net`` says. Augmentation is the model's (``digits``)."""
+        seeds = list(seeds)
+        targets = targets_for(seeds) if targets is None else list(targets)
+        if guidance.loss_input == "x_t":
+            net = "noise-aware"
+        sampler = DDIM(self.model.denoiser.schedule, steps, eta=ddim_eta)
+        xs, traces = [], []
+        nfe = grads = evals = skipped = 0
+        t0 = time.perf_counter()
+        for b in range(0, len(seeds), batch):
+            sl = slice(b, b + batch)
+            res = sample(
+                self.model.denoiser,
+                sampler,
+                guidance,
+                self.loss(net, targets[sl], kind) if guidance.enabled else None,
+                shape=self.model.sample_shape,
+                seeds=seeds[sl],
+                device=self.device,
+                augment=self.model.augment,
+            )
+            xs.append(res.x0.clamp(-1, 1).detach())
+            traces.append(res.stats.loss_trace)
+            nfe, grads, evals = res.stats.nfe, res.stats.denoiser_grads, res.stats.loss_evals
+            skipped += int(res.stats.skipped.sum())
+        wall = time.perf_counter() - t0
+        trace = [(i, t, torch.cat([tr[j][2] for tr in traces])) for j, (i, t, _) in enumerate(traces[0])]
+        return Generated(
+            x=torch.cat(xs),
+            targets=torch.tensor(targets),
+            nfe=nfe,
+            denoiser_grads=grads,
+            loss_evals=evals,
+            wall_s=wall,
+            loss_trace=trace,
+            skipped=skipped,
+            kind=kind,
+        )
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def class_loss(self, net: str, x: torch.Tensor, targets: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+        """Per-sample loss of clean images under ``net`` (guide, robust, judge): cross-entropy, or with
+        ``kind="feature"`` the feature distance ‖f(x) − μ_y‖ to ``net``'s own class mean."""
+        if kind == "feature":
+            return self.loss(net, targets.tolist(), "feature")(x).double()
+        p = metrics.classify(self.nets[net], x)
+        return -torch.log(p[torch.arange(len(x)), targets.long()].clamp_min(1e-30)).double()
+
+    @torch.no_grad()
+    def validity(self, net: str, x: torch.Tensor, targets: torch.Tensor) -> float:
+        """Share of samples that ``net`` labels as their target."""
+        return float((metrics.classify(self.nets[net], x).argmax(1).cpu() == targets.cpu()).double().mean())
+
+    def real_features(self) -> torch.Tensor:
+        if self._real_features is None:
+            self._real_features = metrics.features(self.nets["judge"], self.real_x)
+        return self._real_features
+
+    def fid_kid(self, x: torch.Tensor, seed: int = 0) -> dict:
+        """FID and KID (×10³) of ``x`` against the 1,000 held-out digits, on the judge's 128-d features."""
+        return self.feature_fid_kid(metrics.features(self.nets["judge"], x), seed)
+
+    def feature_fid_kid(self, f: torch.Tensor, seed: int = 0) -> dict:
+        """FID and KID (×10³) of judge features ``f`` against the held-out digits'."""
+        kid, kid_std = metrics.kernel_inception_distance(f, self.real_features(), n_subsets=50, seed=seed)
+        return {"fid": metrics.frechet_distance(f, self.real_features()), "kid_x1e3": 1e3 * kid,
+                "kid_std_x1e3": 1e3 * kid_std}  # fmt: skip
+
+    def evaluate(self, gen: Generated, fid: bool = True) -> dict:
+        """Judge validity, guide loss, FID/KID, NFE and wall time of a generated set."""
+        row = {
+            "n": len(gen.x),
+            "judge_validity": self.validity("judge", gen.x, gen.targets),
+            "guide_validity": self.validity("guide", gen.x, gen.targets),
+            "guide_loss": float(self.class_loss("guide", gen.x, gen.targets, gen.kind).mean()),
+            "noise_like": float(metrics.noise_like(gen.x, self.real_x).double().mean()),
+            "nfe": gen.nfe,
+            "denoiser_grads": gen.denoiser_grads,
+            "wall_s_per_sample": gen.wall_s / len(gen.x),
+            "skipped_steps": gen.skipped,
+        }
+        if fid:
+            row.update(self.fid_kid(gen.x))
+        return row
+
+
+class MnistTask:
+    """An MNIST harness task on a :class:`MnistKit`: class guidance (target = seed mod 10) or an inverse problem /
+    combined loss on the held-out digit ``perm[seed mod 1000]`` (its class is the judge's target)."""
+
+    oracle = False
+
+    def __init__(self, kind: str, kit, norm: str = "squared"):
+        self.kind, self.kit, self.norm = kind, kit, norm
+        self.perm = torch.randperm(len(kit.real_x), generator=torch.Generator().manual_seed(0))
+        self.shape = kit.model.sample_shape
+
+    def reference(self, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.perm[torch.tensor([s % len(self.perm) for s in seeds])]
+        return self.kit.real_x[idx], self.kit.real_y[idx].cpu()
+
+    def targets(self, seeds) -> torch.Tensor:
+        return torch.tensor(targets_for(seeds)) if self.kind in CLASS_TASKS else self.reference(seeds)[1]
+
+    def loss(self, seeds, noise_aware: bool = False):
+        t = self.targets(seeds).tolist()
+        if noise_aware:
+            if self.kind not in CLASS_TASKS:
+                raise ValueError("cg guides with the noise-aware classifier: it applies to the class tasks only")
+            return self.kit.loss("noise-aware", t)
+        if self.kind in CLASS_TASKS:
+            return self.kit.loss("guide", t, "feature" if self.kind == "class-feature" else "ce")
+        ref, _ = self.reference(seeds)
+        if self.kind == "sketch":
+            return losses.SketchLoss(ref, norm=self.norm)
+        if self.kind == "inpaint":
+            mask = torch.ones_like(ref[:1])
+            mask[..., ref.shape[-2] // 2 :, :] = 0  # the lower half is unknown
+            return losses.InpaintLoss(ref, mask, norm=self.norm)
+        if self.kind == "sr":
+            return losses.SuperResLoss(ref, factor=4, norm=self.norm)
+        return losses.WeightedSum([(1.0, self.kit.loss("guide", t)), (0.1, losses.SketchLoss(ref))])
+
+    def denoiser(self):
+        return self.kit.model.denoiser
+
+    @property
+    def augment(self):
+        return self.kit.model.augment
+
+    @torch.no_grad()
+    def records(self, x: torch.Tensor, seeds) -> list[dict]:
+        y = self.targets(seeds)
+        probs = metrics.classify(self.kit.nets["judge"], x)
+        feats = metrics.features(self.kit.nets["judge"], x)
+        task_loss = self.loss(seeds)(x)
+        out = []
+        ref = self.reference(seeds)[0] if self.kind not in CLASS_TASKS else None
+        noise = metrics.noise_like(x, self.kit.real_x)
+        psnr = metrics.psnr(x, ref) if ref is not None else None
+        ssim = metrics.ssim(x, ref) if ref is not None else None
+        for k, s in enumerate(seeds):
+            r = {"seed": s, "target": int(y[k]), "judge_label": int(probs[k].argmax()), "noise_like": bool(noise[k]),
+                 "guide_loss": float(task_loss[k]), "features": [round(float(f), 6) for f in feats[k]]}  # fmt: skip
+            if ref is not None:
+                r.update(psnr=float(psnr[k]), ssim=float(ssim[k]))
+            out.append(r)
+        return out
+
+    def summary(self, recs: list[dict]) -> dict:
+        n = len(recs)
+        valid = [r["judge_label"] == r["target"] for r in recs]
+        out = {"n": n, "judge_validity": sum(valid) / n, "guide_loss": sum(r["guide_loss"] for r in recs) / n}
+        out["judge_validity_ci"] = list(metrics.wilson_interval(sum(valid), n))
+        out["noise_like"] = sum(r.get("noise_like", False) for r in recs) / n
+        per_class = {}
+        for c in range(10):
+            v = [ok for ok, r in zip(valid, recs, strict=True) if r["target"] == c]
+            if v:
+                per_class[c] = sum(v) / len(v)
+        out["worst_class_validity"] = min(per_class.values())
+        out["per_class_validity"] = per_class
+        if "psnr" in recs[0]:
+            out["psnr"] = sum(r["psnr"] for r in recs) / n
+            out["ssim"] = sum(r["ssim"] for r in recs) / n
+        if n >= 2:
+            f = torch.tensor([r["features"] for r in recs])
+            d = self.kit.feature_fid_kid(f)
+            out["fid"] = d.pop("fid")
+            if n >= 50:
+                out["fid_ci"] = list(metrics.bootstrap_fid_interval(f, self.kit.real_features()))
+            out.update(d)
+        return out
+
+    def objective(self, summary: dict, fid_ceiling: float | None = None) -> float:
+        """PSNR for inverse problems; judge validity otherwise, minus 1 when FID exceeds ``fid_ceiling`` (the
+        quality bound: 1.5× the unguided FID on the same seeds) and minus the noise-like share."""
+        if "psnr" in summary and self.kind != "class+sketch":
+            return summary["psnr"]
+        over = fid_ceiling is not None and summary.get("fid", 0.0) > fid_ceiling
+        return summary["judge_validity"] - summary.get("noise_like", 0.0) - float(over) - 1e-3 * summary["guide_loss"]
