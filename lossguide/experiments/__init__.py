@@ -21,6 +21,7 @@ EXPERIMENTS: dict[str, str] = {
     "ra-cost": "lossguide.experiments.understanding:ra_cost",
     "oracle": "lossguide.experiments.oracle_exp:run",
     "motion": "lossguide.motion.experiment:run",
+    "autoguidance": "lossguide.experiments.autoguidance:run",
 }
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = Path(__file__).with_name("weights")
 MANIFEST = Path(__file__).with_name("manifest.json")
-DENOISERS = {"mnist-ddpm": WEIGHTS / "mnist-ddpm"}
+DENOISERS = {"mnist-ddpm": WEIGHTS / "mnist-ddpm", "mnist-ddpm-bad": WEIGHTS / "mnist-ddpm-bad"}
 CLASSIFIERS = ("mnist-guide", "mnist-judge", "mnist-noise-aware", "mnist-robust")
 HUB_HOST = ("huggingface.co", 443)
 
@@ -36,7 +36,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 #: the augmentation policy (lossguide.augment.policy) that fits each shipped model's data
-AUGMENT_POLICY = {"mnist-ddpm": "digits"}
+AUGMENT_POLICY = {"mnist-ddpm": "digits", "mnist-ddpm-bad": "digits"}
 
 
 @dataclass

@@ -3,6 +3,9 @@
 Resumable: a checkpoint (model, EMA, optimiser, data generator) is written atomically every
 ``--ckpt-every`` iterations; rerunning the same command continues from it and ends with the
 same weights. The EMA weights are exported as a diffusers folder (``unet/``, ``scheduler/``).
+``--block-channels`` and ``--norm-groups`` change the UNet's widths (same layout, data, schedule and seed): with a
+shorter ``--iters`` they make the smaller, earlier "bad" model that autoguidance guides with (``mnist-ddpm-bad``;
+its exact command is in the manifest).
 """
 
 from __future__ import annotations
@@ -42,10 +45,26 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def build_unet():
+def unet_config(block_channels: tuple[int, ...] | None = None, norm_groups: int | None = None) -> dict:
+    """:data:`UNET_CONFIG` with other per-level widths and GroupNorm groups (None: the shipped model's)."""
+    cfg = dict(UNET_CONFIG)
+    if block_channels is not None:
+        if len(block_channels) != len(UNET_CONFIG["block_out_channels"]):
+            n = len(UNET_CONFIG["block_out_channels"])
+            raise ValueError(f"--block-channels needs {n} widths (one per level), got {block_channels}")
+        cfg["block_out_channels"] = tuple(block_channels)
+    if norm_groups is not None:
+        cfg["norm_num_groups"] = norm_groups
+    bad = [c for c in cfg["block_out_channels"] if c % cfg["norm_num_groups"]]
+    if bad:
+        raise ValueError(f"every width must be divisible by --norm-groups {cfg['norm_num_groups']}, got {bad}")
+    return cfg
+
+
+def build_unet(config: dict | None = None):
     from diffusers import UNet2DModel
 
-    return UNet2DModel(**UNET_CONFIG)
+    return UNet2DModel(**(config or UNET_CONFIG))
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int, lr_min: float = 1e-5) -> float:
@@ -56,12 +75,12 @@ def lr_at(step: int, lr: float, warmup: int, total: int, lr_min: float = 1e-5) -
     return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * p))
 
 
-def export(ema_model, out: Path, meta: dict) -> None:
+def export(ema_model, out: Path, meta: dict, config: dict | None = None) -> None:
     """Write the EMA UNet (fp16 safetensors) and its DDPMScheduler config as a diffusers folder."""
     from diffusers import DDPMScheduler
 
     out.mkdir(parents=True, exist_ok=True)
-    half = build_unet()
+    half = build_unet(config)
     half.load_state_dict(ema_model.state_dict())
     half.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
@@ -80,14 +99,18 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--block-channels", type=_widths, default=None,
+                    help="UNet widths per level, e.g. 16,32,64 (default: the shipped 32,64,128)")  # fmt: skip
+    ap.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: the shipped 16)")
     args = ap.parse_args(argv)
+    config = unet_config(args.block_channels, args.norm_groups)
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_logging(args.out / "train.log")
 
     x_data, _ = load_mnist("gen")
     torch.manual_seed(args.seed)  # parameter init only; every later draw uses `gen`
-    model = build_unet()
+    model = build_unet(config)
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -132,8 +155,14 @@ def main(argv=None) -> None:
                 },
                 ckpt,
             )
+    extra = ""  # every other option that differs from its default, so the command reproduces the run
+    for name in ("batch", "lr", "warmup", "ema", "seed", "block_channels", "norm_groups"):
+        v = getattr(args, name)
+        if v != ap.get_default(name):
+            extra += f" --{name.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+    command = f"python -m lossguide.training ddpm --out {args.out} --iters {args.iters}{extra} --export {args.export}"
     meta = {
-        "command": f"python -m lossguide.training ddpm --out {args.out} --iters {args.iters} --export {args.export}",
+        "command": command,
         "iters": args.iters,
         "batch": args.batch,
         "lr": args.lr,
@@ -142,11 +171,25 @@ def main(argv=None) -> None:
         "train_seconds": round(elapsed, 1),
         "final_loss_ema": loss_avg,  # None when the run only exported a finished checkpoint
         "data": "MNIST-5k gen split (4000)",
+        "block_out_channels": list(config["block_out_channels"]),
+        "norm_num_groups": config["norm_num_groups"],
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
     if args.export is not None:
-        export(ema.model, args.export, meta)
+        export(ema.model, args.export, meta, config)
         log.info("exported EMA weights to %s", args.export)
     log.info("done: %s", json.dumps(meta))
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """``16,32,64`` → (16, 32, 64)."""
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return widths
 
 
 if __name__ == "__main__":
