@@ -8,6 +8,7 @@ SCRIPTS = {
     "classifiers": "lossguide.training.classifiers",
     "evaluate-ddpm": "lossguide.training.evaluate_ddpm",
     "motion": "lossguide.training.motion",
+    "cond-ddpm": "lossguide.training.cond_ddpm",
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""Train the two-digit conditional DDPM: ε-prediction (Ho et al. 2020, Alg. 1) of 1×28×56 canvases of MNIST-5k
+``gen`` digits (:class:`lossguide.data.canvas.TwoDigitCanvas`), cross-attending to the tokens (left class,
+right class); the condition is dropped to (null, null) with probability ``--p-uncond`` for classifier-free
+guidance (Ho & Salimans 2022).
+
+Resumable: a checkpoint (UNet + token encoder, EMA, optimiser, data generator) is written atomically every
+``--ckpt-every`` iterations; rerunning the same command continues from it and ends with the same weights.
+The EMA weights are exported (fp16) as a diffusers folder (``unet/``, ``scheduler/``) with the token
+embedding (``token_embedding.safetensors``): load it with :meth:`lossguide.layout.CondDigitModel.from_pretrained`.
+
+    python -m lossguide.training.cond_ddpm --out runs/train-cond --iters 2000 --export runs/cond-digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lossguide.data.canvas import CANVAS_SHAPE, TwoDigitCanvas
+from lossguide.layout.model import NULL_TOKEN, TOKEN_FILE, TokenEncoder
+from lossguide.training.common import EMA, atomic_save, resume, setup_logging
+from lossguide.training.ddpm import SCHEDULER_CONFIG, lr_at
+
+log = logging.getLogger("lossguide.training.cond_ddpm")
+
+UNET_CONFIG = dict(
+    sample_size=CANVAS_SHAPE[1:],
+    in_channels=1,
+    out_channels=1,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    # no attention at 28×56: its self-attention would cost more than the rest of the network
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=2,  # diffusers' name for the number of heads: 2 heads of 32 channels
+    norm_num_groups=32,
+)
+
+
+def unet_config(
+    block_channels: tuple[int, ...] | None = None,
+    norm_groups: int | None = None,
+    heads: int | None = None,
+    token_dim: int | None = None,
+) -> dict:
+    """:data:`UNET_CONFIG` with other widths, GroupNorm groups, heads or token dimension (None: the default's)."""
+    cfg = dict(UNET_CONFIG)
+    if block_channels is not None:
+        n = len(UNET_CONFIG["block_out_channels"])
+        if len(block_channels) != n:
+            raise ValueError(f"--block-channels needs {n} widths (one per level), got {block_channels}")
+        cfg["block_out_channels"] = tuple(block_channels)
+    changes = {"norm_num_groups": norm_groups, "attention_head_dim": heads, "cross_attention_dim": token_dim}
+    for key, v in changes.items():
+        if v is not None:
+            cfg[key] = v
+    bad = [c for c in cfg["block_out_channels"] if c % cfg["norm_num_groups"] or c % cfg["attention_head_dim"]]
+    if bad:
+        raise ValueError(f"every width must be divisible by --norm-groups {cfg['norm_num_groups']} and --heads "
+                         f"{cfg['attention_head_dim']}, got {bad}")  # fmt: skip
+    return cfg
+
+
+class CondDiffusion(torch.nn.Module):
+    """The trained pair: the UNet and the token encoder whose hidden states it cross-attends to."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.unet = UNet2DConditionModel(**config)
+        self.tokens = TokenEncoder(dim=config["cross_attention_dim"])
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, encoder_hidden_states=self.tokens(tokens)).sample
+
+
+def export(ema_model: CondDiffusion, out: Path, meta: dict, config: dict) -> None:
+    """Write the EMA UNet (fp16 safetensors), its DDPMScheduler config and the token embedding (fp16)."""
+    from diffusers import DDPMScheduler
+
+    out.mkdir(parents=True, exist_ok=True)
+    half = CondDiffusion(config)
+    half.load_state_dict(ema_model.state_dict())
+    half.unet.half().save_pretrained(out / "unet", safe_serialization=True)
+    half.tokens.save(out / TOKEN_FILE, dtype=torch.float16)
+    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def batch(
+    data: TwoDigitCanvas, n: int, gen: torch.Generator, p_uncond: float, alpha_bar: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """(x_t, t, tokens, ε) of one training batch; every draw comes from ``gen``."""
+    seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()
+    x0, tokens = data.draw(seeds)
+    drop = torch.rand(n, generator=gen) < p_uncond
+    tokens = torch.where(drop[:, None], torch.full_like(tokens, NULL_TOKEN), tokens)
+    t = torch.randint(0, len(alpha_bar), (n,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, tokens, eps
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/train-cond"), help="checkpoint/log folder")
+    ap.add_argument("--export", type=Path, default=None, help="diffusers folder for the final EMA weights")
+    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the condition")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--block-channels", type=_widths, default=None, help="UNet widths per level (default 32,64,64)")
+    ap.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default 32)")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default 2)")
+    ap.add_argument("--token-dim", type=int, default=None, help="token embedding / cross-attention dim (default 32)")
+    args = ap.parse_args(argv)
+    if not 0 <= args.p_uncond < 1:
+        ap.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
+    config = unet_config(args.block_channels, args.norm_groups, args.heads, args.token_dim)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup_logging(args.out / "train.log")
+
+    data = TwoDigitCanvas("gen")
+    torch.manual_seed(args.seed)  # parameter init only; every later draw uses `gen`
+    model = CondDiffusion(config)
+    ema = EMA(model, args.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    T = SCHEDULER_CONFIG["num_train_timesteps"]
+    betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"], T, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - betas, 0).float()
+    ckpt = args.out / "ckpt.pt"
+    step, elapsed = resume(ckpt, model, ema, opt, gen)
+    model.train()
+    t0, cpu0, loss_avg, window = time.time(), time.process_time(), None, []
+    while step < args.iters:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr, args.warmup, args.iters)
+        x_t, t, tokens, eps = batch(data, args.batch, gen, args.p_uncond, alpha_bar)
+        loss = F.mse_loss(model(x_t, t, tokens), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model)
+        step += 1
+        window.append(loss.item())
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        if step % args.log_every == 0 or step == args.iters:
+            dt, cpu = time.time() - t0, time.process_time() - cpu0
+            elapsed += dt
+            t0, cpu0 = time.time(), time.process_time()
+            n = len(window)
+            # CPU seconds per iteration is what an iteration costs on an idle machine (one thread)
+            log.info("it %d loss %.4f (mean of last %d %.4f, ema %.4f) %.2f s/it, %.2f cpu s/it", step, window[-1], n,
+                     sum(window) / n, loss_avg, dt / n, cpu / n)  # fmt: skip
+            window = []
+        if step % args.ckpt_every == 0 or step == args.iters:
+            elapsed += time.time() - t0
+            t0 = time.time()
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "gen": gen.get_state(), "step": step, "elapsed": elapsed}  # fmt: skip
+            atomic_save(state, ckpt)
+    extra = ""  # every other option that differs from its default, so the command reproduces the run
+    for name in ("batch", "lr", "warmup", "ema", "p_uncond", "seed", "block_channels", "norm_groups", "heads",
+                 "token_dim"):  # fmt: skip
+        v = getattr(args, name)
+        if v != ap.get_default(name):
+            extra += f" --{name.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+    script = "python -m lossguide.training.cond_ddpm"
+    command = f"{script} --out {args.out} --iters {args.iters}{extra} --export {args.export}"
+    meta = {
+        "command": command,
+        "iters": args.iters,
+        "batch": args.batch,
+        "lr": args.lr,
+        "seed": args.seed,
+        "ema": args.ema,
+        "p_uncond": args.p_uncond,
+        "train_seconds": round(elapsed, 1),
+        "seconds_per_iter": round(elapsed / max(step, 1), 3),
+        "final_loss_ema": loss_avg,  # None when the run only exported a finished checkpoint
+        "data": "two-digit canvases (1x28x56) of the MNIST-5k gen split (4000 digits)",
+        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "token_dim": config["cross_attention_dim"],
+        "null_token": NULL_TOKEN,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if args.export is not None:
+        export(ema.model, args.export, meta, config)
+        log.info("exported EMA weights to %s", args.export)
+    log.info("done: %s", json.dumps(meta))
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """``16,32,64`` → (16, 32, 64)."""
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return widths
+
+
+if __name__ == "__main__":
+    main()
