@@ -7,6 +7,9 @@ so an ablation is one argument. Step scales depend on the loss's scale: tune the
 (``lossguide bench``). The paper's Polyak step η·‖ε‖/‖g‖² is not scale-free either: it is *inversely*
 scaled (ℓ → c·ℓ shrinks the update by 1/c); only the classical gap η·ℓ/‖g‖² (``polyak_gap="loss"``) is.
 No preset picks an augmentation: that is the data's (``sample(..., augment=)``, see :mod:`lossguide.augment`).
+
+The formulas are written for x_t = α_t·x0 + σ_t·ε of any schedule family (:mod:`lossguide.schedule`); ᾱ_t is the
+VP-equivalent α_t²/(α_t² + σ_t²), so on a VP schedule α_t = √ᾱ_t and σ_t = √(1−ᾱ_t), the papers' notation.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ def freedom(scale: float = 1.0, n_recur: int = 1, recur_window: tuple[float, flo
 
 
 def ugd(scale: float = 1.0, backward_scale: float = 0.1, n_iter: int = 1, n_recur: int = 1) -> GuidanceConfig:
-    """Universal Guidance (Bansal et al. 2023, Alg. 1): forward guidance ε̂ = ε + scale·√(1−ᾱ_t)·∇_{x_t} ℓ,
-    ``n_iter`` backward steps x0 −= backward_scale·∇_{x0} ℓ, and ``n_recur`` self-recurrences.
+    """Universal Guidance (Bansal et al. 2023, Alg. 1): forward guidance ε̂ = ε + scale·σ_t·∇_{x_t} ℓ (σ_t = √(1−ᾱ_t)
+    on VP), ``n_iter`` backward steps x0 −= backward_scale·∇_{x0} ℓ, and ``n_recur`` self-recurrences.
 
     As in UG, the backward step holds x_t fixed and recomputes ε from x_t and the new x0
-    (ε̂ −= √(ᾱ_t/(1−ᾱ_t))·Δx0); ``n_iter=0`` switches backward guidance off.
+    (ε̂ −= (α_t/σ_t)·Δx0, √(ᾱ_t/(1−ᾱ_t))·Δx0 on VP); ``n_iter=0`` switches backward guidance off.
     """
     return GuidanceConfig(
         name="ugd",
@@ -59,14 +62,15 @@ def ugd(scale: float = 1.0, backward_scale: float = 0.1, n_iter: int = 1, n_recu
 
 def lgd_mc(scale: float = 1.0, n_mc: int = 10, mc_sigma: float = 1.0) -> GuidanceConfig:
     """LGD-MC (Song et al. 2023, eq. 6; Shen et al. 2024, eq. 6): ∇_{x_t} −log (1/n)Σ exp(−ℓ(x0_hat + r_t δ_i)),
-    δ_i ~ N(0, I), r_t = mc_sigma·√(1−ᾱ_t), n = ``n_mc`` (10 in Shen et al.). The gradient of the
-    log-sum-exp is already a weighted mean: no extra 1/n (TFG's ``lgd.py`` divides twice)."""
+    δ_i ~ N(0, I), r_t = mc_sigma·√(1−ᾱ_t) (ᾱ_t VP-equivalent: σ_t/k_t, k_t = √(α_t² + σ_t²)), n = ``n_mc``
+    (10 in Shen et al.). The gradient of the log-sum-exp is already a weighted mean: no extra 1/n (TFG's
+    ``lgd.py`` divides twice)."""
     return GuidanceConfig(name="lgd_mc", rho=Constant(scale), mc_sigma=mc_sigma, mc_schedule="decrease", n_mc=n_mc)
 
 
 def mpgd(scale: float = 1.0, projection: Callable | None = None) -> GuidanceConfig:
     """MPGD (He et al. 2024, Alg. 2): x0' = x0_hat − scale·∇_{x0} ℓ(x0_hat), no backprop through the
-    denoiser; the sampler then uses x0' (DDIM scales it by √ᾱ_{t'}). ``projection`` is the hook for
+    denoiser; the sampler then uses x0' (DDIM scales it by α_{t'}, √ᾱ_{t'} on VP). ``projection`` is the hook for
     MPGD-Z's autoencoder projection x0' ← D(E(x0'))."""
     return GuidanceConfig(name="mpgd", mu=Constant(scale), n_iter=1, x0_projection=projection)
 
@@ -145,9 +149,9 @@ def shen2024(
 
 
 def cg(scale: float = 1.0) -> GuidanceConfig:
-    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 in ε form): ε̂ = ε + scale·√(1−ᾱ_t)·∇_{x_t} ℓ(x_t, t)
-    with ℓ = −log p(y | x_t, t) of a noise-aware classifier; the training-based reference. With the exact
-    p(y | x_t) and scale = 1, ε̂ is the exact conditional score."""
+    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 in ε form): ε̂ = ε + scale·σ_t·∇_{x_t} ℓ(x_t, t)
+    (σ_t = √(1−ᾱ_t) on VP) with ℓ = −log p(y | x_t, t) of a noise-aware classifier; the training-based reference.
+    With the exact p(y | x_t) and scale = 1, ε̂ is the exact conditional score."""
     return GuidanceConfig(name="cg", rho=Constant(scale), rho_target="eps", loss_input="x_t")
 
 

@@ -77,8 +77,9 @@ def method_config(spec: str, value: float | None = None, oracle: bool = False, *
             raise ValueError(f"{spec!r}: give its step parameter {param[0]} once")
         value = params.pop(param[0])
     aug = params.pop("augment", GaussianJitter(ORACLE_JITTER) if oracle else None)
-    if base == "shen2024":
+    if base in ("shen2024", "dreamguider"):  # the presets that augment by default
         params["augment"] = aug
+    if base == "shen2024":
         if "-polyak" in mods:
             params["polyak"] = False
         if "-ra" in mods:
