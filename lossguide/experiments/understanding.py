@@ -275,15 +275,19 @@ def gradients(out, quick: bool = False, loss: str = "ce") -> dict:
 
 # -- 3. adversarial gap (Table 4) -------------------------------------------------------------------------
 def adversarial_gap(out, quick: bool = False, loss: str = "ce") -> dict:
-    """Guide by {plain, plain + RA, robust} (FreeDoM, scale tuned for plain), plus real digits; evaluate each
+    """Guide by {plain, plain + RA, robust} (FreeDoM, each scale tuned on its own), plus real digits; evaluate each
     set's loss and validity under {plain, robust, judge} (Table 4)."""
     k = kit()
     n, steps, n_aug = (10, 10, 2) if quick else (100, 50, 10)
     seeds = list(range(n))
     base = config("freedom", _task(loss))
+    # plain + RA at its own tuned scale (lossguide bench --methods freedom+ra), FreeDoM's where none is stored
+    stored = load_settings().get(_task(loss), {})
+    ra_name = "freedom+ra" if "freedom+ra" in stored else "freedom"
+    ra = presets.with_techniques(config(ra_name, _task(loss)), n_aug=n_aug)
     sets = {
         "plain": (base, "guide"),
-        "plain + RA": (presets.with_techniques(base, n_aug=n_aug), "guide"),
+        "plain + RA": (ra, "guide"),
         "robust": (base, "robust"),
     }
     gen_sets, meta = {}, {}
@@ -314,7 +318,8 @@ def adversarial_gap(out, quick: bool = False, loss: str = "ce") -> dict:
     )
     cols = ["evaluated by", "metric", *gen_sets]
     body = [
-        f"FreeDoM (scale {base.rho.scale} from the settings, the same for every guide network), DDIM-{steps}, "
+        f"FreeDoM (scale {base.rho.scale} from the settings, the same for every guide network; plain + RA at "
+        f"scale {ra.rho.scale}, {'tuned with RA on' if ra_name != 'freedom' else 'not retuned'}), DDIM-{steps}, "
         f"seeds 0–{n - 1} (target = seed mod 10); RA = "
         f"|T| = {n_aug} `digits` augmentations (±2 px shift, zoom 0.9–1.1, fill −1); robust = `mnist-robust` "
         "(L2-PGD trained); real = the 1,000 held-out "
