@@ -5,6 +5,10 @@ p_t = Σ_k π_k N(√ᾱ m_k, S_k) with S_k = ᾱ C_k + (1−ᾱ) I, so the scor
 component posterior p(k|x_t) (the exact noise-aware classifier; at ᾱ = 1 the clean classifier), and the
 posterior of a linear measurement y = A x0 + n, n ~ N(0, s² I) (again a Gaussian mixture) are closed-form.
 Everything runs in float64 and is differentiable in x.
+
+Every schedule family (:mod:`lossguide.schedule`) is VP after dividing by k_t = √(α_t² + σ_t²): x_t/k_t =
+√ᾱ·x0 + √(1−ᾱ)·ε at the VP-equivalent ᾱ = α_t²/(α_t² + σ_t²). So the exact denoiser and the noise-aware losses
+under a rectified-flow or VE schedule are the VP formulas at that ᾱ, on x_t/k_t.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lossguide.denoiser import Denoiser
-from lossguide.schedule import NoiseSchedule
+from lossguide.denoiser import Denoiser, DenoiserOutput
+from lossguide.schedule import FlowSchedule, NoiseSchedule, SigmaSchedule
+
+Schedule = NoiseSchedule | FlowSchedule | SigmaSchedule
 
 _DT = torch.float64
 
@@ -100,15 +106,18 @@ class GaussianMixture:
         """E[x0 | x_t] (Tweedie)."""
         return (x_t.to(_DT) + (1 - alpha_bar) * self.score(x_t, alpha_bar)) / alpha_bar**0.5
 
-    def denoiser(self, schedule: NoiseSchedule) -> Denoiser:
-        """The exact ε-denoiser under ``schedule`` (for samples of shape [B, dim])."""
+    def denoiser(self, schedule: Schedule) -> Denoiser:
+        """The exact ε-denoiser under ``schedule`` of any family (for samples of shape [B, dim]).
 
-        def net(x, t):
-            if not (t == t[0]).all():
-                raise ValueError("the oracle denoiser expects one timestep per call")
-            return self.eps(x, schedule.at(int(t[0]))).to(x.dtype)
+        ε_hat = E[ε | x_t] at the VP-equivalent ᾱ = α²/(α² + σ²) of the levels (α_t, σ_t) it is called with (the
+        schedule's at t, or the ones a sampler passes, e.g. a σ-space scheduler's at fractional timesteps), on
+        x_t/k_t, and x0_hat = (x_t − σ_t·ε_hat)/α_t = E[x0 | x_t]; at α_t = 0 (rectified flow's t = 1) x0_hat = E[x0].
+        """
+        return _OracleDenoiser(self, schedule)
 
-        return Denoiser(net, schedule, "epsilon")
+    def mean(self) -> torch.Tensor:
+        """E[x0] [dim]."""
+        return self.weights @ self.means
 
     # -- sampling and conditioning ------------------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,23 +162,24 @@ class GaussianMixture:
 
         return loss
 
-    def noisy_class_loss(self, y: int, schedule: NoiseSchedule):
-        """ℓ(x_t, t) = −log p(y | x_t): the exact noise-aware classifier, for ``cg``."""
+    def noisy_class_loss(self, y: int, schedule: Schedule):
+        """ℓ(x_t, t) = −log p(y | x_t): the exact noise-aware classifier, for ``cg`` (any schedule family)."""
         y = self._check_class(y)
 
         def loss(x_t, t):
-            return -self.component_log_posterior(x_t, schedule.at(int(t)))[:, y].to(x_t.dtype)
+            ab, x = _vp_input(schedule, x_t, t, "noisy_class_loss")
+            return -self.component_log_posterior(x, ab)[:, y].to(x_t.dtype)
 
         return loss
 
-    def noisy_linear_loss(self, A, y, noise_std: float, schedule: NoiseSchedule):
+    def noisy_linear_loss(self, A, y, noise_std: float, schedule: Schedule):
         """ℓ(x_t, t) = −log p(y | x_t), exact: p(y|x_t) = Σ_k p(k|x_t) N(y; A μ_k(x_t), A Σ_k Aᵀ + s² I)
         with μ_k, Σ_k the Gaussian posterior of x0 given x_t within component k."""
         A, y = torch.as_tensor(A, dtype=_DT), torch.as_tensor(y, dtype=_DT)
 
         def loss(x_t, t):
-            ab = schedule.at(int(t))
-            x = x_t.to(_DT)
+            ab, x = _vp_input(schedule, x_t, t, "noisy_linear_loss")
+            x = x.to(_DT)
             m, S = self._noisy(ab)
             gain = ab**0.5 * self.covs @ torch.linalg.inv(S)  # C_k √ᾱ S_k⁻¹ [K, d, d]
             mu = self.means + (gain.unsqueeze(0) @ (x.unsqueeze(1) - m).unsqueeze(-1)).squeeze(-1)  # [B, K, d]
@@ -180,6 +190,56 @@ class GaussianMixture:
             return -torch.logsumexp(lik + self.component_log_posterior(x, ab), dim=1).to(x_t.dtype)
 
         return loss
+
+
+def _vp_input(schedule: Schedule, x_t: torch.Tensor, t, who: str) -> tuple[float, torch.Tensor]:
+    """(ᾱ_t, x_t/k_t): the VP-equivalent ᾱ at the sampler's t and the VP input (k = 1 on VP: x_t unchanged)."""
+    try:
+        ab = schedule.at(t)
+    except ValueError as e:
+        raise ValueError(
+            f"the oracle's {who} ℓ(x_t, t) reads ᾱ at t = {t}, which is not a training timestep of the VP schedule "
+            "(a σ-space scheduler's fractional timestep); use DDIM/DDPM/DiffusersSampler with a VP scheduler, or a "
+            "FlowSchedule/SigmaSchedule sampler"
+        ) from e
+    k = schedule.scale(t)
+    return ab, (x_t if k == 1.0 else x_t / k)
+
+
+class _OracleDenoiser(Denoiser):
+    """:meth:`GaussianMixture.denoiser`: exact at whatever (α_t, σ_t) it is called with."""
+
+    def __init__(self, prior: GaussianMixture, schedule: Schedule):
+        super().__init__(self._net, schedule, "epsilon")
+        self.prior = prior
+
+    def _net(self, x, tt):
+        """ε_hat at the network time ``tt`` (as ``Denoiser.net``): t on VP, t·T on flow, σ on VE."""
+        if not (tt == tt[0]).all():
+            raise ValueError("the oracle denoiser expects one timestep per call")
+        t = float(tt[0])
+        if self.family == "flow":
+            t = t / self.schedule.num_train_timesteps
+        elif self.family == "vp":
+            t = int(t) if t == int(t) else t
+        ab, xv = _vp_input(self.schedule, x, t, "denoiser")
+        return self.prior.eps(xv, ab).to(x.dtype)
+
+    def __call__(self, x_t, t, alpha=None, sigma=None) -> DenoiserOutput:
+        self._check_input(x_t)
+        sch = self.schedule
+        a = sch.alpha(t) if alpha is None else alpha
+        s = sch.sigma(t) if sigma is None else sigma
+        if self.family == "vp" and float(t) == int(t) and (a, s) == (sch.alpha(t), sch.sigma(t)):
+            ab, x = sch.at(int(t)), x_t  # the schedule's own level: its ᾱ exactly, k = 1
+        else:
+            ab, x = a**2 / (a**2 + s**2), x_t / math.hypot(a, s)
+        eps = self.prior.eps(x, ab).to(x_t.dtype)
+        if a > 0:
+            x0 = (x_t - s * eps) / a
+        else:  # pure noise: x_t carries no signal, E[x0 | x_t] = E[x0]
+            x0 = self.prior.mean().to(x_t.dtype).expand_as(x_t)
+        return DenoiserOutput(eps=eps, x0_hat=x0)
 
 
 def linear_measurement_loss(A: torch.Tensor, y: torch.Tensor, noise_std: float):
@@ -219,7 +279,7 @@ def default_mixture(dim: int = 8, n_components: int = 4, seed: int = 0) -> Gauss
     return GaussianMixture(means, 0.5 * (covs + covs.transpose(-1, -2)), weights)
 
 
-def class_task(prior: GaussianMixture, schedule: NoiseSchedule, target: int | None = None) -> OracleTask:
+def class_task(prior: GaussianMixture, schedule: Schedule, target: int | None = None) -> OracleTask:
     """Guide toward component ``target`` (default: the least likely one) with the exact clean classifier."""
     if target is None:
         target = int(prior.weights.argmin())
@@ -233,7 +293,7 @@ def class_task(prior: GaussianMixture, schedule: NoiseSchedule, target: int | No
 
 
 def linear_task(
-    prior: GaussianMixture, schedule: NoiseSchedule, n_meas: int = 2, noise_std: float = 0.2, seed: int = 1
+    prior: GaussianMixture, schedule: Schedule, n_meas: int = 2, noise_std: float = 0.2, seed: int = 1
 ) -> OracleTask:
     """Guide toward p0(x | y) for a random linear measurement y = A x* + n of a prior draw x*."""
     g = torch.Generator().manual_seed(seed)
