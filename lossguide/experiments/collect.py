@@ -1,7 +1,7 @@
 """Assemble the experiments' reports into one results page with its figures.
 
-``python -m lossguide.experiments.collect RUNS DOCS [--summary FILE]`` reads ``RUNS/<name>/report.md`` for every
-registered experiment that has one, copies its PNG/GIF figures to ``DOCS/results/<name>/`` and writes
+``python -m lossguide.experiments.collect RUNS DOCS [--summary FILE]`` reads ``RUNS/<name>/report.md`` (and
+``RUNS/<name>-feature/report.md``, the ``--loss feature`` run) for every registered experiment that has one, copies its PNG/GIF figures to ``DOCS/results/<name>/`` and writes
 ``DOCS/results.md``: the optional hand-written summary first, then each report with its heading demoted one
 level and its figure links pointing at the copies.
 """
@@ -20,7 +20,8 @@ from lossguide.io import atomic_write_text
 def collect(runs: Path, docs: Path, summary: str = "") -> Path:
     parts = ["# Results of `lossguide experiment`", "", summary.strip(), ""] if summary else [
         "# Results of `lossguide experiment`", ""]  # fmt: skip
-    for name in EXPERIMENTS:
+    folders = [f for n in EXPERIMENTS for f in (n, f"{n}-feature")]  # a --loss feature run follows its ce run
+    for name in folders:
         report = runs / name / "report.md"
         if not report.exists():
             continue

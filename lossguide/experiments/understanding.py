@@ -48,6 +48,10 @@ def _task(loss: str) -> str:
     return "class" if loss == "ce" else "class-feature"
 
 
+def _title(title: str, loss: str) -> str:
+    return title if loss == "ce" else f"{title}, feature-distance loss"
+
+
 def _loss_words(loss: str) -> str:
     return ("cross-entropy −log p(y|x0_hat) of the guide (saturating)" if loss == "ce" else
             "feature distance ‖f(x0_hat) − μ_y‖₂ of the guide (unsquared, μ_y on its training split A)")
@@ -143,7 +147,7 @@ def loss_curves(out, quick: bool = False, loss: str = "ce") -> dict:
         f"failed samples as their target. Here: {head}. "
         f"Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Loss curves (paper Fig. 1)", command_line("loss-curves", quick, loss), body,
+    write_report(out, _title("Loss curves (paper Fig. 1)", loss), command_line("loss-curves", quick, loss), body,
                  {"seeds": seeds, "steps": steps, "method": cfg.to_dict(), "groups": {"successful": g_ok,
                   "failed": g_bad}, "t": ts.tolist(), "real_guide_loss_median": real_med,
                   "verdict_confirmed": bool(ok)})  # fmt: skip
@@ -267,7 +271,7 @@ def gradients(out, quick: bool = False, loss: str = "ce") -> dict:
         "the target more often after robust, noise-aware and plain + augmentation steps than after plain steps "
         f"(partly: robust only). Here: {head}. Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Gradients from random backgrounds (paper Fig. 2)", command_line("gradients", quick, loss), body,
+    write_report(out, _title("Gradients from random backgrounds (paper Fig. 2)", loss), command_line("gradients", quick, loss), body,
                  {"n_steps": n_steps, "lr": lr, "n_aug": n_aug, "seeds": list(range(n_img)), "rows": rows,
                   "verdict_confirmed": bool(ok)})  # fmt: skip
     return {"headline": head, "confirmed": bool(ok), "rows": rows}
@@ -334,7 +338,7 @@ def adversarial_gap(out, quick: bool = False, loss: str = "ce") -> dict:
         "loss exceeds the real data's, and RA removes at least half of that gap (partly: any part). "
         f"Here: {head}. Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Adversarial gap (paper Table 4)", command_line("adversarial-gap", quick, loss), body,
+    write_report(out, _title("Adversarial gap (paper Table 4)", loss), command_line("adversarial-gap", quick, loss), body,
                  {"seeds": seeds, "steps": steps, "n_aug": n_aug, "method": base.to_dict(), "sets": meta,
                   "rows": rows, "verdict_confirmed": bool(ok)})  # fmt: skip
     return {"headline": head, "confirmed": bool(ok), "rows": rows}
@@ -408,7 +412,7 @@ def convergence(out, quick: bool = False, loss: str = "ce") -> dict:
         f"lead over FreeDoM is positive at the fewest steps and shrinks with more (partly: either). Here: {head}. "
         f"Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Convergence (paper Table 5)", command_line("convergence", quick, loss), body,
+    write_report(out, _title("Convergence (paper Table 5)", loss), command_line("convergence", quick, loss), body,
                  {"seeds": seeds, "budgets": list(budgets), "settings": load_settings(), "rows": rows,
                   "verdict_confirmed": bool(ok)})  # fmt: skip
     return {"headline": head, "confirmed": bool(ok), "rows": rows}
@@ -469,7 +473,7 @@ def ablation(out, quick: bool = False, loss: str = "ce") -> dict:
         "ablated variant beats the full method's judge validity at any budget (partly: at least two of the four "
         f"do not). Here: {head}. Verdict: {_verdict(ok, partly)}.",
     ]
-    write_report(out, "Ablation of the paper's techniques", command_line("ablation", quick, loss), body,
+    write_report(out, _title("Ablation of the paper's techniques", loss), command_line("ablation", quick, loss), body,
                  {"seeds": seeds, "budgets": list(budgets), "rows": rows, "verdict_confirmed": bool(ok),
                   "variants": {k2: v.to_dict() for k2, v in variants.items()}})  # fmt: skip
     return {"headline": head, "confirmed": bool(ok), "rows": rows}
