@@ -32,6 +32,7 @@ def cmd_oracle(args) -> int:
     from lossguide import oracle_bench
     from lossguide.io import atomic_write_json
 
+    _check_oracle_args(args)
     if args.tune:
         settings, trace = oracle_bench.tune(n=args.tune_n, steps=args.steps)
         print(json.dumps(settings, indent=2))
@@ -43,6 +44,47 @@ def cmd_oracle(args) -> int:
     methods = args.methods.split(",") if args.methods else list(oracle_bench.METHODS)
     rows = oracle_bench.run(n=args.n, steps=args.steps, methods=methods)
     return _print_oracle(args, rows)
+
+
+def _check_oracle_args(args) -> None:
+    """Refuse flags that would be ignored or fail only after the run (a one-line ValueError naming the flag)."""
+    defaults = vars(build_parser().parse_args(["oracle"]))
+    given = {k for k in ("n", "tune_n", "methods") if getattr(args, k) != defaults[k]}
+    if args.tune:
+        for flag, k in (("--methods", "methods"), ("--n", "n")):
+            if k in given:
+                instead = "; --tune-n sets the samples per tuning run" if k == "n" else ""
+                raise ValueError(f"{flag} does not apply with --tune (it tunes every method of the grid){instead}")
+    else:
+        if args.write_settings:
+            raise ValueError("--write-settings stores the settings --tune chooses; add --tune, or drop it")
+        if "tune_n" in given:
+            raise ValueError("--tune-n applies with --tune only; use --n for the samples per method")
+    for flag, v in (("--n", args.n), ("--tune-n", args.tune_n)):
+        if v < 1:
+            raise ValueError(f"{flag} must be ≥ 1, got {v}")
+    if not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps must be ≥ 1 and at most the oracle's 1000 training timesteps, got {args.steps}")
+    if args.methods is not None and not any(m.strip() for m in args.methods.split(",")):
+        raise ValueError(f"--methods {args.methods!r} names no method; e.g. --methods dps,shen2024")
+    if args.json is not None:
+        check_file_out(args.json, "--json")
+
+
+def check_file_out(path: Path, flag: str) -> None:
+    """A one-line ValueError where the output file ``path`` cannot be written: a folder, a file in the way of its
+    folder, or a folder that is not writable (checked before a long run, not after it)."""
+    import os
+
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; pass a file path, e.g. {path / 'out.json'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a folder; pass another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {parent} is not writable; make it writable or pass another path")
 
 
 def _one_thread(fn):
@@ -190,10 +232,18 @@ def cmd_bench(args) -> int:
 
     cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
     for name in ("tasks", "methods"):
-        if getattr(args, name):
-            setattr(cfg, name, [v.strip() for v in getattr(args, name).split(",") if v.strip()])
-    if args.steps:
-        cfg.steps = [int(v) for v in args.steps.split(",")]
+        spec = getattr(args, name)
+        if spec is not None:
+            vals = [v.strip() for v in spec.split(",") if v.strip()]
+            if not vals:
+                raise ValueError(f"--{name} {spec!r} names no {name[:-1]}; e.g. --{name} "
+                                 f"{'class,sketch' if name == 'tasks' else 'dps,shen2024'}")  # fmt: skip
+            setattr(cfg, name, vals)
+    if args.steps is not None:
+        try:
+            cfg.steps = [int(v) for v in args.steps.split(",")]
+        except ValueError:
+            raise ValueError(f"--steps {args.steps!r} must be comma-separated integers, e.g. 20,50,100") from None
     for name in ("n_eval", "n_tune", "best_of", "batch", "beam_rounds"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -220,8 +270,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line on stderr (exit 2), like every other lossguide error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lossguide", description="Training-free loss-based diffusion guidance.")
+    ap = _Parser(prog="lossguide", description="Training-free loss-based diffusion guidance.")
     from lossguide import __version__
 
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress; show an error's traceback")
@@ -364,7 +421,9 @@ def check_device(spec: str, what: str = "--device") -> None:
         dev = torch.device(spec)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{what} {spec!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from e
-    if dev.type in ("cpu", "meta"):
+    if dev.type == "meta":
+        raise ValueError(f"{what} {spec!r}: meta tensors hold no data, so nothing can be sampled on them; use cpu")
+    if dev.type == "cpu":
         return
     backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
     if not getattr(backend, "is_available", lambda: False)():  # no allocation: torchrun ranks share cuda:0

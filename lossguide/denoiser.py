@@ -58,6 +58,7 @@ class Denoiser:
         self.prediction_type = prediction_type
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
+        self.channels: int | None = None  # per-sample input channels of a 2-D UNet, where known
 
     def _check_input(self, x_t: torch.Tensor) -> None:
         if self.dtype is not None and x_t.dtype != self.dtype:
@@ -162,6 +163,8 @@ def from_diffusers(
         return out.to(x.dtype)
 
     d = Denoiser(net, schedule, pred)
+    if type(unet).__name__.startswith("UNet2D") and in_ch is not None:
+        d.channels = int(in_ch)  # samples are (C, H, W): sample() checks the shape it is given
     _record_param_dtype(d, unet)
     if state_dtype is not None:
         d.dtype = state_dtype

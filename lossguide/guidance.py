@@ -203,7 +203,8 @@ def _check_loss_output(L, n: int, where: str) -> torch.Tensor:
         )
     if L.shape != (n,):
         hint = " (a scalar: did you reduce with .mean()/.sum()? return one value per sample)" if L.ndim == 0 else ""
-        raise ValueError(f"the loss returned shape {tuple(L.shape)} for {n} inputs {where}; expected [{n}]{hint}")
+        where = f" {where}" if where else ""
+        raise ValueError(f"the loss returned shape {tuple(L.shape)} for {n} inputs{where}; expected [{n}]{hint}")
     return L
 
 

@@ -11,17 +11,30 @@ from pathlib import Path
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader (or a killed run) never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _new_tmp(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _new_tmp(path)
+    except OSError as e:
+        raise _naming(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _naming(e, path) from e
         raise
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` as the same OSError subclass naming ``path`` (not the temporary file, or nothing: a full disk's
+    ENOSPC from write/fsync names no file), so one line tells which output failed."""
+    if e.errno is None or e.filename == str(path):
+        return e
+    return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
 
 
 def _new_tmp(path: Path) -> tuple[int, Path]:

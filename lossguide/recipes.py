@@ -27,6 +27,7 @@ import copy
 import importlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,18 @@ TOP_KEYS = {
     "notes",
 }  # fmt: skip
 LOSS_KINDS = ("clip_text", "clip_image", "clip_style", "classifier", "feature_match", "identity", "none")
+#: (required, optional) keys of each loss kind besides ``kind``
+LOSS_KEYS: dict[str, tuple[set, set]] = {
+    "clip_text": ({"text"}, {"clip", "metric"}),
+    "clip_image": ({"reference"}, {"clip", "metric"}),
+    "clip_style": ({"reference"}, {"clip", "layer"}),
+    "classifier": ({"network", "target"}, {"preprocess"}),
+    "feature_match": ({"network", "reference"}, {"preprocess"}),
+    "identity": ({"network", "reference"}, {"preprocess", "metric"}),
+    "none": (set(), set()),
+}
+SAMPLER_KEYS = {"steps", "eta", "spacing", "steps_offset"}
+NETWORK_KINDS = ("transformers", "torchscript", "factory")
 MODEL_KEYS = {
     "pixel": {"kind", "path", "dtype", "state_dtype", "flags"},
     "latent": {
@@ -62,12 +75,18 @@ def load(path: str | Path) -> dict:
     """Read and validate a recipe; unknown keys and kinds are one-line errors naming the fix."""
     import yaml
 
-    from lossguide.runfolder import parse_seeds
+    from lossguide.runfolder import seeds_from
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no recipe {path}; the shipped ones are in recipes/ of the repository")
-    r = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        _fail(path, "is not a text (YAML) file; pass a recipe such as recipes/celebahq-text.yaml")
+    r = yaml.safe_load(text)
+    if r is None:
+        _fail(path, "is empty; a recipe names at least model and loss (see recipes/ for examples)")
     if not isinstance(r, dict):
         _fail(path, "must be a mapping of keys (name, model, loss, method, ...)")
     if "guidance" in r and isinstance(r.get("model"), dict):
@@ -87,19 +106,88 @@ def load(path: str | Path) -> dict:
         _fail(path, f"{kind} model has no keys {sorted(bad)}; allowed: {sorted(MODEL_KEYS[kind])}")
     if r["loss"]["kind"] not in LOSS_KINDS:
         _fail(path, f"loss kind {r['loss']['kind']!r} unknown; choose one of {', '.join(LOSS_KINDS)}")
+    _check_model(path, r["model"])
+    _check_loss(path, r["loss"])
     r.setdefault("name", path.stem)
+    if not isinstance(r["name"], str) or not r["name"]:
+        _fail(path, f"name must be a string (the default run folder is runs/<name>), got {r['name']!r}")
     r.setdefault("method", "shen2024")
     r.setdefault("params", {})
+    if r["params"] is not None and not isinstance(r["params"], dict):
+        _fail(path, f"params must be a mapping of the preset's parameters (e.g. {{eta: 0.1}}), got {r['params']!r}")
     r.setdefault("sampler", {})
+    _check_sampler(path, r["sampler"])
     r.setdefault("batch", 4)
-    if not isinstance(r["batch"], int) or r["batch"] < 1:
+    if isinstance(r["batch"], bool) or not isinstance(r["batch"], int) or r["batch"] < 1:
         _fail(path, f"batch must be an integer ≥ 1, got {r['batch']!r}")
     r.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-    seeds = r.get("seeds", "0-3")
-    r["seeds"] = parse_seeds(str(seeds)) if not isinstance(seeds, list) else [int(s) for s in seeds]
+    if not isinstance(r["device"], str):
+        _fail(path, f"device must be a string such as cpu or cuda, got {r['device']!r}")
+    w = r.get("window")
+    if w is not None and not (isinstance(w, list) and len(w) == 2 and all(_is_number(v) for v in w)):
+        _fail(path, f"window must be a pair [lo, hi] of fractions of t/T with 0 ≤ lo ≤ hi ≤ 1, got {w!r}")
+    try:
+        r["seeds"] = seeds_from(r.get("seeds", "0-3"))
+    except ValueError as e:
+        _fail(path, str(e))
     _guidance(r)  # unknown methods/parameters fail now, not after loading models
     r["_dir"] = str(path.resolve().parent)
     return r
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_model(path, m: dict) -> None:
+    """A model section's path, dtypes and flags, before anything is loaded."""
+    from lossguide.models import parse_dtype
+
+    if not isinstance(m.get("path"), str) or not m["path"]:
+        _fail(path, f"{m['kind']} model needs a 'path' (a shipped name, a diffusers folder or hub id, or a checkpoint "
+              f"file), got {m.get('path')!r}")  # fmt: skip
+    for key in ("dtype", "state_dtype", "autocast"):
+        if m.get(key) is not None:
+            try:
+                parse_dtype(m[key])
+            except ValueError as e:
+                _fail(path, f"model {key}: {e}")
+    if m.get("flags") is not None and not isinstance(m["flags"], dict):
+        _fail(path, f"model flags must be a mapping of the checkpoint's constructor flags, got {m['flags']!r}")
+
+
+def _check_loss(path, spec: dict) -> None:
+    """A loss section's keys: every key its kind requires, and none it would ignore."""
+    kind = spec["kind"]
+    required, optional = LOSS_KEYS[kind]
+    missing = sorted(required - set(spec))
+    if missing:
+        _fail(path, f"loss kind {kind} needs the key(s) {missing}")
+    bad = sorted(set(spec) - required - optional - {"kind"})
+    if bad:
+        _fail(path, f"loss kind {kind} has no keys {bad}; allowed: {sorted(required | optional | {'kind'})}")
+    net = spec.get("network")
+    if "network" in spec and not (isinstance(net, dict) and any(k in net for k in NETWORK_KINDS)):
+        _fail(path, "loss network must be a mapping {transformers: id}, {torchscript: file} or "
+              f"{{factory: 'module:function'}}, got {net!r}")  # fmt: skip
+
+
+def _check_sampler(path, s) -> None:
+    """The sampler section: a mapping of steps (integer ≥ 1), eta (finite ≥ 0), spacing and steps_offset."""
+    if s is None:
+        return
+    if not isinstance(s, dict):
+        _fail(path, f"sampler must be a mapping such as {{steps: 100, eta: 0.0}}, got {s!r}")
+    bad = sorted(set(s) - SAMPLER_KEYS)
+    if bad:
+        _fail(path, f"sampler has no keys {bad}; allowed: {sorted(SAMPLER_KEYS)}")
+    for key, lo in (("steps", 1), ("steps_offset", 0)):
+        v = s.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            _fail(path, f"sampler {key} must be an integer ≥ {lo}, got {v!r}")
+    eta = s.get("eta")
+    if eta is not None and not (_is_number(eta) and eta >= 0):
+        _fail(path, f"sampler eta must be a finite number ≥ 0 (0 deterministic, 1 DDPM-like), got {eta!r}")
 
 
 def _params(r: dict) -> dict:

@@ -6,6 +6,7 @@ so its result does not depend on the batch it runs in. Nothing here touches the 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -14,8 +15,21 @@ Generators = Sequence[torch.Generator]
 
 
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per seed (CPU streams are the same on every device)."""
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    """One CPU generator per seed (CPU streams are the same on every device); a seed that is not an integer
+    (0.5, True, a spec string such as "0-3") is a one-line error, not silently truncated."""
+    if isinstance(seeds, (str, bytes)):
+        raise ValueError(f"seeds must be a sequence of integers, got the string {seeds!r}; parse a spec such as "
+                         "'0-15' with lossguide.runfolder.parse_seeds")  # fmt: skip
+    out = []
+    for s in seeds:
+        try:
+            if isinstance(s, bool):
+                raise TypeError
+            k = operator.index(s)
+        except TypeError:
+            raise ValueError(f"seed {s!r} ({type(s).__name__}) is not an integer; seeds must be integers") from None
+        out.append(torch.Generator("cpu").manual_seed(k))
+    return out
 
 
 def randn(shape: Sequence[int], generators: Generators, *, dtype=torch.float32, device="cpu") -> torch.Tensor:

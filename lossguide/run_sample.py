@@ -19,7 +19,7 @@ import torch
 
 from lossguide import losses, presets
 from lossguide.guidance import resolve_augment
-from lossguide.runfolder import RunFolder, fixed_batches, grid, parse_seeds, png_bytes, to_uint8
+from lossguide.runfolder import RunFolder, fixed_batches, grid, parse_seeds, png_bytes, seeds_from, to_uint8  # noqa: F401
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 
@@ -62,6 +62,8 @@ def parse_params(items: list[str]) -> dict:
             raise ValueError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         vals = [_num(x) for x in v.split(",")]
+        if k.strip() in out:
+            raise ValueError(f"--set {k.strip()} given twice; keep one")
         out[k.strip()] = tuple(vals) if len(vals) > 1 else vals[0]
     return out
 
@@ -92,7 +94,9 @@ def build_loss(cfg: SampleConfig, guide, reference: torch.Tensor | None, means: 
     if cfg.loss == "sr":
         return losses.SuperResLoss(reference, factor=4, norm=cfg.norm)
     if cfg.loss == "class+sketch":
-        return losses.WeightedSum([(1.0, losses.ClassLoss(guide, cfg.target)), (0.1, losses.SketchLoss(reference))])
+        return losses.WeightedSum(
+            [(1.0, losses.ClassLoss(guide, cfg.target)), (0.1, losses.SketchLoss(reference, norm=cfg.norm))]
+        )
     raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
 
 
@@ -116,12 +120,18 @@ def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:
     return yaml.safe_dump(json.loads(json.dumps(d, default=list)), sort_keys=False)
 
 
+#: SampleConfig fields that no recipe has: a file with one of them is a sample config (whatever its other keys)
+SAMPLE_ONLY = ("guide", "judge", "norm", "target", "reference", "steps", "ddim_eta")
+REF_LOSSES = ("sketch", "inpaint", "sr", "class+sketch")  # the losses that use --reference and --norm
+
+
 def is_sample_config(d) -> bool:
     """``d`` (a parsed YAML file) is a ``lossguide sample`` config: SampleConfig fields (plus the ``guidance``
-    block of a written ``config.yaml``), not a recipe, whose ``model`` is a mapping with a ``kind``."""
+    block of a written ``config.yaml``), not a recipe, whose ``model`` is a mapping with a ``kind``. A key only a
+    sample config has (:data:`SAMPLE_ONLY`) makes it one, so a misspelt key is reported as such."""
     if not isinstance(d, dict) or not d or isinstance(d.get("model"), dict):
         return False
-    return "guidance" in d or set(d) <= {f.name for f in fields(SampleConfig)}
+    return "guidance" in d or set(d) <= {f.name for f in fields(SampleConfig)} or bool(set(d) & set(SAMPLE_ONLY))
 
 
 def config_from_yaml(d: dict, source) -> SampleConfig:
@@ -131,16 +141,63 @@ def config_from_yaml(d: dict, source) -> SampleConfig:
     if bad:
         raise ValueError(f"{source}: unknown keys {sorted(bad)} in a lossguide sample config; allowed: {names}")
     kw = {k: d[k] for k in names if k in d}
+    if "guidance" in d and d["guidance"] is not None and not isinstance(d["guidance"], dict):
+        raise ValueError(f"{source}: the guidance block must be a mapping (as a lossguide sample run writes it), got "
+                         f"{d['guidance']!r}; delete it to run method and params as they are")  # fmt: skip
     params = kw.get("params") or {}
     if not isinstance(params, dict):
         raise ValueError(f"{source}: params must be a mapping of preset parameters, got {params!r}")
     kw["params"] = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    seeds = kw.get("seeds", SampleConfig().seeds)
-    if isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        kw["seeds"] = parse_seeds(",".join(map(str, seeds)))  # the same checks as --seeds
-    else:
-        kw["seeds"] = parse_seeds(str(seeds))
+    kw["seeds"] = seeds_from(kw.get("seeds", SampleConfig().seeds))  # the same checks as --seeds
     return SampleConfig(**kw)
+
+
+def check_config(cfg: SampleConfig) -> None:
+    """One-line errors naming the flag (the config key) where a field has the wrong type or range, or is a flag
+    the chosen loss would ignore (--norm, --reference), before anything is loaded or written."""
+    import math
+
+    def fail(flag: str, need: str, v) -> None:
+        raise ValueError(f"{flag} must be {need}, got {v!r} ({type(v).__name__})")
+
+    for name in ("model", "guide", "judge", "loss", "norm", "method", "device"):
+        v = getattr(cfg, name)
+        if not isinstance(v, str):
+            fail(f"--{name}", "a string", v)
+    for name, lo in (("target", 0), ("reference", 0), ("steps", 1), ("batch", 1)):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            fail(f"--{name}", "an integer", v)
+        if name != "target" and v < lo:
+            raise ValueError(f"--{name} must be ≥ {lo}, got {v}")
+    eta = cfg.ddim_eta
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta >= 0):
+        fail("--ddim-eta", "a finite number ≥ 0 (0 deterministic, 1 DDPM-like)", eta)
+    if not isinstance(cfg.params, dict):
+        fail("params", "a mapping of preset parameters (--set KEY=VALUE)", cfg.params)
+    seeds = cfg.seeds
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
+        fail("--seeds", "a list of seeds (parse a spec such as '0-15' with lossguide.runfolder.parse_seeds)", seeds)
+    if not len(seeds):
+        raise ValueError("--seeds must name at least one seed, got []")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad or len(set(seeds)) != len(seeds):
+        what = f"bad seed {bad[0]!r}" if bad else "a seed named twice"
+        raise ValueError(f"--seeds must be distinct integers ≥ 0 ({what}); e.g. 0-15 or 0-7,100")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    if cfg.norm not in losses.NORMS:
+        raise ValueError(f"--norm must be one of {', '.join(losses.NORMS)}, got {cfg.norm!r}")
+    if not 0 <= cfg.target <= 9:
+        raise ValueError(f"--target must be a digit class 0..9, got {cfg.target}")
+    if cfg.loss not in REF_LOSSES:
+        uses = f"only {', '.join(REF_LOSSES)} use it"
+        if cfg.norm != SampleConfig.norm:
+            raise ValueError(f"--norm {cfg.norm} sets the residual of a reference loss, and --loss {cfg.loss} has "
+                             f"none ({uses}); drop --norm")  # fmt: skip
+        if cfg.reference != SampleConfig.reference:
+            raise ValueError(f"--reference {cfg.reference} picks a held-out digit that --loss {cfg.loss} does not "
+                             f"use ({uses}); drop --reference")  # fmt: skip
 
 
 def _plain(d):
@@ -156,18 +213,13 @@ def run(
     ``expect_guidance`` (the ``guidance`` block of a ``config.yaml`` being re-run) must be what ``cfg`` builds."""
     from lossguide.models import class_means, load_classifier, load_denoiser
 
-    if cfg.batch < 1:
-        raise ValueError(f"--batch must be ≥ 1, got {cfg.batch}")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
-    if cfg.norm not in losses.NORMS:
-        raise ValueError(f"--norm must be one of {', '.join(losses.NORMS)}, got {cfg.norm!r}")
-    if not 0 <= cfg.target <= 9:
-        raise ValueError(f"--target must be a digit class 0..9, got {cfg.target}")
-    if cfg.steps < 1:
-        raise ValueError(f"--steps must be ≥ 1, got {cfg.steps}")
+    check_config(cfg)
     guidance = presets.get(cfg.method, **cfg.resolved_params())
     model = load_denoiser(cfg.model, device=cfg.device)
+    T = getattr(model.denoiser.schedule, "num_train_timesteps", None)
+    if T is not None and cfg.steps > T:
+        raise ValueError(f"--steps {cfg.steps} exceeds the {T} training timesteps of --model {cfg.model}; use "
+                         f"--steps 1..{T}")  # fmt: skip
     guidance = resolve_augment(guidance, model.augment)
     if expect_guidance is not None and _plain(expect_guidance) != _plain(guidance.to_dict()):
         now, was = _plain(guidance.to_dict()), _plain(expect_guidance)

@@ -202,11 +202,30 @@ class RunFolder:
         return self.record(seed).is_file() and self.png(seed).is_file()
 
     def todo(self, seeds: Sequence[int]) -> list[int]:
-        """The seeds not done yet, in order (logged when some are)."""
-        todo = [s for s in seeds if not self.done(s)]
+        """The seeds not done yet, in order (logged when some are); a done seed whose PNG or record is damaged
+        (truncated, not parseable: written by something other than this folder's atomic writes) is redone."""
+        todo = [s for s in seeds if not self.done(s) or self._damaged(s)]
         if len(todo) < len(seeds):
             log.info("resuming %s: %d of %d seeds already done", self.path, len(seeds) - len(todo), len(seeds))
         return todo
+
+    def _damaged(self, seed: int) -> bool:
+        """The seed's PNG lacks its PNG signature or final IEND chunk, or its record is not a JSON object."""
+        import json
+
+        try:
+            with open(self.png(seed), "rb") as f:
+                head = f.read(8)
+                f.seek(max(f.seek(0, os.SEEK_END) - 12, 0))
+                tail = f.read(12)
+            rec = json.loads(self.record(seed).read_text())
+            ok = head == b"\x89PNG\r\n\x1a\n" and tail[4:8] == b"IEND" and isinstance(rec, dict)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            log.warning("seed %d in %s has a damaged PNG or record (%s, %s): redoing it", seed, self.path,
+                        self.png(seed).name, self.record(seed).name)  # fmt: skip
+        return not ok
 
     def write_seed(self, seed: int, png: bytes, record: dict) -> None:
         """A finished seed: its PNG, then its record (which marks it done)."""
@@ -263,6 +282,9 @@ def _read_pid(fd: int) -> int | None:
 def parse_seeds(spec: str, max_seeds: int = 1_000_000) -> list[int]:
     """``"0-15,100"`` → [0, 1, ..., 15, 100] (as EDM's ``--seeds``), at most ``max_seeds`` seeds."""
 
+    if not isinstance(spec, str):
+        raise ValueError(f"seeds must be a spec string such as '0-15' or '0-7,100', got {spec!r}")
+
     def seed(s: str, part: str) -> int:
         s = s.strip()
         if not (s.isascii() and s.isdigit()):
@@ -280,13 +302,25 @@ def parse_seeds(spec: str, max_seeds: int = 1_000_000) -> list[int]:
         if not r:
             raise ValueError(f"bad seed range {part!r}: the end is before the start")
         ranges.append(r)
-    n = sum(len(r) for r in ranges)  # counted before any list is built
+    n = sum(r.stop - r.start for r in ranges)  # counted before any list is built (len() overflows past 2**63)
     if n > max_seeds:
         raise ValueError(f"seeds {spec!r} name {n:,} seeds, more than {max_seeds:,}; split the run into smaller specs")
     out = [s for r in ranges for s in r]
     if not out or len(set(out)) != len(out):
         raise ValueError(f"seeds {spec!r} must name at least one seed and no seed twice")
     return out
+
+
+def seeds_from(value, max_seeds: int = 1_000_000) -> list[int]:
+    """The seeds of a config file's ``seeds:``: a spec string ("0-15,100"), one integer, or a list of integers,
+    with :func:`parse_seeds`'s checks (integers ≥ 0, none twice, at least one)."""
+    if isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        return parse_seeds(",".join(map(str, value)), max_seeds)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return parse_seeds(str(value), max_seeds)
+    if isinstance(value, str):
+        return parse_seeds(value, max_seeds)
+    raise ValueError(f"bad seeds {value!r}: seeds are integers ≥ 0, as a spec such as 0-15 or 0-7,100 or a list")
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 
 import torch
 
@@ -128,8 +129,8 @@ class DDIM(Sampler):
         steps_offset: int = 0,
         times=None,
     ):
-        if eta < 0:
-            raise ValueError(f"DDIM eta must be ≥ 0, got {eta}")
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"DDIM eta must be a finite number ≥ 0 (0 deterministic, 1 DDPM-like), got {eta!r}")
         self.schedule = schedule
         self.eta = float(eta)
         if schedule.family == "vp" and times is None:

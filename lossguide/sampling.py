@@ -64,6 +64,13 @@ def sample(
     (:func:`guidance_summary` of :class:`~lossguide.guidance.GuidanceStats`).
     """
     engine = GuidanceEngine(guidance, loss, augment=augment)
+    if seeds is not None and generators is not None:
+        raise ValueError("pass either seeds or generators, not both (the generators would silently win)")
+    if seeds is not None and hasattr(seeds, "__len__") and not isinstance(seeds, (str, bytes)) and not len(seeds):
+        raise ValueError("seeds must name at least one sample, got an empty sequence")
+    if x_T is not None and shape is not None and tuple(x_T.shape[1:]) != tuple(shape):
+        raise ValueError(f"x_T has per-sample shape {tuple(x_T.shape[1:])} but shape={tuple(shape)}; pass one of them")
+    _check_channels(denoiser, tuple(shape) if x_T is None and shape is not None else None, x_T)
     if generators is None:
         if seeds is None:
             n = x_T.shape[0] if x_T is not None else None
@@ -116,6 +123,18 @@ def sample(
     if summary:
         log.warning("guidance '%s': %s", cfg.name, summary)
     return SampleResult(x0=x, stats=stats)
+
+
+def _check_channels(denoiser: Denoiser, shape, x_T) -> None:
+    """A 2-D UNet's input channels (``denoiser.channels``, where known) against the per-sample shape."""
+    C = getattr(denoiser, "channels", None)
+    if C is None:
+        return
+    per = shape if x_T is None else tuple(x_T.shape[1:])
+    if per is not None and (len(per) != 3 or per[0] != C):
+        what = f"shape={per}" if x_T is None else f"x_T of per-sample shape {per}"
+        raise ValueError(f"{what} does not fit the model, which takes ({C}, H, W) samples ({C} channels); "
+                         f"pass shape=({C}, H, W)")  # fmt: skip
 
 
 def guidance_summary(stats: GuidanceStats) -> str:

@@ -15,6 +15,7 @@ where it multiplies a sample.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,8 +229,8 @@ class SigmaSchedule:
 
 def spaced_timesteps(T: int, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
     """Descending inference timesteps, as diffusers' ``timestep_spacing`` computes them."""
-    if not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be an integer in [1, {T}], got {num_steps!r}")
     if spacing == "leading":
         ratio = T // num_steps
         ts = torch.arange(num_steps, dtype=torch.int64) * ratio + steps_offset

@@ -1,6 +1,7 @@
 """No silent wrong answers: defaults that work, and one-line errors where a call cannot mean what it says."""
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -110,3 +111,133 @@ def test_guidance_config_refuses_non_integral_counts(field):
         lg.GuidanceConfig(**{field: 2.5})
     with pytest.raises(ValueError, match="mc_sigma must be a finite number ≥ 0, got nan"):
         lg.GuidanceConfig(mc_sigma=float("nan"))
+
+
+# -- issue #12: the fault list's regressions (benchmarks/faults.py) ------------------------------------------
+def _vec(prior, schedule, **kw):
+    den, sampler = prior.denoiser(schedule), lg.DDIM(schedule, 3)
+    return lg.sample(den, sampler, **{"shape": (prior.dim,), "seeds": range(2), "dtype": torch.float64, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(generators=[torch.Generator().manual_seed(5)] * 2), "pass either seeds or generators, not both"),
+        (dict(seeds=[]), "seeds must name at least one sample"),  # was "torch.cat(): expected a non-empty list"
+        (dict(seeds=[0.5, 1]), r"seed 0\.5 \(float\) is not an integer"),  # was seed 0, silently
+        (dict(seeds=[True, False]), r"seed True \(bool\) is not an integer"),
+        (dict(seeds="0-3"), r"got the string '0-3'; parse a spec .*parse_seeds"),
+        (dict(x_T=torch.zeros(2, 5, dtype=torch.float64)), r"x_T has per-sample shape \(5,\) but shape=\(8,\)"),
+    ],
+)
+def test_sample_refuses_seeds_and_shapes_it_would_silently_reinterpret(prior, schedule, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _vec(prior, schedule, **kw)
+
+
+def test_a_diffusers_unet_checks_the_per_sample_shape(schedule):
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )  # fmt: skip
+    den = lg.from_diffusers(unet, diffusers.DDPMScheduler(clip_sample=False))
+    sampler = lg.DDIM(den.schedule, 2)
+    for shape in ((8, 8), (1, 8, 8)):  # was torch's "expected input[1, 1, 8, 8] to have 3 channels" from inside conv
+        msg = re.escape(f"shape={shape} does not fit the model, which takes (3, H, W)")
+        with pytest.raises(ValueError, match=msg):
+            lg.sample(den, sampler, shape=shape, seeds=[0])
+    assert lg.sample(den, sampler, shape=(3, 8, 8), seeds=[0]).x0.shape == (1, 3, 8, 8)
+
+
+def test_ddim_refuses_a_nan_eta_and_a_fractional_step_count(schedule):
+    for eta in (float("nan"), float("inf"), -0.5):  # nan once passed `eta < 0` and made NaN samples
+        with pytest.raises(ValueError, match="DDIM eta must be a finite number ≥ 0"):
+            lg.DDIM(schedule, 5, eta=eta)
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 1000\], got 2\.5"):
+        lg.DDIM(schedule, 2.5)
+
+
+def test_seed_specs_do_not_overflow_or_take_non_strings():
+    from lossguide.runfolder import parse_seeds, seeds_from
+
+    with pytest.raises(ValueError, match="more than 1,000,000"):  # was OverflowError from len(range)
+        parse_seeds("0-999999999999999999999")
+    with pytest.raises(ValueError, match="seeds must be a spec string"):
+        parse_seeds(None)
+    assert seeds_from([3, 1]) == [3, 1] and seeds_from(5) == [5] and seeds_from("0-2") == [0, 1, 2]
+    for bad in ([0.5], ["a"], [True], {"a": 1}):
+        with pytest.raises(ValueError, match="bad seeds"):
+            seeds_from(bad)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(steps="2"), r"--steps must be an integer, got '2' \(str\)"),
+        (dict(seeds=[0.5]), r"--seeds must be distinct integers ≥ 0 \(bad seed 0\.5\)"),  # was a format-code error
+        (dict(seeds=[]), r"--seeds must name at least one seed"),  # was ZeroDivisionError
+        (dict(params=[1]), "params must be a mapping"),
+        (dict(ddim_eta=float("nan")), "--ddim-eta must be a finite number ≥ 0"),
+        (dict(loss="class", norm="l2"), "--norm l2 sets the residual of a reference loss"),
+    ],
+)
+def test_run_sample_checks_its_config_before_loading_anything(changes, match):
+    from lossguide import run_sample
+
+    with pytest.raises(ValueError, match=match):
+        run_sample.check_config(run_sample.SampleConfig(**changes))
+
+
+def test_class_plus_sketch_takes_the_norm():
+    """--loss class+sketch --norm l2 once ignored the norm (its sketch term was always squared)."""
+    from lossguide import losses, run_sample
+
+    cfg = run_sample.SampleConfig(loss="class+sketch", norm="l2")
+    loss = run_sample.build_loss(cfg, torch.nn.Identity(), torch.zeros(1, 1, 28, 28))
+    assert [t.norm for _, t in loss.terms if isinstance(t, losses.SketchLoss)] == ["l2"]
+
+
+def test_load_network_and_load_denoiser_refuse_flags_that_are_not_a_mapping(tmp_path):
+    (tmp_path / "net.pt").write_bytes(b"")
+    with pytest.raises(TypeError, match="flags must be a mapping of the checkpoint's constructor flags"):
+        models.load_network(tmp_path / "net.pt", ["ch", 8])  # was "dictionary update sequence element #0 ..."
+    with pytest.raises(TypeError, match="flags must be a mapping"):
+        models.load_denoiser(str(tmp_path / "net.pt"), flags=["ch", 8])
+
+
+def test_a_damaged_seed_in_a_resumed_run_folder_is_redone(tmp_path, caplog):
+    """A truncated PNG or record (not written by the folder's atomic writes) once failed the whole resume."""
+    from lossguide.runfolder import RunFolder, png_bytes, to_uint8
+
+    with RunFolder(tmp_path / "run").open("a: 1\n") as f:
+        for s in range(3):
+            f.write_seed(s, png_bytes(to_uint8(torch.zeros(1, 4, 4))), {"seed": s})
+        assert f.todo([0, 1, 2]) == []
+        png = f.png(0).read_bytes()
+        f.png(0).write_bytes(png[: len(png) // 2])
+        f.record(2).write_text('{"seed": 2, "lo')
+        with caplog.at_level("WARNING", logger="lossguide.runfolder"):
+            assert f.todo([0, 1, 2]) == [0, 2]
+    assert sum("damaged PNG or record" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_an_atomic_write_that_fails_names_the_target_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from lossguide.io import atomic_write_json
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        atomic_write_json(tmp_path / "o.json", {"a": 1})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "o.json")
+    assert not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError) as e:  # os.replace onto a folder: the target, not the .tmp, is named
+        atomic_write_json(tmp_path / "d", {})
+    assert e.value.filename == str(tmp_path / "d") and list(tmp_path.iterdir()) == [tmp_path / "d"]

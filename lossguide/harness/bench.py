@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -67,13 +68,25 @@ class BenchConfig:
     norm: str = "squared"  # sketch/inpaint/sr residual: ‖r‖² or ‖r‖ ("l2", the paper's code)
 
     def validate(self) -> None:
+        """One-line errors naming the flag: unknown tasks/methods, counts out of range, an unreadable --settings."""
+        if not self.tasks or not self.methods:
+            raise ValueError(f"--{'tasks' if not self.tasks else 'methods'} names nothing; give at least one")
         for t in self.tasks:
             if t not in TASKS:
                 raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
         for m in self.methods:
             method_config(m, 1.0)
-        if min(self.steps) < 1 or self.n_eval < 1 or self.batch < 1 or self.best_of < 1:
-            raise ValueError("--steps, --n-eval, --batch and --best-of must be ≥ 1")
+        for flag, v, lo in (("--n-eval", self.n_eval, 1), ("--n-tune", self.n_tune, 1), ("--batch", self.batch, 1),
+                            ("--best-of", self.best_of, 1), ("--beam-rounds", self.beam_rounds, 0)):  # fmt: skip
+            if v < lo:
+                raise ValueError(f"{flag} must be ≥ {lo}, got {v}")
+        for s in self.steps:
+            if not 1 <= s <= 1000:
+                raise ValueError(f"--steps must be ≥ 1 and at most the models' 1000 training timesteps, got {s}")
+        if not (math.isfinite(self.ddim_eta) and self.ddim_eta >= 0):
+            raise ValueError(f"--ddim-eta must be a finite number ≥ 0, got {self.ddim_eta}")
+        if self.settings_file is not None:
+            read_settings(self.settings_file)
 
     @staticmethod
     def quick() -> BenchConfig:
@@ -244,13 +257,17 @@ class Bench:
         cfg = self.cfg
         if cfg.settings_file is not None:
             path = Path(cfg.settings_file)
-            if not path.is_file():
-                raise FileNotFoundError(f"--settings {path}: no such file (a settings.json of lossguide bench)")
-            settings = store.load(path)
-            missing = [(t, m) for t in cfg.tasks for m in cfg.methods if tuned_param(m, t in ORACLE_TASKS)
-                       and self.applicable(t, m) and self.step_value(settings, t, m) is None]  # fmt: skip
+            settings = read_settings(path)
+            needed = [(t, m) for t in cfg.tasks for m in cfg.methods
+                      if tuned_param(m, t in ORACLE_TASKS) and self.applicable(t, m)]  # fmt: skip
+            missing = [(t, m) for t, m in needed if self.step_value(settings, t, m) is None]
             if missing:
                 raise ValueError(f"--settings {path} has no step parameter for {missing[0][1]!r} on {missing[0][0]!r}")
+            for t, m in needed:
+                v = self.step_value(settings, t, m)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"--settings {path}: the step parameter {tuned_param(m)[0]} of {m!r} on {t!r} "
+                                     f"must be a finite number, got {v!r}")  # fmt: skip
             return settings
         settings: dict = {}
         trace: list[dict] = []
@@ -318,6 +335,20 @@ class Bench:
             write_outputs(self, rows, settings)
         self.ranks.barrier()
         return rows
+
+
+def read_settings(path: str | Path) -> dict:
+    """A bench run's ``settings.json`` (``--settings``), or a one-line error naming the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--settings {path}: no such file (a settings.json of lossguide bench)")
+    try:
+        settings = store.load(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--settings {path} is not valid JSON ({e}); pass the settings.json of a bench run") from None
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for k, v in settings.items() if k[:1] != "_"):
+        raise ValueError(f"--settings {path} must be a mapping task → method → step value, as a bench run writes it")
+    return settings
 
 
 def check_config(cfg: BenchConfig, out: Path, overwrite: bool = False) -> None:
