@@ -328,7 +328,8 @@ def adversarial_gap(out, quick: bool = False, loss: str = "ce") -> dict:
         f"|T| = {n_aug} `digits` augmentations (±2 px shift, zoom 0.9–1.1, fill −1); robust = `mnist-robust` "
         "(L2-PGD trained); real = the 1,000 held-out "
         "digits. Columns: the network that guided (or real data); rows: the network that evaluates "
-        f"(mean loss and validity). Loss: the {_loss_words(loss)}, each evaluator with its own class means.",
+        f"(mean loss and validity). Loss: the {_loss_words(loss)}"
+        + (", each evaluator with its own class means." if loss == "feature" else "."),
         "",
         md_table(rows, cols),
         "",
