@@ -24,16 +24,14 @@ import torch.nn.functional as F
 
 from lossguide.data.canvas import CANVAS_SHAPE, TwoDigitCanvas
 from lossguide.layout.model import NULL_TOKEN, TOKEN_FILE, TokenEncoder
-from lossguide.training.common import EMA, atomic_save, resume, setup_logging
+from lossguide.training.common import add_run_args, run_meta, atomic_save, checkpoint_state, EMA, finish, optimizer_step, parse_widths, resume, setup_logging
 from lossguide.training.ddpm import SCHEDULER_CONFIG, lr_at
+from lossguide.training.ddpm import UNET_CONFIG as DDPM_UNET_CONFIG
 
 log = logging.getLogger("lossguide.training.cond_ddpm")
 
-UNET_CONFIG = dict(
+UNET_CONFIG = {k: DDPM_UNET_CONFIG[k] for k in ("in_channels", "out_channels", "layers_per_block")} | dict(
     sample_size=CANVAS_SHAPE[1:],
-    in_channels=1,
-    out_channels=1,
-    layers_per_block=1,
     block_out_channels=(32, 64, 64),
     # no attention at 28×56: its self-attention would cost more than the rest of the network
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -111,19 +109,13 @@ def batch(
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/train-cond"), help="checkpoint/log folder")
-    ap.add_argument("--export", type=Path, default=None, help="diffusers folder for the final EMA weights")
-    ap.add_argument("--iters", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--ema", type=float, default=0.999)
+    add_run_args(ap, "runs/train-cond", "diffusers folder for the final EMA weights", iters=2000, batch=32, lr=1e-3, warmup=100)
     ap.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the condition")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--block-channels", type=_widths, default=None, help="UNet widths per level (default 32,64,64)")
+    ap.add_argument("--block-channels", type=parse_widths, default=None, help="UNet widths per level (default 32,64,64)")
     ap.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default 32)")
     ap.add_argument("--heads", type=int, default=None, help="attention heads (default 2)")
     ap.add_argument("--token-dim", type=int, default=None, help="token embedding / cross-attention dim (default 32)")
@@ -153,11 +145,7 @@ def main(argv=None) -> None:
             g["lr"] = lr_at(step, args.lr, args.warmup, args.iters)
         x_t, t, tokens, eps = batch(data, args.batch, gen, args.p_uncond, alpha_bar)
         loss = F.mse_loss(model(x_t, t, tokens), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model)
+        optimizer_step(model, opt, ema, loss)
         step += 1
         window.append(loss.item())
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
@@ -173,49 +161,19 @@ def main(argv=None) -> None:
         if step % args.ckpt_every == 0 or step == args.iters:
             elapsed += time.time() - t0
             t0 = time.time()
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "gen": gen.get_state(), "step": step, "elapsed": elapsed}  # fmt: skip
-            atomic_save(state, ckpt)
-    extra = ""  # every other option that differs from its default, so the command reproduces the run
-    for name in ("batch", "lr", "warmup", "ema", "p_uncond", "seed", "block_channels", "norm_groups", "heads",
-                 "token_dim"):  # fmt: skip
-        v = getattr(args, name)
-        if v != ap.get_default(name):
-            extra += f" --{name.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-    script = "python -m lossguide.training.cond_ddpm"
-    command = f"{script} --out {args.out} --iters {args.iters}{extra} --export {args.export}"
+            atomic_save(checkpoint_state(model, ema, opt, gen, step, elapsed), ckpt)
+    options = ("batch", "lr", "warmup", "ema", "p_uncond", "seed", "block_channels", "norm_groups", "heads", "token_dim")
     meta = {
-        "command": command,
-        "iters": args.iters,
-        "batch": args.batch,
-        "lr": args.lr,
-        "seed": args.seed,
-        "ema": args.ema,
+        **run_meta(ap, args, "python -m lossguide.training cond-ddpm", options, elapsed),
         "p_uncond": args.p_uncond,
-        "train_seconds": round(elapsed, 1),
         "seconds_per_iter": round(elapsed / max(step, 1), 3),
         "final_loss_ema": loss_avg,  # None when the run only exported a finished checkpoint
         "data": "two-digit canvases (1x28x56) of the MNIST-5k gen split (4000 digits)",
         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "token_dim": config["cross_attention_dim"],
         "null_token": NULL_TOKEN,
-        "parameters": sum(p.numel() for p in model.parameters()),
     }
-    if args.export is not None:
-        export(ema.model, args.export, meta, config)
-        log.info("exported EMA weights to %s", args.export)
-    log.info("done: %s", json.dumps(meta))
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    """``16,32,64`` → (16, 32, 64)."""
-    try:
-        widths = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {text!r}") from None
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
-    return widths
+    finish(model, ema, args.export, meta, export, config)
 
 
 if __name__ == "__main__":

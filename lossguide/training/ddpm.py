@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lossguide.data import load_mnist
-from lossguide.training.common import EMA, atomic_save, resume, setup_logging
+from lossguide.training.common import add_run_args, run_meta, atomic_save, checkpoint_state, EMA, finish, optimizer_step, parse_widths, resume, setup_logging
 
 log = logging.getLogger("lossguide.training.ddpm")
 
@@ -89,17 +89,11 @@ def export(ema_model, out: Path, meta: dict, config: dict | None = None) -> None
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/train-ddpm"), help="checkpoint/log folder")
-    ap.add_argument("--export", type=Path, default=None, help="diffusers folder for the final EMA weights")
-    ap.add_argument("--iters", type=int, default=5000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=250)
-    ap.add_argument("--ema", type=float, default=0.999)
+    add_run_args(ap, "runs/train-ddpm", "diffusers folder for the final EMA weights", iters=5000, batch=64, lr=1e-3, warmup=250)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--block-channels", type=_widths, default=None,
+    ap.add_argument("--block-channels", type=parse_widths, default=None,
                     help="UNet widths per level, e.g. 16,32,64 (default: the shipped 32,64,128)")  # fmt: skip
     ap.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: the shipped 16)")
     args = ap.parse_args(argv)
@@ -130,11 +124,7 @@ def main(argv=None) -> None:
         ab = alpha_bar[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         loss = F.mse_loss(model(x_t, t).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model)
+        optimizer_step(model, opt, ema, loss)
         step += 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 50 == 0:
@@ -145,51 +135,18 @@ def main(argv=None) -> None:
             elapsed += time.time() - t0
             t0 = time.time()
             atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt": opt.state_dict(),
-                    "gen": gen.get_state(),
-                    "step": step,
-                    "elapsed": elapsed,
-                },
+                checkpoint_state(model, ema, opt, gen, step, elapsed),
                 ckpt,
             )
-    extra = ""  # every other option that differs from its default, so the command reproduces the run
-    for name in ("batch", "lr", "warmup", "ema", "seed", "block_channels", "norm_groups"):
-        v = getattr(args, name)
-        if v != ap.get_default(name):
-            extra += f" --{name.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
-    command = f"python -m lossguide.training ddpm --out {args.out} --iters {args.iters}{extra} --export {args.export}"
+    options = ("batch", "lr", "warmup", "ema", "seed", "block_channels", "norm_groups")
     meta = {
-        "command": command,
-        "iters": args.iters,
-        "batch": args.batch,
-        "lr": args.lr,
-        "seed": args.seed,
-        "ema": args.ema,
-        "train_seconds": round(elapsed, 1),
+        **run_meta(ap, args, "python -m lossguide.training ddpm", options, elapsed),
         "final_loss_ema": loss_avg,  # None when the run only exported a finished checkpoint
         "data": "MNIST-5k gen split (4000)",
         "block_out_channels": list(config["block_out_channels"]),
         "norm_num_groups": config["norm_num_groups"],
-        "parameters": sum(p.numel() for p in model.parameters()),
     }
-    if args.export is not None:
-        export(ema.model, args.export, meta, config)
-        log.info("exported EMA weights to %s", args.export)
-    log.info("done: %s", json.dumps(meta))
-
-
-def _widths(text: str) -> tuple[int, ...]:
-    """``16,32,64`` → (16, 32, 64)."""
-    try:
-        widths = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {text!r}") from None
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
-    return widths
+    finish(model, ema, args.export, meta, export, config)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from lossguide.motion.data import (
     velocity_to_positions,
 )
 from lossguide.motion.model import WEIGHTS, MotionNetConfig, MotionTransformer, make_schedule, save_model
-from lossguide.training.common import EMA, atomic_save, resume, setup_logging
+from lossguide.training.common import add_run_args, atomic_save, checkpoint_state, EMA, optimizer_step, resume, setup_logging
 from lossguide.training.ddpm import lr_at
 
 log = logging.getLogger("lossguide.training.motion")
@@ -56,13 +56,7 @@ def geometric_loss(x_hat: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor) 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/train-motion"), help="checkpoint/log folder")
-    ap.add_argument("--export", type=Path, default=None, help=f"safetensors file for the EMA weights ({WEIGHTS})")
-    ap.add_argument("--iters", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--ema", type=float, default=0.999)
+    add_run_args(ap, "runs/train-motion", f"safetensors file for the EMA weights ({WEIGHTS})", iters=6000, batch=32, lr=5e-4, warmup=200)
     ap.add_argument("--w-pos", type=float, default=10.0, help="weight of the FK position loss (m²)")
     ap.add_argument("--w-vel", type=float, default=0.2, help="weight of the FK velocity loss ((m/s)²)")
     ap.add_argument(
@@ -103,11 +97,7 @@ def main(argv=None) -> None:
         l_x0 = F.mse_loss(z_hat, z0)
         l_pos, l_vel = geometric_loss(velocity_to_positions(z_hat * std + mean), x0, ab.view(-1))
         loss = l_x0 + args.w_pos * l_pos + args.w_vel * l_vel
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model)
+        optimizer_step(model, opt, ema, loss)
         step += 1
         parts = torch.stack([loss, l_x0, l_pos, l_vel]).detach()
         avg = parts if avg is None else 0.98 * avg + 0.02 * parts
@@ -123,15 +113,7 @@ def main(argv=None) -> None:
         if step % args.ckpt_every == 0 or step == stop:
             elapsed += time.time() - t0
             t0 = time.time()
-            state = {
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "gen": gen.get_state(),
-                "step": step,
-                "elapsed": elapsed,
-                "avg": avg,
-            }
+            state = checkpoint_state(model, ema, opt, gen, step, elapsed, avg=avg)
             atomic_save(state, ckpt)
     if avg is None and ckpt.exists():
         avg = torch.load(ckpt, weights_only=False).get("avg")
