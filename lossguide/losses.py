@@ -47,15 +47,40 @@ class ClassLoss:
 class NoisyClassLoss:
     """−log p(y | x_t, t) under a noise-aware classifier ``classifier(x_t, t)``: the loss of ``cg``.
 
-    ``target`` is one class for every sample or one per sample."""
+    ``target`` is one class for every sample or one per sample. The classifier was trained on VP x_t at the integer
+    timesteps of ``classifier_schedule`` (default: the linear β schedule of the shipped DDPM and mnist-noise-aware).
+    ``schedule`` is the sampler's: on a rectified-flow or VE schedule the classifier sees the VP point x_t/k_t at
+    the training timestep whose ᾱ is nearest (in log-SNR) the VP-equivalent ᾱ_t of t (None or VP: x_t and t as
+    given)."""
 
-    def __init__(self, classifier: torch.nn.Module, target: int | Sequence[int]):
+    def __init__(self, classifier: torch.nn.Module, target: int | Sequence[int], schedule=None,
+                 classifier_schedule=None):  # fmt: skip
         self.classifier = freeze(classifier)
         self.target = torch.as_tensor(target).long().view(-1)
+        self.schedule = schedule
+        if schedule is not None and schedule.family != "vp":
+            from lossguide.schedule import NoiseSchedule
+
+            ab = (classifier_schedule or NoiseSchedule.linear()).alpha_bar
+            self._log_snr = (ab / (1 - ab)).log()
+
+    def _vp_input(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, int]:
+        if self.schedule is None or self.schedule.family == "vp":
+            return x_t, int(t)
+        import math
+
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        lam = math.inf if s == 0 else (-math.inf if a == 0 else 2 * math.log(a / s))
+        if math.isfinite(lam):
+            tau = int((self._log_snr - lam).abs().argmin())
+        else:  # t' = 0 (no noise) or α = 0 (pure noise): the least or the most noisy training timestep
+            tau = 0 if lam > 0 else len(self._log_snr) - 1
+        return x_t / math.hypot(a, s), tau
 
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        tt = torch.full((len(x_t),), int(t), dtype=torch.long, device=x_t.device)
-        logits = self.classifier(x_t, tt)
+        x_in, tau = self._vp_input(x_t, t)
+        tt = torch.full((len(x_t),), tau, dtype=torch.long, device=x_t.device)
+        logits = self.classifier(x_in, tt)
         n, k = len(x_t), len(self.target)
         if n % k:
             raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")

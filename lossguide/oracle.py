@@ -237,8 +237,10 @@ class _OracleDenoiser(Denoiser):
         eps = self.prior.eps(x, ab).to(x_t.dtype)
         if a > 0:
             x0 = (x_t - s * eps) / a
-        else:  # pure noise: x_t carries no signal, E[x0 | x_t] = E[x0]
-            x0 = self.prior.mean().to(x_t.dtype).expand_as(x_t)
+        else:  # pure noise: x_t carries no signal, E[x0 | x_t] = E[x0], whose derivative in x_t is exactly 0;
+            # `+ 0·x_t` keeps it a function of x_t, so guidance through the denoiser sees that zero gradient
+            # (a zero step) instead of refusing a loss with no gradient
+            x0 = self.prior.mean().to(x_t.dtype).expand_as(x_t) + 0 * x_t
         return DenoiserOutput(eps=eps, x0_hat=x0)
 
 

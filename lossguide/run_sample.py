@@ -255,7 +255,8 @@ def run(
     if cfg.method == "cg":  # classifier guidance steers with the noise-aware classifier of the target class
         if cfg.loss not in ("class", "class-feature"):
             raise ValueError("--method cg guides with the noise-aware classifier: use it with a class loss")
-        loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device), cfg.target)
+        loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device), cfg.target,
+                                     schedule=model.denoiser.schedule)  # a flow model's t read as VP (x_t/k, τ)
     sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
 
     config_text = _config_yaml(cfg, guidance.to_dict())

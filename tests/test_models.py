@@ -102,7 +102,7 @@ def test_shipped_classifier_matches_its_manifest(name):
 @needs_weights
 def test_shipped_weights_are_small():
     total = sum(p.stat().st_size for p in models.WEIGHTS.rglob("*") if p.is_file())
-    assert total <= 15e6, total
+    assert total <= 21e6, total  # 10.7 MB before mnist-flow (fp16, 5.1 MB, the DDPM's size) was added
     assert json.loads(models.MANIFEST.read_text())
 
 

@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = Path(__file__).with_name("weights")
 MANIFEST = Path(__file__).with_name("manifest.json")
-DENOISERS = {"mnist-ddpm": WEIGHTS / "mnist-ddpm", "mnist-ddpm-bad": WEIGHTS / "mnist-ddpm-bad"}
+DENOISERS = {
+    "mnist-ddpm": WEIGHTS / "mnist-ddpm",
+    "mnist-ddpm-bad": WEIGHTS / "mnist-ddpm-bad",
+    "mnist-flow": WEIGHTS / "mnist-flow",
+}
 CLASSIFIERS = ("mnist-guide", "mnist-judge", "mnist-noise-aware", "mnist-robust")
 HUB_HOST = ("huggingface.co", 443)
 
@@ -36,7 +40,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 #: the augmentation policy (lossguide.augment.policy) that fits each shipped model's data
-AUGMENT_POLICY = {"mnist-ddpm": "digits", "mnist-ddpm-bad": "digits"}
+AUGMENT_POLICY = {"mnist-ddpm": "digits", "mnist-ddpm-bad": "digits", "mnist-flow": "digits"}
 
 
 @dataclass
@@ -86,9 +90,10 @@ def _resolve(name_or_path: str) -> tuple[str, bool]:
     if name_or_path in DENOISERS:
         folder = DENOISERS[name_or_path]
         if not (folder / "unet").exists():
+            script = "flow" if name_or_path == "mnist-flow" else "ddpm"
             raise ModelNotFoundError(
                 f"the shipped model {name_or_path!r} is missing from {folder}; reinstall lossguide or retrain it "
-                "with `python -m lossguide.training ddpm` (see the manifest)"
+                f"with `python -m lossguide.training {script}` (see the manifest)"
             )
         return str(folder), True
     p = Path(name_or_path).expanduser()
@@ -141,7 +146,9 @@ def _load_unet_and_scheduler(diffusers, name_or_path, src, local_only, dtype, kw
         unet_cls = getattr(diffusers, cfg.get("_class_name", "UNet2DModel"))
         unet = unet_cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype, low_cpu_mem_usage=False, **kw)
         sched_sub = "scheduler" if sub is not None else None
-        scheduler = diffusers.DDPMScheduler.from_pretrained(src, subfolder=sched_sub, **kw)
+        # an ε-UNet served as a flow model (flow_wrapper.json) keeps a FlowMatchEulerDiscreteScheduler config
+        sched_cls = diffusers.FlowMatchEulerDiscreteScheduler if _flow_wrapper(src) else diffusers.DDPMScheduler
+        scheduler = sched_cls.from_pretrained(src, subfolder=sched_sub, **kw)
     except (OSError, ValueError) as e:
         hint = "pass a local diffusers folder (with unet/ and scheduler/, or config.json and scheduler_config.json)"
         if local_only and not Path(src).exists():
@@ -177,6 +184,10 @@ def load_denoiser(
         raise ImportError("loading diffusion models needs diffusers: pip install 'lossguide[diffusers]'") from e
     dtype = parse_dtype(dtype)
     state_dtype = None if state_dtype is None else parse_dtype(state_dtype)
+    _check_flags(flags)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"the model must be a shipped name, a folder, a hub id or a checkpoint path, got "
+                        f"{name_or_path!r}")  # fmt: skip
     if str(name_or_path).endswith(CHECKPOINT_SUFFIXES):
         return _load_checkpoint_denoiser(diffusers, Path(name_or_path).expanduser(), flags or {}, device, dtype)
     if flags:
@@ -189,19 +200,55 @@ def load_denoiser(
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
         unet, scheduler = _load_unet_and_scheduler(diffusers, name_or_path, src, local_only, dtype, kw)
     unet = unet.to(device)
+    wrapper = _flow_wrapper(src)
     size = unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     from lossguide.augment import policy
 
     shape = (unet.config.in_channels, *size)
     aug = AUGMENT_POLICY.get(name_or_path, "photo" if len(shape) == 3 else None)
+    if wrapper is not None:
+        den = _flow_denoiser(unet, wrapper, src, state_dtype)
+    else:
+        den = from_diffusers(unet, scheduler, state_dtype=state_dtype)
     return LoadedDenoiser(
-        denoiser=from_diffusers(unet, scheduler, state_dtype=state_dtype),
+        denoiser=den,
         scheduler=scheduler,
         sample_shape=shape,
         source=src,
         augment=policy(aug) if aug else None,
     )
+
+
+def _flow_wrapper(src: str) -> dict | None:
+    """The ``flow_wrapper.json`` of a local folder (an ε-UNet served as a rectified-flow model), or None."""
+    from lossguide.models.flowwrap import WRAPPER_FILE
+
+    path = Path(src) / WRAPPER_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _flow_denoiser(unet, desc: dict, src: str, state_dtype) -> Denoiser:
+    """A ``flow_prediction`` Denoiser over a FlowSchedule: the ε-UNet inside the exact VP→flow wrapper
+    (:class:`lossguide.models.flowwrap.FlowFromEps`) that ``desc`` (the folder's ``flow_wrapper.json``) describes."""
+    from lossguide.denoiser import _record_param_dtype
+    from lossguide.models.flowwrap import FlowFromEps, vp_alpha_bar
+    from lossguide.schedule import FlowSchedule
+
+    if desc.get("kind") != "FlowFromEps":
+        raise ModelNotFoundError(f"{src}: unknown flow wrapper kind {desc.get('kind')!r} (expected 'FlowFromEps')")
+    fs = desc["flow_schedule"]
+    schedule = FlowSchedule(int(fs["num_train_timesteps"]), float(fs.get("shift", 1.0)))
+    net = FlowFromEps(freeze(unet), vp_alpha_bar(desc), schedule.num_train_timesteps)
+
+    def velocity(x, t):
+        return net(x, t).to(x.dtype)
+
+    den = Denoiser(velocity, schedule, "flow_prediction")
+    _record_param_dtype(den, unet)
+    if state_dtype is not None:
+        den.dtype = state_dtype
+    return den
 
 
 def _load_checkpoint_denoiser(diffusers, path: Path, flags: dict, device, dtype) -> LoadedDenoiser:
@@ -271,10 +318,17 @@ def class_means(name: str, device="cpu", net: torch.nn.Module | None = None) -> 
     return class_feature_means(net.features, x.to(device), y.to(device))
 
 
+def _check_flags(flags) -> None:
+    if flags is not None and not isinstance(flags, dict):
+        raise TypeError(f"flags must be a mapping of the checkpoint's constructor flags (e.g. {{'image_size': 256, "
+                        f"...}}), got {flags!r}")  # fmt: skip
+
+
 def load_network(path, flags: dict | None = None) -> torch.nn.Module:
     """A frozen network of the papers' own checkpoints (guided-diffusion ADM UNet or classifier, DDIM-codebase
     UNet) from its file and its reference flags (``flags['architecture']`` or told from the keys); it returns
     what the reference returns (``net(x, t)`` or ``net(x, t, y)``). See :mod:`lossguide.networks`."""
+    _check_flags(flags)
     if not Path(path).expanduser().is_file():
         raise ModelNotFoundError(
             f"no checkpoint file {str(path)!r}; pass the path of the .pt/.ckpt/.safetensors file (e.g. "

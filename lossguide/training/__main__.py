@@ -9,6 +9,7 @@ SCRIPTS = {
     "evaluate-ddpm": "lossguide.training.evaluate_ddpm",
     "motion": "lossguide.training.motion",
     "cond-ddpm": "lossguide.training.cond_ddpm",
+    "flow": "lossguide.training.flow",
 }
 
 if __name__ == "__main__":
