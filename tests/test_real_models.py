@@ -297,7 +297,7 @@ def test_shipped_recipes_validate(path):
 
 def test_recipe_errors_name_the_fix(tmp_path):
     f = tmp_path / "bad.yaml"
-    f.write_text("model: {kind: pixel, path: x}\nloss: {kind: clip_text}\nmethod: freedom\nparams: {eta: 1}\n")
+    f.write_text("model: {kind: pixel, path: x}\nloss: {kind: clip_text, text: a face}\nmethod: freedom\nparams: {eta: 1}\n")
     with pytest.raises(ValueError, match="method 'freedom' has no parameter 'eta'"):
         recipes.load(f)
     f.write_text("model: {kind: pixel, path: x, prompt: y}\nloss: {kind: none}\n")
