@@ -45,7 +45,9 @@ TOP_KEYS = {
     "name", "description", "model", "loss", "method", "params", "window", "sampler", "seeds", "batch", "device",
     "notes",
 }  # fmt: skip
-LOSS_KINDS = ("clip_text", "clip_image", "clip_style", "classifier", "feature_match", "identity", "none")
+LOSS_KINDS = ("clip_text", "clip_image", "clip_style", "classifier", "feature_match", "identity", "measurement", "none")
+#: the linear operators A of ``measurement`` losses (inverse problems, DPS): y = A(reference) + noise_sigma·z
+OPERATORS = ("super_resolution", "box_inpainting")
 #: (required, optional) keys of each loss kind besides ``kind``
 LOSS_KEYS: dict[str, tuple[set, set]] = {
     "clip_text": ({"text"}, {"clip", "metric"}),
@@ -54,6 +56,7 @@ LOSS_KEYS: dict[str, tuple[set, set]] = {
     "classifier": ({"network", "target"}, {"preprocess"}),
     "feature_match": ({"network", "reference"}, {"preprocess"}),
     "identity": ({"network", "reference"}, {"preprocess", "metric"}),
+    "measurement": ({"reference", "operator"}, {"factor", "box", "norm", "noise_sigma", "noise_seed"}),
     "none": (set(), set()),
 }
 SAMPLER_KEYS = {"steps", "eta", "spacing", "steps_offset"}
@@ -166,6 +169,20 @@ def _check_loss(path, spec: dict) -> None:
     bad = sorted(set(spec) - required - optional - {"kind"})
     if bad:
         _fail(path, f"loss kind {kind} has no keys {bad}; allowed: {sorted(required | optional | {'kind'})}")
+    if kind == "measurement":
+        if spec["operator"] not in OPERATORS:
+            _fail(path, f"measurement operator {spec['operator']!r} unknown; choose one of {', '.join(OPERATORS)}")
+        box = spec.get("box")
+        if box is not None and not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)):
+            _fail(path, f"measurement box must be [top, left, height, width] in pixels, got {box!r}")
+        if spec["operator"] == "box_inpainting" and box is None:
+            _fail(path, "measurement operator box_inpainting needs box: [top, left, height, width]")
+        sig = spec.get("noise_sigma", 0.05)
+        if isinstance(sig, bool) or not isinstance(sig, (int, float)) or not 0 <= sig < float("inf"):
+            _fail(path, f"measurement noise_sigma must be a number ≥ 0, got {sig!r}")
+        f = spec.get("factor", 4)
+        if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+            _fail(path, f"measurement factor must be an integer ≥ 1, got {f!r}")
     net = spec.get("network")
     if "network" in spec and not (isinstance(net, dict) and any(k in net for k in NETWORK_KINDS)):
         _fail(path, "loss network must be a mapping {transformers: id}, {torchscript: file} or "
@@ -275,6 +292,8 @@ def build_pixel_loss(r: dict, image_size: tuple[int, int], device):
         return None
     ref = spec.get("reference")
     ref_img = read_image(_local(r, ref), image_size).to(device) if ref else None
+    if kind == "measurement":
+        return measurement_loss(spec, ref_img)
     if kind.startswith("clip"):
         clip = net_losses.CLIP.from_pretrained(_local(r, spec.get("clip", "openai/clip-vit-base-patch16")), device)
         if kind == "clip_text":
@@ -293,6 +312,26 @@ def build_pixel_loss(r: dict, image_size: tuple[int, int], device):
     if kind == "feature_match":
         return net_losses.FeatureMatchLoss(net, ref_img, preprocess=pre)
     return net_losses.IdentityLoss(net, ref_img, preprocess=pre, metric=spec.get("metric", "cosine"))
+
+
+def measurement_loss(spec: dict, ref_img: torch.Tensor):
+    """A noisy linear inverse problem (DPS, Chung et al. 2023): y = A(reference) + σ_y·z with a seeded z, and the
+    loss ‖A(x0) − y‖ (``norm``: ``l2``, DPS's, or ``squared``); A is ``factor``× average pooling or a box mask."""
+    from lossguide import losses
+
+    ref = ref_img[None]
+    sigma, norm = float(spec.get("noise_sigma", 0.05)), spec.get("norm", "l2")
+    g = torch.Generator().manual_seed(int(spec.get("noise_seed", 0)))
+    if spec["operator"] == "super_resolution":
+        f = int(spec.get("factor", 4))
+        y = torch.nn.functional.avg_pool2d(ref, f)
+        y = y + sigma * torch.randn(y.shape, generator=g).to(y)
+        return losses.SuperResLoss(y, factor=f, reference_is_lowres=True, norm=norm)
+    top, left, h, w = spec["box"]
+    mask = torch.ones_like(ref[:, :1])
+    mask[..., top : top + h, left : left + w] = 0
+    y = (ref + sigma * torch.randn(ref.shape, generator=g).to(ref)) * mask
+    return losses.InpaintLoss(y, mask.expand_as(ref), norm=norm)
 
 
 @dataclass

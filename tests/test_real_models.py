@@ -292,7 +292,7 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 def test_shipped_recipes_validate(path):
     r = recipes.load(path)
     assert r["name"] == path.stem and r["model"]["kind"] in ("pixel", "latent")
-    assert r["sampler"]["steps"] in (50, 100)
+    assert r["sampler"]["steps"] in (50, 100, 1000)  # 1000: DPS's DDPM
 
 
 def test_recipe_errors_name_the_fix(tmp_path):
@@ -470,3 +470,20 @@ def test_checkpointing_gives_the_same_guided_samples(sd_folder, pixel_folders):
     plain = run(den, _target_loss, (3, 8, 8), 2.0)
     unet.enable_gradient_checkpointing()
     torch.testing.assert_close(run(den, _target_loss, (3, 8, 8), 2.0), plain, rtol=1e-4, atol=1e-5)
+
+
+def test_measurement_loss_is_the_dps_residual():
+    """y = A(ref) + σ·z: with σ = 0 the reference has zero loss; box inpainting ignores the box's content; the
+    noise is seeded (the same y every run) and the loss is the unsquared ‖A(x0) − y‖ by default."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(3, 16, 16, generator=g) * 2 - 1
+    sr = recipes.measurement_loss({"operator": "super_resolution", "factor": 4, "noise_sigma": 0.0}, ref)
+    assert float(sr(ref[None])) < 1e-6 and float(sr(-ref[None])) > 0.5
+    box = {"operator": "box_inpainting", "box": [4, 4, 8, 8], "noise_sigma": 0.0}
+    inp = recipes.measurement_loss(box, ref)
+    x = ref[None].clone()
+    x[..., 4:12, 4:12] = 5.0
+    assert float(inp(x)) < 1e-6 and float(inp(x + 0.1)) > 0.1
+    noisy = {"operator": "super_resolution", "factor": 4, "noise_sigma": 0.05}
+    a, b = recipes.measurement_loss(noisy, ref), recipes.measurement_loss(noisy, ref)
+    assert float(a(ref[None])) == float(b(ref[None])) and abs(float(a(ref[None])) - 0.05 * (3 * 16) ** 0.5) < 0.05
