@@ -8,7 +8,11 @@ Resumable: a checkpoint (UNet + token encoder, EMA, optimiser, data generator) i
 The EMA weights are exported (fp16) as a diffusers folder (``unet/``, ``scheduler/``) with the token
 embedding (``token_embedding.safetensors``): load it with :meth:`lossguide.layout.CondDigitModel.from_pretrained`.
 
-    python -m lossguide.training.cond_ddpm --out runs/train-cond --iters 2000 --export runs/cond-digits
+    python -m lossguide.training cond-ddpm --out runs/train-cond --iters 2600 --block-channels 16,32,64 \
+        --norm-groups 16 --threads 1 --export runs/cond-digits
+
+(recommended: ≈ 0.93 s/iteration on one free core, ≈ 40 min; not yet run: a 300-iteration probe's loss fell
+from 0.78 to 0.035 but its samples still diverge).
 """
 
 from __future__ import annotations
