@@ -43,3 +43,18 @@ class TinyEpsNet(torch.nn.Module):
 @pytest.fixture
 def tiny_net():
     return TinyEpsNet()
+
+
+@pytest.fixture
+def restore_logging():
+    """The training script configures the root logger (handlers, level): put it back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            h.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -278,21 +278,6 @@ TINY_ARGS = ["--block-channels", "8,16,16", "--norm-groups", "8", "--heads", "2"
              "--batch", "4", "--threads", "1", "--log-every", "1"]  # fmt: skip
 
 
-@pytest.fixture
-def restore_logging():
-    """The training script configures the root logger (handlers, level): put it back afterwards."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in root.handlers:
-        if h not in handlers:
-            h.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def test_training_resumes_to_the_same_weights_and_exports(tmp_path, restore_logging):
     pytest.importorskip("mlxtend")
     from lossguide.training import cond_ddpm

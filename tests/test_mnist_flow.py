@@ -77,21 +77,6 @@ def test_wrapped_ddpm_samples_the_ddpm_trajectory(ddpm_unet):
     torch.testing.assert_close(b, a, rtol=0, atol=1e-8)
 
 
-@pytest.fixture
-def restore_logging():
-    """The training script configures the root logger (handlers, level): put it back afterwards."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in root.handlers:
-        if h not in handlers:
-            h.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def test_flow_training_resumes_to_the_same_weights_and_exports_a_loadable_flow_model(tmp_path, restore_logging):
     """A tiny ε-UNet (``--init``) fine-tuned 4 iterations in one run and in 2 + 2 (resumed) ends with identical EMA
     weights; the export loads as a flow_prediction Denoiser over a FlowSchedule and samples."""
