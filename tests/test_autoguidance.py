@@ -12,14 +12,13 @@ from lossguide import presets
 from lossguide.augment import GaussianJitter
 from lossguide.autoguidance import AutoGuided, autoguidance, same_schedule
 from lossguide.oracle import GaussianMixture, class_task
+from lossguide.harness.settings import load as load_settings
 from lossguide.schedule import NoiseSchedule
 
 INFLATE = 2.25
-#: each preset's step parameter on the oracle's class task (`lossguide oracle --tune` on tuning seeds ≥ 1,000,000)
-ORACLE_CLASS = {
-    "dps": {"scale": 0.03}, "freedom": {"scale": 0.01}, "ugd": {"scale": 0.03}, "lgd_mc": {"scale": 0.03},
-    "mpgd": {"scale": 0.01}, "tfg": {"rho": 0.003, "mu": 0.003}, "shen2024": {"polyak_gap": "loss", "eta": 0.3},
-}  # fmt: skip
+#: each preset's step parameter on the oracle's class task (the shipped settings store, `lossguide oracle --tune`;
+#: tfg's mu follows its rho by default)
+ORACLE_CLASS = load_settings()["oracle-class"]
 
 
 @pytest.fixture(scope="module")
