@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lossguide.data.canvas import (
+    BLANK,
     CANVAS_SHAPE,
     LEFT_BOX,
     RIGHT_BOX,
@@ -57,7 +58,28 @@ def test_with_classes_draws_digits_of_the_asked_classes():
         assert int(round(float(c[0, 10, 10]) * 40)) % 10 == a
         assert int(round(float(c[0, 10, 38]) * 40)) % 10 == b
     with pytest.raises(ValueError, match="classes 0–9"):
-        data.with_classes(torch.tensor([[3, 10]]), seeds=[0])
+        data.with_classes(torch.tensor([[3, 11]]), seeds=[0])
+    blank = data.with_classes(torch.tensor([[BLANK, 7]]), seeds=[1])
+    assert blank[0, 0, :, :28].eq(-1).all() and int(round(float(blank[0, 0, 10, 38]) * 40)) % 10 == 7
+
+
+def test_blank_halves_come_with_the_blank_token_and_p_blank_0_keeps_the_old_draws():
+    x, y = _fake_digits()
+    none = TwoDigitCanvas(x=x, y=y)
+    some = TwoDigitCanvas(x=x, y=y, p_blank=0.5)
+    seeds = list(range(200))
+    c0, t0 = none.draw(seeds)
+    c, t = some.draw(seeds)
+    assert not (t0 == BLANK).any()
+    blank = t == BLANK
+    assert 0.4 < blank.float().mean() < 0.6  # each half independently, p = 0.5
+    halves = torch.stack([c[:, 0, :, :28], c[:, 0, :, 28:]], dim=1)  # [B, 2, 28, 28]
+    assert halves[blank].eq(-1).all()
+    # a half that is not blank shows the digit the blank-free draw would have shown there
+    halves0 = torch.stack([c0[:, 0, :, :28], c0[:, 0, :, 28:]], dim=1)
+    assert torch.equal(halves[~blank], halves0[~blank]) and torch.equal(t[~blank], t0[~blank])
+    with pytest.raises(ValueError, match="p_blank"):
+        TwoDigitCanvas(x=x, y=y, p_blank=1.0)
 
 
 def test_mnist_gen_split_canvases():

@@ -317,4 +317,4 @@ def test_token_encoder_slots_differ_and_null():
     assert e.shape == (2, 2, 8) and not torch.equal(e[0], e[1].flip(0))  # slot embeddings tell left from right
     assert enc.null(3).shape == (3, 2, 8)
     with pytest.raises(ValueError, match="tokens must lie in"):
-        enc(torch.tensor([[3, 11]]))
+        enc(torch.tensor([[3, 12]]))

@@ -1,7 +1,8 @@
 """Canvases of MNIST-5k digits for the conditional model and its layout tests.
 
 - :class:`TwoDigitCanvas`: two digits side by side (1×28×56, background −1) with the condition
-  ``tokens = (left class, right class)``, the training data of :mod:`lossguide.training.cond_ddpm`;
+  ``tokens = (left class, right class)``, the training data of :mod:`lossguide.training.cond_ddpm`; a half may
+  be empty, with the class :data:`BLANK` (so "a 3 on the left, nothing on the right" is a condition);
 - :func:`place_digits` / :class:`PlacedDigitCanvas`: digits resized into given boxes on a larger canvas,
   for layout tests (is the digit where the box says?).
 
@@ -23,6 +24,8 @@ from lossguide.data.mnist import load_mnist
 
 DIGIT = 28
 CANVAS_SHAPE = (1, DIGIT, 2 * DIGIT)
+#: the class of an empty half
+BLANK = 10
 #: box of the left and right digit of a :class:`TwoDigitCanvas`
 LEFT_BOX = (0.0, 0.0, 0.5, 1.0)
 RIGHT_BOX = (0.5, 0.0, 1.0, 1.0)
@@ -38,9 +41,16 @@ class TwoDigitCanvas:
     Args:
         split: the MNIST-5k split the digits come from (``gen``, the diffusion model's, by default).
         x, y: digits [N, 1, 28, 28] in [−1, 1] and their classes [N], instead of a split (tests).
+        p_blank: the probability that a half of a :meth:`draw` is empty (class :data:`BLANK`), each half
+            independently.
     """
 
-    def __init__(self, split: str = "gen", x: torch.Tensor | None = None, y: torch.Tensor | None = None):
+    def __init__(
+        self, split: str = "gen", x: torch.Tensor | None = None, y: torch.Tensor | None = None, p_blank: float = 0.0
+    ):
+        if not 0 <= p_blank < 1:
+            raise ValueError(f"p_blank must be in [0, 1), got {p_blank}")
+        self.p_blank = float(p_blank)
         if (x is None) != (y is None):
             raise ValueError("pass both x and y (digits and classes), or neither to load a split")
         if x is None:
@@ -54,26 +64,40 @@ class TwoDigitCanvas:
         return self.x.shape[0]
 
     def compose(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """The canvases of digits ``left[k]`` and ``right[k]`` (indices into the split) side by side."""
-        return torch.cat([self.x[left], self.x[right]], dim=-1)
+        """The canvases of digits ``left[k]`` and ``right[k]`` (indices into the split, −1: an empty half)."""
+        blank = torch.full((1, 1, DIGIT, DIGIT), -1.0, dtype=self.x.dtype)
+        halves = [torch.where((i < 0).view(-1, 1, 1, 1), blank, self.x[i.clamp_min(0)]) for i in (left, right)]
+        return torch.cat(halves, dim=-1)
 
     def draw(self, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(canvases [B, 1, 28, 56], tokens [B, 2]): two uniformly drawn digits per seed."""
-        idx = torch.stack([torch.randint(0, len(self), (2,), generator=_generator(s)) for s in seeds])
-        return self.compose(idx[:, 0], idx[:, 1]), self.y[idx]
+        """(canvases [B, 1, 28, 56], tokens [B, 2]): two uniformly drawn digits per seed, each half empty
+        (token :data:`BLANK`) with probability ``p_blank``."""
+        picks = []
+        for s in seeds:
+            g = _generator(s)
+            idx = torch.randint(0, len(self), (2,), generator=g)
+            if self.p_blank:  # an extra draw only when blanks are on, so p_blank = 0 keeps the old canvases
+                idx = torch.where(torch.rand(2, generator=g) < self.p_blank, -1, idx)
+            picks.append(idx)
+        idx = torch.stack(picks)
+        tokens = torch.where(idx < 0, BLANK, self.y[idx.clamp_min(0)])
+        return self.compose(idx[:, 0], idx[:, 1]), tokens
 
     def with_classes(self, tokens: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        """Canvases [B, 1, 28, 56] showing the classes ``tokens`` [B, 2] (a random digit of each class per seed):
-        real references for a condition."""
+        """Canvases [B, 1, 28, 56] showing the classes ``tokens`` [B, 2] (a random digit of each class per seed,
+        an empty half for :data:`BLANK`): real references for a condition."""
         tokens = torch.as_tensor(tokens).long()
-        if tokens.shape != (len(seeds), 2) or tokens.min() < 0 or tokens.max() > 9:
-            raise ValueError(f"tokens must be [{len(seeds)}, 2] classes 0–9, got {tuple(tokens.shape)}")
+        if tokens.shape != (len(seeds), 2) or tokens.min() < 0 or tokens.max() > BLANK:
+            raise ValueError(f"tokens must be [{len(seeds)}, 2] classes 0–9 or {BLANK} (blank), got "
+                             f"{tuple(tokens.shape)} {tokens.tolist()}")  # fmt: skip
         picks = []
-        for (a, b), s in zip(tokens.tolist(), seeds, strict=True):
+        for row, s in zip(tokens.tolist(), seeds, strict=True):
             g = _generator(s)
-            ia = self.by_class[a][torch.randint(0, len(self.by_class[a]), (1,), generator=g)]
-            ib = self.by_class[b][torch.randint(0, len(self.by_class[b]), (1,), generator=g)]
-            picks.append(torch.cat([ia, ib]))
+            pick = []
+            for c in row:
+                i = self.by_class[c][torch.randint(0, len(self.by_class[c]), (1,), generator=g)] if c != BLANK else None
+                pick.append(torch.tensor([-1]) if i is None else i)
+            picks.append(torch.cat(pick))
         idx = torch.stack(picks)
         return self.compose(idx[:, 0], idx[:, 1])
 

@@ -4,10 +4,11 @@
 
 from lossguide.layout.attention import AttentionControl, LayoutAttnProcessor, Modulation, layer_grid
 from lossguide.layout.losses import LayoutLoss, ink_fraction, region_energy
-from lossguide.layout.model import NULL_TOKEN, CondDigitModel, TokenEncoder
+from lossguide.layout.model import BLANK_TOKEN, NULL_TOKEN, CondDigitModel, TokenEncoder
 from lossguide.layout.regions import Region, as_region, box_map
 
 __all__ = [
+    "BLANK_TOKEN",
     "NULL_TOKEN",
     "AttentionControl",
     "CondDigitModel",

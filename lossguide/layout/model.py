@@ -2,12 +2,12 @@
 digit tokens, under the denoiser contract with classifier-free guidance.
 
 The condition (left class, right class) becomes encoder_hidden_states [B, 2, D] = e[class] + p[slot] (a learned
-embedding of the 10 classes and a null token, plus one learned vector per slot, so "3 left, 7 right" and
+embedding of the 10 classes, the blank half (token 10) and a null token (11), plus one learned vector per slot, so "3 left, 7 right" and
 "7 left, 3 right" differ). Training drops the whole condition to (null, null) with probability 0.1
 (:mod:`lossguide.training.cond_ddpm`), so ε_∅ exists and ε̃ = ε_∅ + w·(ε_c − ε_∅) (Ho & Salimans 2022, eq. 6).
 
 An exported model is a folder: ``unet/`` and ``scheduler/`` (diffusers), ``token_embedding.safetensors``
-(``embedding`` [11, D], ``position`` [2, D]) and ``training.json``.
+(``embedding`` [12, D], ``position`` [2, D]) and ``training.json``.
 """
 
 from __future__ import annotations
@@ -17,21 +17,23 @@ from pathlib import Path
 
 import torch
 
+from lossguide.data.canvas import BLANK
 from lossguide.denoiser import Denoiser, freeze
 from lossguide.layout.attention import AttentionControl
 from lossguide.layout.losses import LayoutLoss
 from lossguide.schedule import NoiseSchedule
 
 NUM_CLASSES = 10
-NULL_TOKEN = NUM_CLASSES  # the dropped condition's token
+BLANK_TOKEN = BLANK  # an empty half
+NULL_TOKEN = NUM_CLASSES + 1  # the dropped condition's token
 SLOTS = 2  # left, right
 TOKEN_FILE = "token_embedding.safetensors"
 
 
 class TokenEncoder(torch.nn.Module):
-    """tokens [B, 2] (classes 0–9, or :data:`NULL_TOKEN`) → encoder_hidden_states [B, 2, D] = e[token] + p[slot]."""
+    """tokens [B, 2] (classes 0–9, :data:`BLANK_TOKEN` or :data:`NULL_TOKEN`) → encoder_hidden_states [B, 2, D] = e[token] + p[slot]."""
 
-    def __init__(self, dim: int = 32, num_tokens: int = NUM_CLASSES + 1, slots: int = SLOTS):
+    def __init__(self, dim: int = 32, num_tokens: int = NULL_TOKEN + 1, slots: int = SLOTS):
         super().__init__()
         self.embedding = torch.nn.Embedding(num_tokens, dim)
         self.position = torch.nn.Parameter(torch.zeros(slots, dim))

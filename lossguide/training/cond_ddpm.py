@@ -1,6 +1,6 @@
 """Train the two-digit conditional DDPM: ε-prediction (Ho et al. 2020, Alg. 1) of 1×28×56 canvases of MNIST-5k
 ``gen`` digits (:class:`lossguide.data.canvas.TwoDigitCanvas`), cross-attending to the tokens (left class,
-right class); the condition is dropped to (null, null) with probability ``--p-uncond`` for classifier-free
+right class), a half empty (class 10) with probability ``--p-blank``; the condition is dropped to (null, null) with probability ``--p-uncond`` for classifier-free
 guidance (Ho & Salimans 2022).
 
 Resumable: a checkpoint (UNet + token encoder, EMA, optimiser, data generator) is written atomically every
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lossguide.data.canvas import CANVAS_SHAPE, TwoDigitCanvas
+from lossguide.data.canvas import BLANK, CANVAS_SHAPE, TwoDigitCanvas
 from lossguide.layout.model import NULL_TOKEN, TOKEN_FILE, TokenEncoder
 from lossguide.training.common import add_run_args, run_meta, atomic_save, checkpoint_state, EMA, finish, optimizer_step, parse_widths, resume, setup_logging
 from lossguide.training.ddpm import SCHEDULER_CONFIG, lr_at
@@ -115,6 +115,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap, "runs/train-cond", "diffusers folder for the final EMA weights", iters=2000, batch=32, lr=1e-3, warmup=100)
     ap.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the condition")
+    ap.add_argument("--p-blank", type=float, default=0.1, help="probability that a half of a canvas is empty")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=25)
@@ -131,7 +132,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     setup_logging(args.out / "train.log")
 
-    data = TwoDigitCanvas("gen")
+    if not 0 <= args.p_blank < 1:
+        ap.error(f"--p-blank must be in [0, 1), got {args.p_blank}")
+    data = TwoDigitCanvas("gen", p_blank=args.p_blank)
     torch.manual_seed(args.seed)  # parameter init only; every later draw uses `gen`
     model = CondDiffusion(config)
     ema = EMA(model, args.ema)
@@ -166,16 +169,17 @@ def main(argv=None) -> None:
             elapsed += time.time() - t0
             t0 = time.time()
             atomic_save(checkpoint_state(model, ema, opt, gen, step, elapsed), ckpt)
-    options = ("batch", "lr", "warmup", "ema", "p_uncond", "seed", "block_channels", "norm_groups", "heads", "token_dim")
+    options = ("batch", "lr", "warmup", "ema", "p_uncond", "p_blank", "seed", "block_channels", "norm_groups", "heads", "token_dim")
     meta = {
         **run_meta(ap, args, "python -m lossguide.training cond-ddpm", options, elapsed),
         "p_uncond": args.p_uncond,
         "seconds_per_iter": round(elapsed / max(step, 1), 3),
         "final_loss_ema": loss_avg,  # None when the run only exported a finished checkpoint
-        "data": "two-digit canvases (1x28x56) of the MNIST-5k gen split (4000 digits)",
+        "data": f"two-digit canvases (1x28x56) of the MNIST-5k gen split (4000 digits), a half empty with p={args.p_blank}",
         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "token_dim": config["cross_attention_dim"],
         "null_token": NULL_TOKEN,
+        "blank_token": BLANK,
     }
     finish(model, ema, args.export, meta, export, config)
 
