@@ -186,13 +186,15 @@ def test_layout_loss_has_a_finite_nonzero_gradient_in_x_t(unet, control):
 # -- modulation --------------------------------------------------------------------------------------
 def test_modulation_moves_the_tokens_attention_into_its_box(unet, control):
     x, t, ehs = inputs()
-    loss = LayoutLoss(unet, control, ehs, {0: LEFT})
+    loss = LayoutLoss(unet, control, ehs, {0: LEFT}, modulated=True)
+    own = LayoutLoss(unet, control, ehs, {0: LEFT})  # the default: the model's own, unmodulated maps
     with torch.no_grad():
         inside0 = 1 - loss(x, 999)  # the share of token 0's attention inside its box
         control.modulate(0, LEFT, strength=3.0)
         inside1 = 1 - loss(x, 999)
         maps = control.maps
         inside_half = 1 - loss(x, 500)  # s_t halves at t = T/2 (power 1)
+        assert torch.equal(1 - own(x, 999), inside0) and len(control.modulations) == 1
     # a random UNet attends uniformly (≈ 0.5 inside the left half); logits +3 inside, −3 outside make it
     # e³/(e³ + e⁻³·…) ≈ 0.95
     assert torch.allclose(inside0, torch.full((2,), 0.5), atol=0.02)
@@ -294,6 +296,7 @@ def test_training_resumes_to_the_same_weights_and_exports(tmp_path, restore_logg
 
     model = CondDigitModel.from_pretrained(tmp_path / "export")
     assert model.sample_shape == (1, 28, 56)
+    assert model.scheduler.config.prediction_type == "v_prediction"  # the default target
     assert next(model.unet.parameters()).dtype == torch.float32
     ref = {k: v.half().float() for k, v in a["ema"]["model"].items()}
     assert torch.equal(model.encoder.embedding.weight, ref["tokens.embedding.weight"])

@@ -22,6 +22,8 @@ EXPERIMENTS: dict[str, str] = {
     "oracle": "lossguide.experiments.oracle_exp:run",
     "motion": "lossguide.motion.experiment:run",
     "autoguidance": "lossguide.experiments.autoguidance:run",
+    "layout": "lossguide.experiments.layout:run",
+    "distill": "lossguide.experiments.distill:run",
 }
 
 

@@ -150,6 +150,17 @@ class AttentionControl:
         finally:
             self.enabled = old
 
+    @contextlib.contextmanager
+    def unmodulated(self, off: bool = True):
+        """Inside the block, no modulation applies (capture stays as it is); ``off=False`` changes nothing."""
+        old = self.modulations
+        if off:
+            self.modulations = []
+        try:
+            yield self
+        finally:
+            self.modulations = old
+
     def modulate(self, token: int, region, strength: float = 2.0, power: float = 1.0) -> AttentionControl:
         """Add a :class:`Modulation` of ``token`` to ``region`` (a box (x0, y0, x1, y1), boxes [B, 4] or a mask
         [B or 1, H, W]); returns self."""

@@ -89,6 +89,9 @@ class LayoutLoss:
         encoder_hidden_states: the condition [1 or B, L, D].
         targets: ``{token: region}`` (see :func:`region_energy`).
         layers: name substrings of the layers to use (None: all cross-attention layers).
+        modulated: whether the loss sees the maps with the control's modulations applied; by default it sees the
+            model's own maps (modulations are switched off for its UNet call), so that combining the loss with
+            modulation does not hide from the loss what it has to move.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class LayoutLoss:
         encoder_hidden_states: torch.Tensor,
         targets,
         layers: Sequence[str] | None = None,
+        modulated: bool = False,
     ):
         if control.installed_on is not unet:
             raise ValueError("install the AttentionControl on this UNet first: control.install(unet)")
@@ -106,6 +110,7 @@ class LayoutLoss:
         self.encoder_hidden_states = encoder_hidden_states.detach()
         self.targets: list[tuple[int, Region]] = regions(targets)
         self.layers = None if layers is None else list(layers)
+        self.modulated = bool(modulated)
 
     def maps(self, x_t: torch.Tensor, t) -> dict[str, torch.Tensor]:
         """The captured maps of one conditional UNet call at (x_t, t)."""
@@ -120,7 +125,7 @@ class LayoutLoss:
         tt = tt.expand(B) if tt.ndim == 0 else tt
         if not tt.is_floating_point():
             tt = tt.long()
-        with self.control.capturing():
+        with self.control.capturing(), self.control.unmodulated(off=not self.modulated):
             self.unet(x_t.to(p.dtype), tt, encoder_hidden_states=e)
         return self.control.maps
 

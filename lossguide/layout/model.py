@@ -158,7 +158,7 @@ class CondDigitModel:
         d.dtype, d.device = state_dtype, p.device
         return d
 
-    def layout_loss(self, tokens, targets, control: AttentionControl, layers=None) -> LayoutLoss:
+    def layout_loss(self, tokens, targets, control: AttentionControl, layers=None, modulated: bool = False) -> LayoutLoss:
         """:class:`~lossguide.layout.losses.LayoutLoss` ℓ(x_t, t) of ``targets`` ``{token position: region}``
         under tokens [1 or B, 2]."""
-        return LayoutLoss(self.unet, control, self.embed(tokens), targets, layers)
+        return LayoutLoss(self.unet, control, self.embed(tokens), targets, layers, modulated)

@@ -31,6 +31,12 @@ DENOISERS = {
     "mnist-ddpm-bad": WEIGHTS / "mnist-ddpm-bad",
     "mnist-flow": WEIGHTS / "mnist-flow",
 }
+#: the two-digit conditional models (:class:`lossguide.layout.CondDigitModel` folders) and the distilled CFG guide
+CONDITIONAL = {
+    "mnist-cond": WEIGHTS / "mnist-cond",
+    "mnist-cond-thick": WEIGHTS / "mnist-cond-thick",
+}
+GUIDES = {"mnist-cond-guide": WEIGHTS / "mnist-cond-guide"}
 CLASSIFIERS = ("mnist-guide", "mnist-judge", "mnist-noise-aware", "mnist-robust")
 HUB_HOST = ("huggingface.co", 443)
 
@@ -283,6 +289,32 @@ def _load_checkpoint_denoiser(diffusers, path: Path, flags: dict, device, dtype)
     shape = (int(net.in_channels), size, size)
     return LoadedDenoiser(denoiser=den, scheduler=scheduler, sample_shape=shape, source=str(path),
                           augment=policy("photo"))  # fmt: skip
+
+
+def _shipped_folder(name_or_path, table: dict, what: str) -> Path:
+    """The folder of a shipped name in ``table``, or ``name_or_path`` as a folder; a one-line error if neither."""
+    path = table.get(str(name_or_path), Path(str(name_or_path)).expanduser())
+    if not path.exists():
+        entry = manifest().get(str(name_or_path), {})
+        fix = f"retrain it with `{entry['command']}`" if "command" in entry else f"pass one of {', '.join(table)} or a folder"
+        raise ModelNotFoundError(f"{what} {name_or_path!r} not found at {path}; {fix}")
+    return path
+
+
+def load_conditional(name_or_path: str = "mnist-cond", device="cpu", dtype=torch.float32):
+    """A :class:`~lossguide.layout.CondDigitModel` (frozen) by shipped name or exported folder."""
+    from lossguide.layout.model import CondDigitModel
+
+    return CondDigitModel.from_pretrained(_shipped_folder(name_or_path, CONDITIONAL, "conditional model"), device,
+                                          parse_dtype(dtype))  # fmt: skip
+
+
+def load_guide(name_or_path: str = "mnist-cond-guide", device="cpu"):
+    """A distilled CFG guide (:class:`~lossguide.layout.distill.GuideNet`, frozen) by shipped name or folder."""
+    from lossguide.denoiser import freeze
+    from lossguide.layout.distill import GuideNet
+
+    return freeze(GuideNet.load(_shipped_folder(name_or_path, GUIDES, "guide")).to(device))
 
 
 def load_classifier(name: str, device="cpu", check_hash: bool = False) -> torch.nn.Module:

@@ -7,9 +7,11 @@ SCRIPTS = {
     "ddpm": "lossguide.training.ddpm",
     "classifiers": "lossguide.training.classifiers",
     "evaluate-ddpm": "lossguide.training.evaluate_ddpm",
+    "evaluate-cond": "lossguide.training.evaluate_cond",
     "motion": "lossguide.training.motion",
     "cond-ddpm": "lossguide.training.cond_ddpm",
     "flow": "lossguide.training.flow",
+    "guide": "lossguide.training.guide",
 }
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Train the two-digit conditional DDPM: ε-prediction (Ho et al. 2020, Alg. 1) of 1×28×56 canvases of MNIST-5k
+"""Train the two-digit conditional DDPM (Ho et al. 2020, Alg. 1, with the v target of Salimans & Ho 2022 by default)
+on 1×28×56 canvases of MNIST-5k
 ``gen`` digits (:class:`lossguide.data.canvas.TwoDigitCanvas`), cross-attending to the tokens (left class,
 right class), a half empty (class 10) with probability ``--p-blank``; the condition is dropped to (null, null) with probability ``--p-uncond`` for classifier-free
 guidance (Ho & Salimans 2022).
@@ -13,6 +14,12 @@ embedding (``token_embedding.safetensors``): load it with :meth:`lossguide.layou
 
 (recommended: ≈ 0.93 s/iteration on one free core, ≈ 40 min; not yet run: a 300-iteration probe's loss fell
 from 0.78 to 0.035 but its samples still diverge).
+
+A fine-tuned copy starts from an exported model (``--init DIR``: its architecture and weights, the EMA's too)
+and may train on restyled canvases (``--style NAME``, :data:`lossguide.data.styles.STYLES`), e.g.
+
+    python -m lossguide.training cond-ddpm --init runs/cond-digits --style thick --iters 300 --lr 2e-4 \
+        --warmup 20 --out runs/train-cond-thick --threads 1 --export runs/cond-digits-thick
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from lossguide.data.canvas import BLANK, CANVAS_SHAPE, TwoDigitCanvas
-from lossguide.layout.model import NULL_TOKEN, TOKEN_FILE, TokenEncoder
+from lossguide.data.styles import STYLES
+from lossguide.layout.model import NULL_TOKEN, TOKEN_FILE, CondDigitModel, TokenEncoder
 from lossguide.training.common import add_run_args, run_meta, atomic_save, checkpoint_state, EMA, finish, optimizer_step, parse_widths, resume, setup_logging
 from lossguide.training.ddpm import SCHEDULER_CONFIG, lr_at
 from lossguide.training.ddpm import UNET_CONFIG as DDPM_UNET_CONFIG
@@ -84,8 +92,9 @@ class CondDiffusion(torch.nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=self.tokens(tokens)).sample
 
 
-def export(ema_model: CondDiffusion, out: Path, meta: dict, config: dict) -> None:
-    """Write the EMA UNet (fp16 safetensors), its DDPMScheduler config and the token embedding (fp16)."""
+def export(ema_model: CondDiffusion, out: Path, meta: dict, config: dict, prediction: str = "v_prediction") -> None:
+    """Write the EMA UNet (fp16 safetensors), its DDPMScheduler config (``prediction_type``) and the token
+    embedding (fp16)."""
     from diffusers import DDPMScheduler
 
     out.mkdir(parents=True, exist_ok=True)
@@ -93,22 +102,38 @@ def export(ema_model: CondDiffusion, out: Path, meta: dict, config: dict) -> Non
     half.load_state_dict(ema_model.state_dict())
     half.unet.half().save_pretrained(out / "unet", safe_serialization=True)
     half.tokens.save(out / TOKEN_FILE, dtype=torch.float16)
-    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    DDPMScheduler(**(SCHEDULER_CONFIG | {"prediction_type": prediction})).save_pretrained(out / "scheduler")
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def batch(
-    data: TwoDigitCanvas, n: int, gen: torch.Generator, p_uncond: float, alpha_bar: torch.Tensor
+    data: TwoDigitCanvas, n: int, gen: torch.Generator, p_uncond: float, alpha_bar: torch.Tensor, style=None,
+    prediction: str = "epsilon",
 ) -> tuple[torch.Tensor, ...]:
-    """(x_t, t, tokens, ε) of one training batch; every draw comes from ``gen``."""
+    """(x_t, t, tokens, target) of one training batch, the target ε or, for ``prediction="v_prediction"``,
+    v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022); the canvases restyled by ``style`` (a transform of
+    :data:`lossguide.data.styles.STYLES`) if given; every draw comes from ``gen``."""
     seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()
     x0, tokens = data.draw(seeds)
+    if style is not None:
+        x0 = style(x0)
     drop = torch.rand(n, generator=gen) < p_uncond
     tokens = torch.where(drop[:, None], torch.full_like(tokens, NULL_TOKEN), tokens)
     t = torch.randint(0, len(alpha_bar), (n,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     ab = alpha_bar[t].view(-1, 1, 1, 1)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, tokens, eps
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    if prediction == "epsilon":
+        return x_t, t, tokens, eps
+    if prediction == "v_prediction":
+        return x_t, t, tokens, ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    raise ValueError(f"prediction must be 'epsilon' or 'v_prediction', got {prediction!r}")
+
+
+def init_config(path: Path) -> tuple[dict, CondDigitModel]:
+    """The UNet config (:data:`UNET_CONFIG`'s keys) and the float32 weights of the exported model at ``path``."""
+    init = CondDigitModel.from_pretrained(path)
+    return {k: init.unet.config[k] for k in UNET_CONFIG}, init
 
 
 def main(argv=None) -> None:
@@ -124,10 +149,32 @@ def main(argv=None) -> None:
     ap.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default 32)")
     ap.add_argument("--heads", type=int, default=None, help="attention heads (default 2)")
     ap.add_argument("--token-dim", type=int, default=None, help="token embedding / cross-attention dim (default 32)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this exported model's architecture and weights (the EMA too), not random ones")
+    ap.add_argument("--style", choices=sorted(STYLES), default=None, help="restyle the training canvases")
+    ap.add_argument("--prediction", choices=("v_prediction", "epsilon"), default=None,
+                    help="the network's target (default v_prediction, or --init's): ε-prediction needs the network "
+                         "to reproduce x_t/√(1−ᾱ) to 1e-4 at t ≈ T, where x0_hat = (x_t − √(1−ᾱ)ε)/√ᾱ amplifies its "
+                         "error 150×; a 500-iteration ε run diverged in sampling for that reason")
     args = ap.parse_args(argv)
     if not 0 <= args.p_uncond < 1:
         ap.error(f"--p-uncond must be in [0, 1), got {args.p_uncond}")
-    config = unet_config(args.block_channels, args.norm_groups, args.heads, args.token_dim)
+    arch = {"--block-channels": args.block_channels, "--norm-groups": args.norm_groups, "--heads": args.heads,
+            "--token-dim": args.token_dim}  # fmt: skip
+    if args.init is not None and any(v is not None for v in arch.values()):
+        given = [k for k, v in arch.items() if v is not None]
+        ap.error(f"--init takes the architecture from {args.init}; drop {', '.join(given)}")
+    init = None
+    if args.init is not None:
+        config, init = init_config(args.init)
+        init_prediction = init.scheduler.config.prediction_type
+        if args.prediction not in (None, init_prediction):
+            ap.error(f"--init {args.init} predicts {init_prediction}; drop --prediction {args.prediction}")
+        args.prediction = init_prediction
+    else:
+        config = unet_config(args.block_channels, args.norm_groups, args.heads, args.token_dim)
+    if args.prediction is None:
+        args.prediction = "v_prediction"
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_logging(args.out / "train.log")
@@ -137,12 +184,16 @@ def main(argv=None) -> None:
     data = TwoDigitCanvas("gen", p_blank=args.p_blank)
     torch.manual_seed(args.seed)  # parameter init only; every later draw uses `gen`
     model = CondDiffusion(config)
+    if init is not None:
+        model.unet.load_state_dict(init.unet.state_dict())
+        model.tokens.load_state_dict(init.encoder.state_dict())
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     T = SCHEDULER_CONFIG["num_train_timesteps"]
     betas = torch.linspace(SCHEDULER_CONFIG["beta_start"], SCHEDULER_CONFIG["beta_end"], T, dtype=torch.float64)
     alpha_bar = torch.cumprod(1 - betas, 0).float()
+    style = STYLES[args.style] if args.style is not None else None
     ckpt = args.out / "ckpt.pt"
     step, elapsed = resume(ckpt, model, ema, opt, gen)
     model.train()
@@ -150,8 +201,8 @@ def main(argv=None) -> None:
     while step < args.iters:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, args.warmup, args.iters)
-        x_t, t, tokens, eps = batch(data, args.batch, gen, args.p_uncond, alpha_bar)
-        loss = F.mse_loss(model(x_t, t, tokens), eps)
+        x_t, t, tokens, target = batch(data, args.batch, gen, args.p_uncond, alpha_bar, style, args.prediction)
+        loss = F.mse_loss(model(x_t, t, tokens), target)
         optimizer_step(model, opt, ema, loss)
         step += 1
         window.append(loss.item())
@@ -169,19 +220,25 @@ def main(argv=None) -> None:
             elapsed += time.time() - t0
             t0 = time.time()
             atomic_save(checkpoint_state(model, ema, opt, gen, step, elapsed), ckpt)
-    options = ("batch", "lr", "warmup", "ema", "p_uncond", "p_blank", "seed", "block_channels", "norm_groups", "heads", "token_dim")
+    options = ("batch", "lr", "warmup", "ema", "p_uncond", "p_blank", "seed", "block_channels", "norm_groups", "heads",
+               "token_dim", "init", "style", "prediction")
     meta = {
         **run_meta(ap, args, "python -m lossguide.training cond-ddpm", options, elapsed),
         "p_uncond": args.p_uncond,
+        "p_blank": args.p_blank,
         "seconds_per_iter": round(elapsed / max(step, 1), 3),
         "final_loss_ema": loss_avg,  # None when the run only exported a finished checkpoint
-        "data": f"two-digit canvases (1x28x56) of the MNIST-5k gen split (4000 digits), a half empty with p={args.p_blank}",
+        "data": "two-digit canvases (1x28x56) of the MNIST-5k gen split (4000 digits), a half empty with "
+                f"p={args.p_blank}" + (f", style {args.style!r}" if args.style else ""),
+        "init": None if args.init is None else str(args.init),
+        "style": args.style,
+        "prediction": args.prediction,
         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "token_dim": config["cross_attention_dim"],
         "null_token": NULL_TOKEN,
         "blank_token": BLANK,
     }
-    finish(model, ema, args.export, meta, export, config)
+    finish(model, ema, args.export, meta, export, config, args.prediction)
 
 
 if __name__ == "__main__":
