@@ -321,3 +321,28 @@ def test_token_encoder_slots_differ_and_null():
     assert enc.null(3).shape == (3, 2, 8)
     with pytest.raises(ValueError, match="tokens must lie in"):
         enc(torch.tensor([[3, 12]]))
+
+
+def test_v_target_is_what_the_denoiser_inverts():
+    """batch(prediction="v_prediction") gives v = √ᾱ·ε − √(1−ᾱ)·x0, which the v-prediction Denoiser maps back to
+    the batch's x0 and ε exactly (up to float32)."""
+    from lossguide.data.canvas import TwoDigitCanvas
+    from lossguide.denoiser import Denoiser
+    from lossguide.schedule import NoiseSchedule
+    from lossguide.training.cond_ddpm import SCHEDULER_CONFIG, batch
+    from diffusers import DDPMScheduler
+
+    x, y = torch.rand(20, 1, 28, 28) * 2 - 1, torch.arange(20) % 10
+    data = TwoDigitCanvas(x=x, y=y)
+    sched = NoiseSchedule.from_diffusers(DDPMScheduler(**SCHEDULER_CONFIG))
+    ab = sched.alpha_bar.float()
+    x_t, t, _, eps = batch(data, 6, torch.Generator().manual_seed(3), 0.0, ab)
+    x_t2, t2, _, v = batch(data, 6, torch.Generator().manual_seed(3), 0.0, ab, prediction="v_prediction")
+    assert torch.equal(x_t, x_t2) and torch.equal(t, t2)
+    x0 = data.draw(torch.randint(0, 2**62, (6,), generator=torch.Generator().manual_seed(3)).tolist())[0]
+    for k in range(6):
+        den = Denoiser(lambda xx, tt, k=k: v[k : k + 1], sched, "v_prediction")
+        out = den(x_t[k : k + 1], int(t[k]))
+        assert torch.allclose(out.x0_hat, x0[k : k + 1], atol=2e-4) and torch.allclose(out.eps, eps[k : k + 1], atol=2e-4)
+    with pytest.raises(ValueError, match="prediction"):
+        batch(data, 2, torch.Generator(), 0.0, ab, prediction="x0")

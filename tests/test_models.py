@@ -120,3 +120,15 @@ def test_shipped_ddpm_matches_its_manifest():
         labels = judge(x.clamp(-1, 1)).argmax(1).tolist()
     same = sum(a == b for a, b in zip(labels, entry["metrics"]["judge_labels_first64"], strict=True))
     assert same >= 63  # float rounding may flip one borderline digit across machines
+
+
+def test_conditional_and_guide_loaders_name_the_fix(tmp_path):
+    from lossguide.models import load_conditional, load_guide
+
+    with pytest.raises(ModelNotFoundError, match="conditional model .*nowhere.* not found.*pass one of mnist-cond"):
+        load_conditional(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelNotFoundError, match="guide .* not found"):
+        load_guide(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not an exported conditional model: no unet, scheduler"):
+        load_conditional(str(tmp_path / "empty"))

@@ -28,6 +28,10 @@ log = logging.getLogger("lossguide.training.evaluate_cond")
 
 #: |retrained − shipped| allowed per metric: absolute for validities, relative for FID
 TOLERANCE = {"validity": 0.05, "digit_half_validity": 0.05, "blank_half_validity": 0.05, "fid_rel": 0.25}
+#: the seeds of the manifest's ``metrics_quick`` (w = 3), re-measured by the test suite
+QUICK_N = 44
+GUIDE_KIND = ("plug-and-play CFG guide (lossguide.layout.distill.GuideNet: ControlNet-style residuals from zero-initialised "
+              "1x1 convs) for mnist-cond; metrics: mnist-cond with this guide, one pass per step")  # fmt: skip
 KIND = ("diffusers UNet2DConditionModel + DDPMScheduler (epsilon, linear beta 1e-4..0.02, 1000 steps) on 1x28x56 "
         "two-digit canvases, cross-attending to 2 tokens (class 0-9, 10 blank, 11 null) of TokenEncoder")  # fmt: skip
 
@@ -86,8 +90,10 @@ def main(argv=None) -> None:
         ws = tuple(float(v) for v in args.ws.split(","))
     except ValueError:
         ap.error(f"--ws must be comma-separated numbers, got {args.ws!r}")
-    if args.record and args.model not in models.CONDITIONAL:
-        ap.error(f"--record writes a shipped model's entry; --model must be one of {', '.join(models.CONDITIONAL)}")
+    record = args.guide if args.guide else args.model  # a guide's evaluation is the guide's record
+    shipped = {**models.CONDITIONAL, **models.GUIDES}
+    if args.record and record not in shipped:
+        ap.error(f"--record writes a shipped model's entry; --model (or --guide) must be one of {', '.join(shipped)}")
     entry = models.manifest().get(args.check) if args.check else None
     if args.check and (entry is None or "metrics" not in entry):
         ap.error(f"the manifest has no metrics for {args.check!r}")
@@ -108,18 +114,20 @@ def main(argv=None) -> None:
             sys.exit("outside the manifest's tolerance:\n  " + "\n  ".join(bad))
         log.info("within the tolerance of %s's manifest entry (%s)", args.check, TOLERANCE)
     if args.record:
-        folder = models.CONDITIONAL[args.model]
+        folder = shipped[record]
         meta = json.loads((folder / "training.json").read_text())
         files = sorted(p for p in folder.rglob("*") if p.is_file())
+        quick = evaluate(model, QUICK_N, args.steps, (3.0,), guide, style)
         data = models.manifest()
-        data[args.model] = {**data.get(args.model, {}), "folder": args.model, "kind": KIND,
-                            "files": {str(p.relative_to(folder)): models.sha256(p) for p in files},
-                            "seed": meta["seed"], "command": meta["command"], "training": meta,
-                            "metrics": metrics, "tolerance": TOLERANCE,
-                            "check": f"python -m lossguide.training evaluate-cond --model DIR --check {args.model}"
-                                     + (f" --style {args.style}" if args.style else "")}  # fmt: skip
+        check_cmd = f"python -m lossguide.training evaluate-cond --model {args.model if args.guide else 'DIR'}" + (
+            f" --guide DIR" if args.guide else "") + f" --ws {args.ws} --check {record}" + (
+            f" --style {args.style}" if args.style else "")  # fmt: skip
+        data[record] = {**data.get(record, {}), "folder": record, "kind": GUIDE_KIND if args.guide else KIND,
+                        "files": {str(p.relative_to(folder)): models.sha256(p) for p in files},
+                        "seed": meta["seed"], "command": meta["command"], "training": meta,
+                        "metrics": metrics, "metrics_quick": quick, "tolerance": TOLERANCE,
+                        "check": check_cmd}  # fmt: skip
         atomic_write_json(models.MANIFEST, dict(sorted(data.items())))
-
 
 if __name__ == "__main__":
     main()
