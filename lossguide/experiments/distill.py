@@ -14,7 +14,7 @@ and DDIM-25 (η = 0):
 
 Measured: judge validity half by half, FID of the digit halves (against the held-out digits in the base's own
 style), the RMS distance of each sample to the two-pass CFG sample of the same seed, UNet passes and wall
-seconds per sample (one thread, batches of 64, the same machine state for every row). ``--quick``: 8 seeds,
+seconds per sample (one thread, batches of 64, methods interleaved batch by batch after a warm-up). ``--quick``: 8 seeds,
 DDIM-6 (a smoke run; its numbers mean nothing).
 """
 
@@ -40,7 +40,7 @@ def run(out, quick: bool = False) -> dict:
     """Every (base, method) row; report.md, results.json/csv."""
     from lossguide.data.styles import STYLES
     from lossguide.harness.tasks.mnist import MnistKit
-    from lossguide.layout.evaluate import canvas_quality, eval_conditions, generate
+    from lossguide.layout.evaluate import eval_conditions
     from lossguide.models import load_conditional, load_guide
 
     cfg, out = (QUICK if quick else FULL), Path(out)
@@ -49,21 +49,13 @@ def run(out, quick: bool = False) -> dict:
     seeds = list(range(cfg["n"]))
     tokens = eval_conditions(seeds)
     rows = []
-    for name, style in BASES.items():
-        model = load_conditional(name)
-        base_params = sum(p.numel() for p in model.unet.parameters()) + sum(p.numel() for p in model.encoder.parameters())
-        ref = None
-        for method, w, g in (("cfg", W, None), ("conditional", 1.0, None), ("distilled", W, guide)):
-            x, wall = generate(model, tokens, seeds, cfg["steps"], w, g)
-            ref = x if method == "cfg" else ref
-            row = {"base": name, "method": method, "w": w, **canvas_quality(kit, x, tokens, style=STYLES.get(style))}
-            row["rms_to_cfg"] = float((x - ref).pow(2).flatten(1).mean(1).sqrt().mean())
-            row["unet_passes_per_step"] = 2 if method == "cfg" else 1
-            row["wall_s_per_sample"] = wall / len(seeds)
-            row["guide_params_share"] = (sum(p.numel() for p in guide.parameters()) / base_params) if g else 0.0
-            rows.append(row)
-            log.info("%s %s: validity %.3f, FID %.2f, %.3f s/sample", name, method, row["validity"], row.get("fid", 0),
-                     row["wall_s_per_sample"])  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the timings are one-thread figures
+    try:
+        for name, style in BASES.items():
+            rows += _compare(kit, load_conditional(name), name, guide, seeds, tokens, cfg["steps"], STYLES.get(style))
+    finally:
+        torch.set_num_threads(threads)
     wall = time.perf_counter() - t_start
     write_csv(out / "results.csv", rows)
     g_params = sum(p.numel() for p in guide.parameters())
@@ -72,12 +64,14 @@ def run(out, quick: bool = False) -> dict:
         f"DDIM-{cfg['steps']} (η = 0), w = {W:g}. Validity: the judge (and the blank test, ink < 10) right on both "
         "halves; FID of the digit halves on the judge's features against the held-out digits (thickened for "
         "`mnist-cond-thick`); RMS to CFG: per-pixel RMS distance to the two-pass CFG sample of the same seed; "
-        f"the guide has {g_params:,} parameters. Wall time on one thread of a shared 2-core CPU.",
+        f"the guide has {g_params:,} parameters ({100 * rows[-1]['guide_params_share']:.2f}% of the base), and its own "
+        "forward runs beside the one UNet pass. Times on one torch thread of a shared 2-core CPU, after a warm-up, "
+        "the methods interleaved batch by batch; CPU s is the thread's own time (insensitive to other processes).",
         "",
         md_table(rows, ["base", "method", "w", "validity", "digit_half_validity", "blank_half_validity", "fid",
-                        "rms_to_cfg", "unet_passes_per_step", "wall_s_per_sample"],
-                 ["base", "method", "w", "validity", "digit-half validity", "blank-half validity", "FID",
-                  "RMS to CFG", "UNet passes/step", "s/sample"]),
+                        "kid_x1e3", "rms_to_cfg", "unet_passes_per_step", "wall_s_per_sample", "cpu_s_per_sample"],
+                 ["base", "method", "w", "validity", "digit-half validity", "blank-half validity", "FID", "KID×10³",
+                  "RMS to CFG", "UNet passes/step (+ guide)", "wall s/sample", "CPU s/sample"]),
         "",
         _reading(rows, quick),
         "",
@@ -90,6 +84,50 @@ def run(out, quick: bool = False) -> dict:
                                             "wall_s_per_sample": r["wall_s_per_sample"]} for r in rows}  # fmt: skip
 
 
+METHODS = (("cfg", W, True), ("conditional", 1.0, False), ("distilled", W, False))
+
+
+def _compare(kit, model, name: str, guide, seeds: list, tokens: torch.Tensor, steps: int, style) -> list[dict]:
+    """The three methods on one base. Timing: an untimed warm-up of each, then the methods interleaved batch by
+    batch (the order reversed on every other batch), so drifting machine load and first-call costs fall on all
+    three alike; wall and thread CPU seconds are summed per method."""
+    from lossguide.layout.evaluate import BATCH, canvas_quality, generate
+
+    def run_one(method, w, part, tok):
+        g = guide if method == "distilled" else None
+        c0 = time.thread_time()
+        x, wall = generate(model, tok, part, steps, w, g)
+        return x, wall, time.thread_time() - c0
+
+    for method, w, _ in METHODS:  # warm-up
+        run_one(method, w, seeds[:2], tokens[:2])
+    xs = {m: [] for m, _, _ in METHODS}
+    wall = dict.fromkeys(xs, 0.0)
+    cpu = dict.fromkeys(xs, 0.0)
+    for i, b in enumerate(range(0, len(seeds), BATCH)):
+        part, tok = seeds[b : b + BATCH], tokens[b : b + BATCH]
+        for method, w, _ in METHODS if i % 2 == 0 else METHODS[::-1]:
+            x, dt, dc = run_one(method, w, part, tok)
+            xs[method].append(x)
+            wall[method] += dt
+            cpu[method] += dc
+    base_params = sum(p.numel() for p in model.unet.parameters()) + sum(p.numel() for p in model.encoder.parameters())
+    ref = torch.cat(xs["cfg"])
+    rows = []
+    for method, w, two_pass in METHODS:
+        x = torch.cat(xs[method])
+        row = {"base": name, "method": method, "w": w, **canvas_quality(kit, x, tokens, style=style)}
+        row["rms_to_cfg"] = float((x - ref).pow(2).flatten(1).mean(1).sqrt().mean())
+        row["unet_passes_per_step"] = 2 if two_pass else 1
+        row["wall_s_per_sample"] = wall[method] / len(seeds)
+        row["cpu_s_per_sample"] = cpu[method] / len(seeds)
+        row["guide_params_share"] = sum(p.numel() for p in guide.parameters()) / base_params if method == "distilled" else 0.0
+        rows.append(row)
+        log.info("%s %s: validity %.3f, FID %.2f, %.3f s/sample", name, method, row["validity"], row.get("fid", 0),
+                 row["wall_s_per_sample"])  # fmt: skip
+    return rows
+
+
 def _reading(rows: list[dict], quick: bool) -> str:
     """The report's reading, from the numbers."""
     parts = []
@@ -98,7 +136,8 @@ def _reading(rows: list[dict], quick: bool) -> str:
         c, d, u = by["cfg"], by["distilled"], by["conditional"]
         parts.append(f"on `{base}` the guide reaches validity {d['validity']:.2f} (CFG {c['validity']:.2f}, no "
                      f"guidance {u['validity']:.2f}) and FID {d.get('fid', float('nan')):.2f} (CFG "
-                     f"{c.get('fid', float('nan')):.2f}) at {d['wall_s_per_sample'] / c['wall_s_per_sample']:.2f}× "
-                     "CFG's wall time")  # fmt: skip
+                     f"{c.get('fid', float('nan')):.2f}) at {d['cpu_s_per_sample'] / c['cpu_s_per_sample']:.2f}× "
+                     f"CFG's CPU time ({d['wall_s_per_sample'] / c['wall_s_per_sample']:.2f}× its wall time), "
+                     f"RMS {d['rms_to_cfg']:.3f} from the CFG samples against {u['rms_to_cfg']:.3f} for no guidance")  # fmt: skip
     text = "Reading: " + "; ".join(parts) + "."
     return text + (" (Quick mode: not a measurement.)" if quick else "")

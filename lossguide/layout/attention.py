@@ -85,6 +85,9 @@ class AttentionControl:
         if self._unet is not None:
             raise RuntimeError("this AttentionControl is installed on a UNet already; remove() it first")
         saved = dict(unet.attn_processors)
+        if any(isinstance(p, LayoutAttnProcessor) for p in saved.values()):
+            raise RuntimeError("this UNet already carries another AttentionControl's processors; remove() that one "
+                               "first (one control per UNet)")  # fmt: skip
         cross = {f"{name}.processor" for name, m in unet.named_modules() if getattr(m, "is_cross_attention", False)}
         if not cross:
             raise ValueError(f"{type(unet).__name__} has no cross-attention layers to capture")

@@ -68,11 +68,22 @@ def region_energy(
     return torch.stack(per_target).mean(dim=0)
 
 
+#: pixels darker than this (x in [−1, 1], background −1) carry no ink: a sampler's background noise (std ≤ 0.1)
+#: never reaches it, a digit's stroke (x ≈ 1) always does
+INK_CUTOFF = -0.5
+
+
+def ink_map(x: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] → ink per pixel: (x + 1)/2 clamped to [0, 1] where x > :data:`INK_CUTOFF`, else 0."""
+    return torch.where(x > INK_CUTOFF, ((x + 1) / 2).clamp(0, 1), torch.zeros_like(x))
+
+
 def ink_fraction(x: torch.Tensor, region) -> torch.Tensor:
-    """[B]: the share of a sample's ink ((x + 1)/2 clamped to [0, 1], x in [−1, 1] on a −1 background) that lies
-    in ``region``: where the digit actually is, for evaluating layout control on samples."""
+    """[B]: the share of a sample's ink (:func:`ink_map`, x in [−1, 1] on a −1 background) that lies in
+    ``region``: where the digit actually is, for evaluating layout control on samples (0 for a sample
+    without ink)."""
     r = as_region(region)
-    ink = ((x + 1) / 2).clamp(0, 1).flatten(1, -3).sum(dim=1)  # [B, H, W]
+    ink = ink_map(x).flatten(1, -3).sum(dim=1)  # [B, H, W]
     m = r.at(tuple(ink.shape[-2:]), ink.shape[0], ink.device).to(ink.dtype)
     return (ink * m).sum(dim=(-2, -1)) / ink.sum(dim=(-2, -1)).clamp_min(1e-12)
 

@@ -32,7 +32,7 @@ TOLERANCE = {"validity": 0.05, "digit_half_validity": 0.05, "blank_half_validity
 QUICK_N = 44
 GUIDE_KIND = ("plug-and-play CFG guide (lossguide.layout.distill.GuideNet: ControlNet-style residuals from zero-initialised "
               "1x1 convs) for mnist-cond; metrics: mnist-cond with this guide, one pass per step")  # fmt: skip
-KIND = ("diffusers UNet2DConditionModel + DDPMScheduler (epsilon, linear beta 1e-4..0.02, 1000 steps) on 1x28x56 "
+KIND = ("diffusers UNet2DConditionModel + DDPMScheduler ({prediction}, linear beta 1e-4..0.02, 1000 steps) on 1x28x56 "
         "two-digit canvases, cross-attending to 2 tokens (class 0-9, 10 blank, 11 null) of TokenEncoder")  # fmt: skip
 
 
@@ -64,12 +64,17 @@ def check(measured: dict, recorded: dict, tolerance: dict = TOLERANCE) -> list[s
         if got is None:
             bad.append(f"w={w}: not measured")
             continue
+        if "n" in rec and got.get("n") != rec["n"]:
+            bad.append(f"w={w}: measured on n={got.get('n')} samples, the record on n={rec['n']}; pass --n {rec['n']}")
+            continue
         for key, tol in tolerance.items():
             name = key.removesuffix("_rel")
             if name not in rec or rec[name] != rec[name]:  # absent or NaN in the record
                 continue
             limit = tol * abs(rec[name]) if key.endswith("_rel") else tol
-            if not abs(got[name] - rec[name]) <= limit:
+            if name not in got:
+                bad.append(f"w={w}: {name} not measured")
+            elif not abs(got[name] - rec[name]) <= limit:
                 bad.append(f"w={w}: {name} {got[name]:.4g} against the recorded {rec[name]:.4g} (tolerance ±{limit:.3g})")
     return bad
 
@@ -85,6 +90,8 @@ def main(argv=None) -> None:
     ap.add_argument("--record", action="store_true", help="write the result into the manifest entry of --model")
     ap.add_argument("--check", default=None, metavar="NAME", help="compare with the manifest entry NAME's metrics")
     args = ap.parse_args(argv)
+    if args.n < 1 or args.steps < 1:
+        ap.error(f"--n and --steps must be ≥ 1, got {args.n} and {args.steps}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         ws = tuple(float(v) for v in args.ws.split(","))
@@ -97,6 +104,11 @@ def main(argv=None) -> None:
     entry = models.manifest().get(args.check) if args.check else None
     if args.check and (entry is None or "metrics" not in entry):
         ap.error(f"the manifest has no metrics for {args.check!r}")
+    if args.record and args.guide and args.model != "mnist-cond":
+        ap.error("a guide's record is its evaluation on the base it was trained for: pass --model mnist-cond")
+    if args.style is None and args.model in models.CONDITIONAL:  # a shipped copy's own style is its FID reference
+        meta_path = models.CONDITIONAL[args.model] / "training.json"
+        args.style = json.loads(meta_path.read_text()).get("style") if meta_path.exists() else None
     style = None
     if args.style:
         from lossguide.data.styles import STYLES
@@ -120,9 +132,9 @@ def main(argv=None) -> None:
         quick = evaluate(model, QUICK_N, args.steps, (3.0,), guide, style)
         data = models.manifest()
         check_cmd = f"python -m lossguide.training evaluate-cond --model {args.model if args.guide else 'DIR'}" + (
-            f" --guide DIR" if args.guide else "") + f" --ws {args.ws} --check {record}" + (
+            " --guide DIR" if args.guide else "") + f" --ws {args.ws} --n {args.n} --steps {args.steps} --check {record}" + (
             f" --style {args.style}" if args.style else "")  # fmt: skip
-        data[record] = {**data.get(record, {}), "folder": record, "kind": GUIDE_KIND if args.guide else KIND,
+        data[record] = {**data.get(record, {}), "folder": record, "kind": GUIDE_KIND if args.guide else KIND.format(prediction=model.scheduler.config.prediction_type),
                         "files": {str(p.relative_to(folder)): models.sha256(p) for p in files},
                         "seed": meta["seed"], "command": meta["command"], "training": meta,
                         "metrics": metrics, "metrics_quick": quick, "tolerance": TOLERANCE,
