@@ -13,11 +13,12 @@ atomically every ``--ckpt-every`` iterations; rerunning the same command continu
 weights. The EMA guide is exported (fp16) with :meth:`lossguide.layout.distill.GuideNet.save` plus a
 ``training.json``; use it with :func:`lossguide.layout.distill.guided_denoiser`.
 
-    python -m lossguide.training guide --base runs/cond-digits --out runs/train-guide --iters 1500 \
+    python -m lossguide.training guide --base runs/cond-digits --out runs/train-guide --iters 1200 \
         --threads 1 --export runs/guide-digits
 
-(recommended: the default guide has 10,066 parameters, 0.97 % of the 16,32,64 base's 1,039,185; ≈ 1.15 s/iteration
-at batch 32 on one core (timed on random base weights), ≈ 30 min; not yet run on a trained base.)
+made the shipped ``mnist-cond-guide`` for ``mnist-cond``: the default guide has 10,066 parameters, 0.97 % of the
+base's 1,039,185; 1.40 s/iteration at batch 32 on one thread, 28 min; the loss ratio (below) fell from 1.00 to
+0.40 by iteration 375 and to 0.34 at 1,200 (the guide reproduces two thirds of the guidance correction in MSE).
 
 The log's ``no-guide`` is the loss of the base's conditional pass alone (the guide off), so ``ratio`` = loss /
 no-guide is the share of the guidance correction (w − 1)·(ε_c − ε_∅) the guide still misses.
