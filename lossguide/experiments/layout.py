@@ -19,8 +19,8 @@ Variants, all under classifier-free guidance at w = :data:`W_CFG` and DDIM-25 (�
 - ``both``: the two together.
 
 Each variant is tuned on its own on seeds :data:`TUNE_SEED0` + 0..19 (disjoint from the evaluation seeds 0–99) by
-the mean over samples of [right half judged a] × ink share in the right half; ``both`` searches the 3×3 grid
-around the two single variants' tuned values. ``--quick``: 4 evaluation and 2 tuning seeds, DDIM-6, 2-point grids
+the mean over samples of [right half judged a] × ink share in the right half; ``both`` searches its own joint grid
+(4 loss scales × 5 strengths), reported in full. ``--quick``: 4 evaluation and 2 tuning seeds, DDIM-6, 2-point grids
 (a smoke run of every code path; its numbers mean nothing).
 """
 
@@ -51,8 +51,10 @@ TARGETS = {0: RIGHT_BOX, 1: LEFT_BOX}
 #: the loss scales s span the gradient's size: ‖∇_{x_t} E‖ ≈ 0.005 against ‖ε‖ ≈ 40 (measured on 8 samples of an early
 #: checkpoint), so s·σ_t·‖∇E‖ reaches ‖ε‖ near s = 10⁴
 FULL = {"seeds": list(range(100)), "tune_n": 20, "steps": 25, "scales": (1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5),
-        "strengths": (0.5, 1.0, 2.0, 4.0, 8.0)}  # fmt: skip
-QUICK = {"seeds": list(range(4)), "tune_n": 2, "steps": 6, "scales": (1e3, 1e4), "strengths": (1.0, 4.0)}
+        "strengths": (0.5, 1.0, 2.0, 4.0, 8.0, 16.0), "both_scales": (3e2, 1e3, 3e3, 1e4),
+        "both_strengths": (1.0, 2.0, 4.0, 8.0, 16.0)}  # fmt: skip
+QUICK = {"seeds": list(range(4)), "tune_n": 2, "steps": 6, "scales": (1e3, 1e4), "strengths": (1.0, 4.0),
+         "both_scales": (1e3,), "both_strengths": (1.0, 4.0)}  # fmt: skip
 
 
 def conditions(seeds: Sequence[int], swap: bool = False) -> torch.Tensor:
@@ -133,18 +135,11 @@ def tune(kit, model, cfg: dict, w: float) -> tuple[dict, list[dict]]:
         recs = [run(variant, s, m) for s, m in grid]
         top = max(recs, key=lambda r: r["objective"])
         best[variant] = {"scale": top["scale"], "strength": top["strength"]}
-    s0, m0 = best["loss"]["scale"], best["modulation"]["strength"]
-    grid = [(s, m) for s in _around(s0, cfg["scales"]) for m in _around(m0, cfg["strengths"])]
+    grid = [(s, m) for s in cfg["both_scales"] for m in cfg["both_strengths"]]
     recs = [run("both", s, m) for s, m in grid]
     top = max(recs, key=lambda r: r["objective"])
     best["both"] = {"scale": top["scale"], "strength": top["strength"]}
     return best, records
-
-
-def _around(v: float, grid: Sequence[float]) -> list[float]:
-    """v and its neighbours in ``grid`` (the 3-point bracket of the joint search)."""
-    i = list(grid).index(v)
-    return list(grid[max(i - 1, 0) : i + 2])
 
 
 def run(out, quick: bool = False) -> dict:
@@ -183,8 +178,8 @@ def run(out, quick: bool = False) -> dict:
         "Ink share = share of the canvas's ink in the right half; box validity = the judge calls the right half "
         "an a (95% Wilson interval); layout validity = and the left half is empty (ink < 10); FID/KID of the "
         "right halves on the judge's features against the 1,000 held-out digits. Each variant tuned on its own on "
-        f"{cfg['tune_n']} other seeds (objective: mean of [right half judged a] × ink share); `both` on the 3×3 grid "
-        "around the single variants' values.",
+        f"{cfg['tune_n']} other seeds (objective: mean of [right half judged a] × ink share); `both` on its own "
+        "joint grid of loss scales × modulation strengths (the table after the main one).",
         "",
         md_table(rows, ["variant", "scale", "strength", "ink_share", "box_validity", "box_validity_ci",
                         "layout_validity", "judge_p_a_right", "fid", "kid_x1e3", "unet_forwards_per_sample",
@@ -196,6 +191,10 @@ def run(out, quick: bool = False) -> dict:
         _reading(rows, per_sample, quick),
         "",
         _edges(best, cfg),
+        "",
+        "### The joint grid (tuning seeds): objective, box validity in brackets",
+        "",
+        _joint_table(records, cfg),
         "",
         "![the first 10 samples of each variant](samples.png)",
         "",
@@ -237,13 +236,28 @@ def _reading(rows: list[dict], per_sample: dict, quick: bool) -> str:
     return text + (" (Quick mode: not a measurement.)" if quick else "")
 
 
+def _joint_table(records: list[dict], cfg: dict) -> str:
+    """Objective (box validity) of every ``both`` grid point, with modulation alone (s = 0) as the first column."""
+    mod = {r["strength"]: r for r in records if r["variant"] == "modulation"}
+    both = {(r["scale"], r["strength"]): r for r in records if r["variant"] == "both"}
+    cols = cfg["both_strengths"]
+    out = ["| loss scale s \\ λ | " + " | ".join(f"{m:g}" for m in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    cell = lambda r: f"{r['objective']:.2f} ({r['box_validity']:.2f})" if r else "–"  # noqa: E731
+    out.append("| 0 (modulation alone) | " + " | ".join(cell(mod.get(m)) for m in cols) + " |")
+    for sc in cfg["both_scales"]:
+        out.append(f"| {sc:g} | " + " | ".join(cell(both.get((sc, m))) for m in cols) + " |")
+    return "\n".join(out)
+
+
 def _edges(best: dict, cfg: dict) -> str:
     """A line naming every tuned value that sits at an end of its grid (the optimum may lie beyond it)."""
     hits = []
     for v, p in best.items():
         if v == "none":
             continue
-        for key, grid in (("scale", cfg["scales"]), ("strength", cfg["strengths"])):
+        grids = (("scale", cfg["both_scales"]), ("strength", cfg["both_strengths"])) if v == "both" else (
+            ("scale", cfg["scales"]), ("strength", cfg["strengths"]))  # fmt: skip
+        for key, grid in grids:
             if p[key] and p[key] in (grid[0], grid[-1]):
                 hits.append(f"`{v}` {key} {p[key]:g} (grid {grid[0]:g}–{grid[-1]:g})")
     return ("Tuned values at an end of their grid: " + ", ".join(hits) + ".") if hits else (
