@@ -134,8 +134,8 @@ def _reading(rows: list[dict], quick: bool) -> str:
     for base in BASES:
         by = {r["method"]: r for r in rows if r["base"] == base}
         c, d, u = by["cfg"], by["distilled"], by["conditional"]
-        parts.append(f"on `{base}` the guide reaches validity {d['validity']:.2f} (CFG {c['validity']:.2f}, no "
-                     f"guidance {u['validity']:.2f}) and FID {d.get('fid', float('nan')):.2f} (CFG "
+        parts.append(f"on `{base}` the guide reaches validity {100 * d['validity']:.1f}% (CFG {100 * c['validity']:.1f}%, "
+                     f"no guidance {100 * u['validity']:.1f}%) and FID {d.get('fid', float('nan')):.2f} (CFG "
                      f"{c.get('fid', float('nan')):.2f}) at {d['cpu_s_per_sample'] / c['cpu_s_per_sample']:.2f}× "
                      f"CFG's CPU time ({d['wall_s_per_sample'] / c['wall_s_per_sample']:.2f}× its wall time), "
                      f"RMS {d['rms_to_cfg']:.3f} from the CFG samples against {u['rms_to_cfg']:.3f} for no guidance")  # fmt: skip
