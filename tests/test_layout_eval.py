@@ -90,3 +90,10 @@ def test_manifest_check_applies_the_tolerance():
     nan = {"per_w": {"3": {**rec["per_w"]["3"], "blank_half_validity": math.nan}}}
     assert check(same, nan) == []  # a metric the record could not measure is not compared
     assert TOLERANCE["fid_rel"] == 0.25
+
+
+def test_fid_floor_of_real_digits_falls_with_n(kit):
+    from lossguide.layout.evaluate import fid_floor
+
+    small, large = fid_floor(kit, 100, seeds=range(3)), fid_floor(kit, 1000, seeds=range(3))
+    assert all(0 < v < 5 for v in small) and max(large) < min(small)  # real digits: low, and lower with more of them

@@ -40,7 +40,8 @@ def run(out, quick: bool = False) -> dict:
     """Every (base, method) row; report.md, results.json/csv."""
     from lossguide.data.styles import STYLES
     from lossguide.harness.tasks.mnist import MnistKit
-    from lossguide.layout.evaluate import eval_conditions
+    from lossguide.data.canvas import BLANK
+    from lossguide.layout.evaluate import eval_conditions, fid_floor
     from lossguide.models import load_conditional, load_guide
 
     cfg, out = (QUICK if quick else FULL), Path(out)
@@ -73,7 +74,7 @@ def run(out, quick: bool = False) -> dict:
                  ["base", "method", "w", "validity", "digit-half validity", "blank-half validity", "FID", "KID×10³",
                   "RMS to CFG", "UNet passes/step (+ guide)", "wall s/sample", "CPU s/sample"]),
         "",
-        _reading(rows, quick),
+        _reading(rows, fid_floor(kit, int((tokens != BLANK).sum())), quick),
         "",
         f"Wall time {wall:.0f} s." + (" Quick mode: its numbers mean nothing." if quick else ""),
     ]  # fmt: skip
@@ -128,7 +129,7 @@ def _compare(kit, model, name: str, guide, seeds: list, tokens: torch.Tensor, st
     return rows
 
 
-def _reading(rows: list[dict], quick: bool) -> str:
+def _reading(rows: list[dict], floor, quick: bool) -> str:
     """The report's reading, from the numbers."""
     parts = []
     for base in BASES:
@@ -139,5 +140,6 @@ def _reading(rows: list[dict], quick: bool) -> str:
                      f"{c.get('fid', float('nan')):.2f}) at {d['cpu_s_per_sample'] / c['cpu_s_per_sample']:.2f}× "
                      f"CFG's CPU time ({d['wall_s_per_sample'] / c['wall_s_per_sample']:.2f}× its wall time), "
                      f"RMS {d['rms_to_cfg']:.3f} from the CFG samples against {u['rms_to_cfg']:.3f} for no guidance")  # fmt: skip
-    text = "Reading: " + "; ".join(parts) + "."
+    text = "Reading: " + "; ".join(parts) + (f". Real digits score FID {min(floor):.1f}–{max(floor):.1f} at this "
+                                            f"number of digit halves ({len(floor)} draws, `fid_floor`).")
     return text + (" (Quick mode: not a measurement.)" if quick else "")

@@ -44,15 +44,27 @@ def judge_halves(judge: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     return classes.cpu(), p.cpu()
 
 
-_STYLED: dict = {}
-
-
 def styled_features(kit, style) -> torch.Tensor:
-    """The judge's features of the held-out digits in ``style`` (cached per kit and style)."""
-    key = (id(kit), style)
-    if key not in _STYLED:
-        _STYLED[key] = metrics.features(kit.nets["judge"], style(kit.real_x))
-    return _STYLED[key]
+    """The judge's features of the held-out digits in ``style`` (cached on the kit, per style)."""
+    cache = kit.__dict__.setdefault("_styled_features", {})
+    if style not in cache:
+        cache[style] = metrics.features(kit.nets["judge"], style(kit.real_x))
+    return cache[style]
+
+
+def fid_floor(kit, n: int, seeds=range(5)) -> list[float]:
+    """FIDs of n real digits of the ``gen`` split (which the held-out reference does not contain), drawn at random
+    once per seed, against the 1,000 held-out digits: what FID reads for real digits at this sample size, the
+    floor under which FID differences are noise."""
+    from lossguide.data import load_mnist
+
+    x, _ = load_mnist("gen")
+    f = metrics.features(kit.nets["judge"], x.to(kit.device))
+    out = []
+    for s in seeds:
+        idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(int(s)))[:n]
+        out.append(kit.feature_fid_kid(f[idx])["fid"])
+    return out
 
 
 def canvas_quality(kit, x: torch.Tensor, tokens: torch.Tensor, fid: bool = True, style=None) -> dict:

@@ -36,12 +36,13 @@ KIND = ("diffusers UNet2DConditionModel + DDPMScheduler ({prediction}, linear be
         "two-digit canvases, cross-attending to 2 tokens (class 0-9, 10 blank, 11 null) of TokenEncoder")  # fmt: skip
 
 
-def evaluate(model, n: int = 242, steps: int = 25, ws=(1.0, 2.0, 3.0, 4.0), guide=None, style=None) -> dict:
-    """Metrics per w of ``model`` (a CondDigitModel; with ``guide``: one guided pass instead of two-pass CFG)."""
+def evaluate(model, n: int = 242, steps: int = 25, ws=(1.0, 2.0, 3.0, 4.0), guide=None, style=None, kit=None) -> dict:
+    """Metrics per w of ``model`` (a CondDigitModel; with ``guide``: one guided pass instead of two-pass CFG);
+    ``kit``: an already loaded MnistKit."""
     from lossguide.harness.tasks.mnist import MnistKit
     from lossguide.layout.evaluate import canvas_quality, eval_conditions, generate
 
-    kit = MnistKit()
+    kit = MnistKit() if kit is None else kit
     seeds = list(range(n))
     tokens = eval_conditions(seeds)
     out = {"eval": f"DDIM-{steps}, eta 0, seeds 0..{n - 1}, conditions eval_conditions (s mod 11, s//11 mod 11), "
@@ -118,7 +119,10 @@ def main(argv=None) -> None:
         style = STYLES[args.style]
     model = models.load_conditional(args.model)
     guide = models.load_guide(args.guide) if args.guide else None
-    metrics = evaluate(model, args.n, args.steps, ws, guide, style)
+    from lossguide.harness.tasks.mnist import MnistKit
+
+    kit = MnistKit()
+    metrics = evaluate(model, args.n, args.steps, ws, guide, style, kit)
     print(json.dumps(metrics, indent=2))
     if entry is not None:
         bad = check(metrics, entry["metrics"])
@@ -129,7 +133,7 @@ def main(argv=None) -> None:
         folder = shipped[record]
         meta = json.loads((folder / "training.json").read_text())
         files = sorted(p for p in folder.rglob("*") if p.is_file())
-        quick = evaluate(model, QUICK_N, args.steps, (3.0,), guide, style)
+        quick = evaluate(model, QUICK_N, args.steps, (3.0,), guide, style, kit)
         data = models.manifest()
         check_cmd = f"python -m lossguide.training evaluate-cond --model {args.model if args.guide else 'DIR'}" + (
             " --guide DIR" if args.guide else "") + f" --ws {args.ws} --n {args.n} --steps {args.steps} --check {record}" + (
