@@ -23,27 +23,16 @@ from lossguide.sampling import sample
 from lossguide.schedule import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers")
+from tiny_sd import tiny_config  # noqa: E402
+from tiny_sd import tiny_unet as _tiny_unet  # noqa: E402
 
 SIZE = (16, 32)
-CONFIG = dict(
-    sample_size=SIZE,
-    in_channels=1,
-    out_channels=1,
-    layers_per_block=1,
-    block_out_channels=(8, 16, 16),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=8,
-    attention_head_dim=2,
-    norm_num_groups=8,
-)
+CONFIG = tiny_config(SIZE)
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 
 
 def tiny_unet(seed: int = 0):
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return diffusers.UNet2DConditionModel(**CONFIG).eval().requires_grad_(False)
+    return _tiny_unet(SIZE, seed)
 
 
 def inputs(B=2, seed=1):
