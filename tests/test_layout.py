@@ -315,11 +315,12 @@ def test_token_encoder_slots_differ_and_null():
 def test_v_target_is_what_the_denoiser_inverts():
     """batch(prediction="v_prediction") gives v = √ᾱ·ε − √(1−ᾱ)·x0, which the v-prediction Denoiser maps back to
     the batch's x0 and ε exactly (up to float32)."""
+    from diffusers import DDPMScheduler
+
     from lossguide.data.canvas import TwoDigitCanvas
     from lossguide.denoiser import Denoiser
     from lossguide.schedule import NoiseSchedule
     from lossguide.training.cond_ddpm import SCHEDULER_CONFIG, batch
-    from diffusers import DDPMScheduler
 
     x, y = torch.rand(20, 1, 28, 28) * 2 - 1, torch.arange(20) % 10
     data = TwoDigitCanvas(x=x, y=y)
@@ -332,6 +333,7 @@ def test_v_target_is_what_the_denoiser_inverts():
     for k in range(6):
         den = Denoiser(lambda xx, tt, k=k: v[k : k + 1], sched, "v_prediction")
         out = den(x_t[k : k + 1], int(t[k]))
-        assert torch.allclose(out.x0_hat, x0[k : k + 1], atol=2e-4) and torch.allclose(out.eps, eps[k : k + 1], atol=2e-4)
+        assert torch.allclose(out.x0_hat, x0[k : k + 1], atol=2e-4)
+        assert torch.allclose(out.eps, eps[k : k + 1], atol=2e-4)
     with pytest.raises(ValueError, match="prediction"):
         batch(data, 2, torch.Generator(), 0.0, ab, prediction="x0")

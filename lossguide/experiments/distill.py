@@ -38,9 +38,9 @@ BASES = {"mnist-cond": None, "mnist-cond-thick": "thick"}
 
 def run(out, quick: bool = False) -> dict:
     """Every (base, method) row; report.md, results.json/csv."""
+    from lossguide.data.canvas import BLANK
     from lossguide.data.styles import STYLES
     from lossguide.harness.tasks.mnist import MnistKit
-    from lossguide.data.canvas import BLANK
     from lossguide.layout.evaluate import eval_conditions, fid_floor
     from lossguide.models import load_conditional, load_guide
 
@@ -122,7 +122,9 @@ def _compare(kit, model, name: str, guide, seeds: list, tokens: torch.Tensor, st
         row["unet_passes_per_step"] = 2 if two_pass else 1
         row["wall_s_per_sample"] = wall[method] / len(seeds)
         row["cpu_s_per_sample"] = cpu[method] / len(seeds)
-        row["guide_params_share"] = sum(p.numel() for p in guide.parameters()) / base_params if method == "distilled" else 0.0
+        row["guide_params_share"] = (
+            sum(p.numel() for p in guide.parameters()) / base_params if method == "distilled" else 0.0
+        )
         rows.append(row)
         log.info("%s %s: validity %.3f, FID %.2f, %.3f s/sample", name, method, row["validity"], row.get("fid", 0),
                  row["wall_s_per_sample"])  # fmt: skip
@@ -140,6 +142,12 @@ def _reading(rows: list[dict], floor, quick: bool) -> str:
                      f"{c.get('fid', float('nan')):.2f}) at {d['cpu_s_per_sample'] / c['cpu_s_per_sample']:.2f}× "
                      f"CFG's CPU time ({d['wall_s_per_sample'] / c['wall_s_per_sample']:.2f}× its wall time), "
                      f"RMS {d['rms_to_cfg']:.3f} from the CFG samples against {u['rms_to_cfg']:.3f} for no guidance")  # fmt: skip
-    text = "Reading: " + "; ".join(parts) + (f". Real digits score FID {min(floor):.1f}–{max(floor):.1f} at this "
-                                            f"number of digit halves ({len(floor)} draws, `fid_floor`).")
+    text = (
+        "Reading: "
+        + "; ".join(parts)
+        + (
+            f". Real digits score FID {min(floor):.1f}–{max(floor):.1f} at this "
+            f"number of digit halves ({len(floor)} draws, `fid_floor`)."
+        )
+    )
     return text + (" (Quick mode: not a measurement.)" if quick else "")

@@ -260,8 +260,11 @@ def _edges(best: dict, cfg: dict) -> str:
         for key, grid in grids:
             if p[key] and p[key] in (grid[0], grid[-1]):
                 hits.append(f"`{v}` {key} {p[key]:g} (grid {grid[0]:g}–{grid[-1]:g})")
-    return ("Tuned values at an end of their grid: " + ", ".join(hits) + ".") if hits else (
-        "No tuned value sits at an end of its grid.")
+    return (
+        ("Tuned values at an end of their grid: " + ", ".join(hits) + ".")
+        if hits
+        else ("No tuned value sits at an end of its grid.")
+    )
 
 
 def _figure(images: dict, out) -> None:

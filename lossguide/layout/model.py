@@ -2,8 +2,8 @@
 digit tokens, under the denoiser contract with classifier-free guidance.
 
 The condition (left class, right class) becomes encoder_hidden_states [B, 2, D] = e[class] + p[slot] (a learned
-embedding of the 10 classes, the blank half (token 10) and a null token (11), plus one learned vector per slot, so "3 left, 7 right" and
-"7 left, 3 right" differ). Training drops the whole condition to (null, null) with probability 0.1
+embedding of the 10 classes, the blank half (token 10) and a null token (11), plus one learned vector per slot, so
+"3 left, 7 right" and "7 left, 3 right" differ). Training drops the whole condition to (null, null) with probability 0.1
 (:mod:`lossguide.training.cond_ddpm`), so ε_∅ exists and ε̃ = ε_∅ + w·(ε_c − ε_∅) (Ho & Salimans 2022, eq. 6).
 
 An exported model is a folder: ``unet/`` and ``scheduler/`` (diffusers), ``token_embedding.safetensors``
@@ -31,7 +31,8 @@ TOKEN_FILE = "token_embedding.safetensors"
 
 
 class TokenEncoder(torch.nn.Module):
-    """tokens [B, 2] (classes 0–9, :data:`BLANK_TOKEN` or :data:`NULL_TOKEN`) → encoder_hidden_states [B, 2, D] = e[token] + p[slot]."""
+    """tokens [B, 2] (classes 0–9, :data:`BLANK_TOKEN` or :data:`NULL_TOKEN`) → encoder_hidden_states [B, 2, D] =
+    e[token] + p[slot]."""
 
     def __init__(self, dim: int = 32, num_tokens: int = NULL_TOKEN + 1, slots: int = SLOTS):
         super().__init__()
@@ -158,7 +159,9 @@ class CondDigitModel:
         d.dtype, d.device = state_dtype, p.device
         return d
 
-    def layout_loss(self, tokens, targets, control: AttentionControl, layers=None, modulated: bool = False) -> LayoutLoss:
+    def layout_loss(
+        self, tokens, targets, control: AttentionControl, layers=None, modulated: bool = False
+    ) -> LayoutLoss:
         """:class:`~lossguide.layout.losses.LayoutLoss` ℓ(x_t, t) of ``targets`` ``{token position: region}``
         under tokens [1 or B, 2]."""
         return LayoutLoss(self.unet, control, self.embed(tokens), targets, layers, modulated)

@@ -296,7 +296,9 @@ def _shipped_folder(name_or_path, table: dict, what: str) -> Path:
     path = table.get(str(name_or_path), Path(str(name_or_path)).expanduser())
     if not path.exists():
         entry = manifest().get(str(name_or_path), {})
-        fix = f"retrain it with `{entry['command']}`" if "command" in entry else f"pass one of {', '.join(table)} or a folder"
+        fix = f"pass one of {', '.join(table)} or a folder"
+        if "command" in entry:
+            fix = f"retrain it with `{entry['command']}`"
         raise ModelNotFoundError(f"{what} {name_or_path!r} not found at {path}; {fix}")
     return path
 

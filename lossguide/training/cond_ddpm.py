@@ -39,7 +39,18 @@ import torch.nn.functional as F
 from lossguide.data.canvas import BLANK, CANVAS_SHAPE, TwoDigitCanvas
 from lossguide.data.styles import STYLES
 from lossguide.layout.model import NULL_TOKEN, TOKEN_FILE, CondDigitModel, TokenEncoder
-from lossguide.training.common import add_run_args, run_meta, atomic_save, checkpoint_state, EMA, finish, optimizer_step, parse_widths, resume, setup_logging
+from lossguide.training.common import (
+    EMA,
+    add_run_args,
+    atomic_save,
+    checkpoint_state,
+    finish,
+    optimizer_step,
+    parse_widths,
+    resume,
+    run_meta,
+    setup_logging,
+)
 from lossguide.training.ddpm import SCHEDULER_CONFIG, lr_at
 from lossguide.training.ddpm import UNET_CONFIG as DDPM_UNET_CONFIG
 
@@ -141,14 +152,16 @@ def init_config(path: Path) -> tuple[dict, CondDigitModel]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(ap, "runs/train-cond", "diffusers folder for the final EMA weights", iters=2000, batch=32, lr=1e-3, warmup=100)
+    add_run_args(ap, "runs/train-cond", "diffusers folder for the final EMA weights", iters=2000, batch=32, lr=1e-3,
+                 warmup=100)  # fmt: skip
     ap.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the condition")
     ap.add_argument("--p-blank", type=float, default=0.1, help="probability that a half of a canvas is empty")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--block-channels", type=parse_widths, default=None, help="UNet widths per level (default 32,64,64)")
+    ap.add_argument("--block-channels", type=parse_widths, default=None,
+                    help="UNet widths per level (default 32,64,64)")  # fmt: skip
     ap.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default 32)")
     ap.add_argument("--heads", type=int, default=None, help="attention heads (default 2)")
     ap.add_argument("--token-dim", type=int, default=None, help="token embedding / cross-attention dim (default 32)")

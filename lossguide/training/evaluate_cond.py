@@ -30,7 +30,8 @@ log = logging.getLogger("lossguide.training.evaluate_cond")
 TOLERANCE = {"validity": 0.05, "digit_half_validity": 0.05, "blank_half_validity": 0.05, "fid_rel": 0.25}
 #: the seeds of the manifest's ``metrics_quick`` (w = 3), re-measured by the test suite
 QUICK_N = 44
-GUIDE_KIND = ("plug-and-play CFG guide (lossguide.layout.distill.GuideNet: ControlNet-style residuals from zero-initialised "
+GUIDE_KIND = ("plug-and-play CFG guide (lossguide.layout.distill.GuideNet: ControlNet-style residuals from zero-"
+              "initialised "
               "1x1 convs) for mnist-cond; metrics: mnist-cond with this guide, one pass per step")  # fmt: skip
 KIND = ("diffusers UNet2DConditionModel + DDPMScheduler ({prediction}, linear beta 1e-4..0.02, 1000 steps) on 1x28x56 "
         "two-digit canvases, cross-attending to 2 tokens (class 0-9, 10 blank, 11 null) of TokenEncoder")  # fmt: skip
@@ -76,7 +77,9 @@ def check(measured: dict, recorded: dict, tolerance: dict = TOLERANCE) -> list[s
             if name not in got:
                 bad.append(f"w={w}: {name} not measured")
             elif not abs(got[name] - rec[name]) <= limit:
-                bad.append(f"w={w}: {name} {got[name]:.4g} against the recorded {rec[name]:.4g} (tolerance ±{limit:.3g})")
+                bad.append(
+                    f"w={w}: {name} {got[name]:.4g} against the recorded {rec[name]:.4g} (tolerance ±{limit:.3g})"
+                )
     return bad
 
 
@@ -135,15 +138,28 @@ def main(argv=None) -> None:
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         quick = evaluate(model, QUICK_N, args.steps, (3.0,), guide, style, kit)
         data = models.manifest()
-        check_cmd = f"python -m lossguide.training evaluate-cond --model {args.model if args.guide else 'DIR'}" + (
-            " --guide DIR" if args.guide else "") + f" --ws {args.ws} --n {args.n} --steps {args.steps} --check {record}" + (
-            f" --style {args.style}" if args.style else "")  # fmt: skip
-        data[record] = {**data.get(record, {}), "folder": record, "kind": GUIDE_KIND if args.guide else KIND.format(prediction=model.scheduler.config.prediction_type),
-                        "files": {str(p.relative_to(folder)): models.sha256(p) for p in files},
-                        "seed": meta["seed"], "command": meta["command"], "training": meta,
-                        "metrics": metrics, "metrics_quick": quick, "tolerance": TOLERANCE,
-                        "check": check_cmd}  # fmt: skip
+        check_cmd = (
+            f"python -m lossguide.training evaluate-cond --model {args.model if args.guide else 'DIR'}"
+            + (" --guide DIR" if args.guide else "")
+            + f" --ws {args.ws} --n {args.n} --steps {args.steps} --check {record}"
+            + (f" --style {args.style}" if args.style else "")
+        )
+        kind = GUIDE_KIND if args.guide else KIND.format(prediction=model.scheduler.config.prediction_type)
+        data[record] = {
+            **data.get(record, {}),
+            "folder": record,
+            "kind": kind,
+            "files": {str(p.relative_to(folder)): models.sha256(p) for p in files},
+            "seed": meta["seed"],
+            "command": meta["command"],
+            "training": meta,
+            "metrics": metrics,
+            "metrics_quick": quick,
+            "tolerance": TOLERANCE,
+            "check": check_cmd,
+        }
         atomic_write_json(models.MANIFEST, dict(sorted(data.items())))
+
 
 if __name__ == "__main__":
     main()
