@@ -16,8 +16,16 @@ from lossguide.denoiser import Denoiser
 from lossguide.guidance import GuidanceConfig, GuidanceEngine, GuidanceStats
 from lossguide.rng import check_generators, make_generators, randn
 from lossguide.samplers import Sampler
+from lossguide.schedule import mismatch
 
 log = logging.getLogger(__name__)
+
+#: per family, the samplers that can repeat a step (time travel): those without a multistep history
+TIME_TRAVEL_SAMPLERS = {
+    "vp": "lossguide.DDIM or DDPM",
+    "flow": "lossguide.FlowEuler or DDIM on the FlowSchedule",
+    "ve": "lossguide.EDMEuler or DDIM on the SigmaSchedule",
+}
 
 
 @dataclass
@@ -64,6 +72,9 @@ def sample(
     (:func:`guidance_summary` of :class:`~lossguide.guidance.GuidanceStats`).
     """
     engine = GuidanceEngine(guidance, loss, augment=augment)
+    why = mismatch(denoiser.schedule, sampler.schedule)
+    if why:
+        raise ValueError(f"{why}; build {type(sampler).__name__} on denoiser.schedule (or the model's own scheduler)")
     if seeds is not None and generators is not None:
         raise ValueError("pass either seeds or generators, not both (the generators would silently win)")
     if seeds is not None and hasattr(seeds, "__len__") and not isinstance(seeds, (str, bytes)) and not len(seeds):
@@ -92,7 +103,8 @@ def sample(
     if engine.config.n_recur > 1 and sampler.stateful:
         raise ValueError(
             f"time travel (n_recur={engine.config.n_recur}) repeats steps, which a stateful multistep sampler "
-            f"({type(sampler).__name__}) cannot do; use DDIM/DDPM or set n_recur=1"
+            f"({type(sampler).__name__}) cannot do; use {TIME_TRAVEL_SAMPLERS[sampler.schedule.family]} or set "
+            "n_recur=1"
         )
     sampler.reset()  # a multistep scheduler's history from an earlier call would silently change this one
     cfg = engine.config

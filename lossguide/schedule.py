@@ -246,3 +246,50 @@ def spaced_timesteps(T: int, num_steps: int, spacing: str = "leading", steps_off
     if ts.min() < 0 or ts.max() > T - 1:
         raise ValueError(f"timesteps fall outside [0, {T - 1}] (spacing={spacing!r}, steps_offset={steps_offset})")
     return ts
+
+
+#: VP tables agree when every ᾱ_t agrees to this relative tolerance: a diffusers scheduler's float32 table against
+#: the same schedule in float64 differs by ≤ 1e-6 relative; linear against scaled-linear by up to 25× at t = T − 1
+_VP_RTOL = 1e-4
+
+_VP_NAMED = (
+    ("linear β 1e-4..0.02", lambda T: NoiseSchedule.linear(T)),
+    ("scaled-linear β 0.00085..0.012 (Stable Diffusion)", lambda T: NoiseSchedule.scaled_linear(T)),
+    ("cosine", lambda T: NoiseSchedule.cosine(T)),
+)
+
+
+def describe(schedule) -> str:
+    """A schedule in a few words: the family, its table's known name (VP) or its parameters."""
+    if isinstance(schedule, NoiseSchedule):
+        ab, T = schedule.alpha_bar, schedule.num_train_timesteps
+        for name, make in _VP_NAMED:
+            ref = make(T).alpha_bar
+            if torch.allclose(ab, ref, rtol=_VP_RTOL, atol=0.0):
+                return f"VP {name} over T = {T}"
+        return f"VP ᾱ over T = {T} (ᾱ_0 = {float(ab[0]):.6g}, ᾱ_{T // 2} = {float(ab[T // 2]):.4g}, " \
+               f"ᾱ_{T - 1} = {float(ab[-1]):.4g})"  # fmt: skip
+    if isinstance(schedule, FlowSchedule):
+        return f"rectified flow, network time t·{schedule.num_train_timesteps}"
+    if isinstance(schedule, SigmaSchedule):
+        return f"VE σ ∈ [{schedule.sigma_min:g}, {schedule.sigma_max:g}]"
+    return type(schedule).__name__
+
+
+
+def mismatch(model, sampler) -> str | None:
+    """Why a sampler's schedule cannot step a model trained on ``model``'s, or None where it can.
+
+    VP: the ᾱ tables must agree (relative 1e-4, :data:`_VP_RTOL`); rectified flow: the network's time scale T;
+    VE: a σ-space network is trained on a continuous σ, so the sampler's σ range is its own choice (no check).
+    Inference-only choices (timestep spacing, the flow shift, DDIM's final ᾱ) are never compared."""
+    if model.family != sampler.family:
+        return f"the model's schedule is {describe(model)} but the sampler steps {describe(sampler)}"
+    if isinstance(model, NoiseSchedule) and isinstance(sampler, NoiseSchedule):
+        a, b = model.alpha_bar, sampler.alpha_bar
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=_VP_RTOL, atol=0.0):
+            return f"the model was trained on {describe(model)} but the sampler steps {describe(sampler)}"
+    if isinstance(model, FlowSchedule) and isinstance(sampler, FlowSchedule):
+        if model.num_train_timesteps != sampler.num_train_timesteps:
+            return f"the model's schedule is {describe(model)} but the sampler's is {describe(sampler)}"
+    return None
