@@ -36,10 +36,13 @@ class DreamguiderStep(StepRule):
     eps_weight: float = 0.1
     x0_weight: float = 0.03
     min_grad_norm: float = 1e-12
+    noise_margin: float | None = 5.0
 
     def __post_init__(self):
-        for name in ("eps_weight", "x0_weight", "min_grad_norm"):
+        for name in ("eps_weight", "x0_weight", "min_grad_norm", "noise_margin"):
             v = getattr(self, name)
+            if name == "noise_margin" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"Dreamguider {name} must be a finite number ≥ 0, got {v!r}")
         if self.min_grad_norm == 0:
@@ -68,5 +71,8 @@ class DreamguiderStep(StepRule):
         if ctx.alpha > 0 and ctx.alpha_prev > 0:
             d_rho = ctx.sigma / ctx.alpha - ctx.sigma_prev / ctx.alpha_prev
         factor = self.x0_weight + self.eps_weight * max(d_rho, 0.0)
-        step = factor * per_sample_norm(ctx.eps.detach()).to(g.device) / rms
+        dist = per_sample_norm(ctx.eps.detach()).to(g.device)
+        if self.noise_margin is not None:  # a true x_t's noise has ‖ε‖ < √D + u but with probability exp(−u²/2)
+            dist = dist.clamp_max(ctx.eps[0].numel() ** 0.5 + self.noise_margin)
+        step = factor * dist / rms
         return torch.where(ok, step, torch.zeros_like(step))

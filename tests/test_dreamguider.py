@@ -120,8 +120,56 @@ def test_preset_parameters_are_checked(schedule):
     cfg = presets.get("dreamguider", n_aug=0, eps_weight=0.2)
     assert cfg.name == "dreamguider" and cfg.rho is None and cfg.mu_hold == "eps" and cfg.n_aug == 0
     assert cfg.to_dict()["mu"] == {"rule": "DreamguiderStep", "eps_weight": 0.2, "x0_weight": 0.03,
-                                   "min_grad_norm": 1e-12}  # fmt: skip
+                                   "min_grad_norm": 1e-12, "noise_margin": 5.0}  # fmt: skip
 
 
 def _dummy(schedule):
     return lg.Denoiser(lambda x, t: torch.zeros_like(x), schedule)
+
+
+def test_the_noise_norm_is_capped_at_sqrt_d_plus_the_margin(schedule):
+    """Off the data ε_hat grows with |x_t|/σ_t: the rule's "distance" is min(‖ε_hat‖, √D + noise_margin), so a
+    sample with ‖ε_hat‖ = 100·√D steps as one with √D + 5; below the cap the rule is unchanged."""
+    sampler = lg.DDIM(schedule, 50)
+    a, s, ap, sp = sampler.levels(10)
+    factor = 0.03 + 0.1 * (s / a - sp / ap)
+    g = torch.ones(2, 4, dtype=torch.float64)  # ‖g‖ = 2 = the running RMS at the first step
+    eps = torch.stack([torch.full((4,), 50.0), torch.full((4,), 0.25)]).double()  # ‖ε‖ = 100 and 0.5; √D = 2
+    for margin, want in ((5.0, [7.0, 0.5]), (None, [100.0, 0.5])):
+        rule = DreamguiderStep(eps_weight=0.1, x0_weight=0.03, noise_margin=margin)
+        got = rule(_ctx(10, g, eps, schedule))
+        torch.testing.assert_close(got, factor * torch.tensor(want, dtype=torch.float64) / 2, rtol=1e-12, atol=0)
+
+
+def _families():
+    import diffusers
+
+    from lossguide.schedule import FlowSchedule, SigmaSchedule
+
+    linear = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return {
+        "ve-edm-euler": lambda: lg.EDMEuler(SigmaSchedule(), 50),
+        "sigma-euler-diffusers": lambda: lg.DiffusersSampler(diffusers.EulerDiscreteScheduler(**linear), 50),
+        "vp-dpmsolver-diffusers": lambda: lg.DiffusersSampler(diffusers.DPMSolverMultistepScheduler(**linear), 50),
+        "flow-ddim": lambda: lg.DDIM(FlowSchedule(), 50),
+    }
+
+
+#: max |x| of 256 samples at scale 10 (seeds 0-255 and 256-511, oracle linear task; the data's |x| ≤ 2.5):
+#: EDM Euler 2.2 / 2.5, σ-space Euler 7.9, DPMSolver 12, flow DDIM 2.2; uncapped, σ-space Euler reached 185
+MAX_ABS_AT_SCALE_10 = 30.0
+
+
+@pytest.mark.filterwarnings("ignore:.*guidance did nothing")
+@pytest.mark.parametrize("family", list(_families()))
+def test_dreamguider_at_ten_times_its_scale_stays_bounded_in_every_family(prior, family):
+    """The guard holds in every family: at scale 10 (over-scaled: SW to the posterior 0.2-0.9 against 0.13 at
+    scale 1) no sample leaves |x| ≤ 30 on EDM Euler, diffusers' σ-space Euler and DPMSolver, and flow DDIM."""
+    from lossguide.oracle import linear_task
+
+    sampler = _families()[family]()
+    task = linear_task(prior, sampler.schedule)
+    cfg = presets.get("dreamguider", scale=10.0)
+    x = lg.sample(prior.denoiser(sampler.schedule), sampler, cfg, task.loss, shape=(prior.dim,), seeds=range(256),
+                  dtype=torch.float64, augment=JITTER).x0  # fmt: skip
+    assert torch.isfinite(x).all() and float(x.norm(dim=1).max()) < MAX_ABS_AT_SCALE_10, family
