@@ -16,13 +16,17 @@ from torch import nn
 from lossguide.denoiser import Denoiser
 from lossguide.networks.adm import ADMClassifier, ADMUNet
 from lossguide.networks.checkpoint import (
+    NETWORK_CLASSES,
     CheckpointMismatchError,
+    assign_weights,
+    check_attention,
+    check_fit,
     detect_architecture,
-    load_strict,
     read_state_dict,
+    skeleton,
 )
 from lossguide.networks.ddim_unet import DDIMUNet
-from lossguide.networks.flags import ARCHITECTURES, network_kwargs
+from lossguide.networks.flags import ARCHITECTURES, head_flags_given, network_kwargs
 from lossguide.schedule import NoiseSchedule
 
 __all__ = [
@@ -30,7 +34,7 @@ __all__ = [
     "denoiser_from_network", "detect_architecture", "load_network_file", "read_state_dict", "schedule_named",
 ]  # fmt: skip
 
-CLASSES = {"adm_unet": ADMUNet, "adm_classifier": ADMClassifier, "ddim_unet": DDIMUNet}
+CLASSES = NETWORK_CLASSES
 
 
 def build_network(architecture: str, flags: dict) -> nn.Module:
@@ -44,7 +48,9 @@ def _use_ema(flags: dict) -> bool:
 
 
 def load_network_file(path: str | Path, flags: dict | None = None) -> nn.Module:
-    """The frozen network (eval mode, no parameter gradients) of the checkpoint at ``path``."""
+    """The frozen network (eval mode, no parameter gradients) of the checkpoint at ``path``: its keys and shapes
+    must be those of the flags' network, and an ADM network's head split must be given (``num_heads`` or
+    ``num_head_channels``) or confirmed by a published checkpoint's layout (see :mod:`.checkpoint`)."""
     flags = dict(flags or {})
     arch = flags.pop("architecture", None)
     sd = read_state_dict(path, use_ema=_use_ema(flags))
@@ -60,8 +66,11 @@ def load_network_file(path: str | Path, flags: dict | None = None) -> nn.Module:
                 f"flags['architecture'] is {arch!r} but the checkpoint's keys are those of {found!r}; "
                 f"pass {found!r} or drop the flag to tell it from the keys"
             )
-    net = load_strict(build_network(arch, flags), sd, arch)
-    return net.eval().requires_grad_(False)
+    kwargs = network_kwargs(arch, flags)
+    check_fit(sd, arch, kwargs)  # keys and shapes first: the one-line error names the flag that explains them
+    net = skeleton(arch, kwargs)  # on the meta device: the checkpoint's tensors become its parameters
+    check_attention(net, sd, arch, head_flags_given(flags, arch))
+    return assign_weights(net, sd).eval().requires_grad_(False)
 
 
 def schedule_named(name: str, T: int = 1000) -> NoiseSchedule:

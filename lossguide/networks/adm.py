@@ -20,6 +20,7 @@ from lossguide.networks.adm_blocks import (
     ResBlock,
     TimestepSequential,
     Upsample,
+    n_heads_for,
     timestep_embedding,
 )
 
@@ -118,7 +119,9 @@ class ADMUNet(_Encoder):
         self.num_classes = num_classes
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, 4 * model_channels)
-        heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        heads_up, up_flag = num_heads, "num_heads"
+        if num_heads_upsample != -1:
+            heads_up, up_flag = num_heads_upsample, "num_heads_upsample"
         res = self._res
         ch, ds, skips = self.ch, self.ds, list(self.skip_channels)
         self.output_blocks = nn.ModuleList()
@@ -128,7 +131,7 @@ class ADMUNet(_Encoder):
                 layers = [res(ch + skips.pop(), c_out)]
                 ch = c_out
                 if ds in self.attention_resolutions:
-                    layers.append(AttentionBlock(ch, heads_up, num_head_channels, use_new_attention_order))
+                    layers.append(AttentionBlock(ch, heads_up, num_head_channels, use_new_attention_order, up_flag))
                 if level and i == num_res_blocks:
                     layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample))
                     ds //= 2
@@ -164,7 +167,7 @@ class AttentionPool2d(nn.Module):
         self.positional_embedding = nn.Parameter(torch.zeros(embed_dim, spatial_dim**2 + 1))
         self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
         self.c_proj = nn.Conv1d(embed_dim, output_dim or embed_dim, 1)
-        self.attention = QKVAttention(embed_dim // num_head_channels)
+        self.attention = QKVAttention(n_heads_for(embed_dim, 1, num_head_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]

@@ -172,21 +172,40 @@ class QKVAttention(nn.Module):
         return _attend(q, k, v).reshape(b, -1, length)
 
 
-def n_heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
-    """H = channels / num_head_channels when a head width is given (≠ −1), else ``num_heads``."""
-    if num_head_channels == -1:
-        return num_heads
-    if channels % num_head_channels:
-        raise ValueError(f"{channels} channels are not divisible by num_head_channels={num_head_channels}")
-    return channels // num_head_channels
+def n_heads_for(channels: int, num_heads: int, num_head_channels: int, heads_flag: str = "num_heads") -> int:
+    """H = channels / num_head_channels when a head width is given (≠ −1), else ``num_heads``; H must divide
+    the channels (``heads_flag`` names the head-count flag in the error, e.g. ``num_heads_upsample``)."""
+    if num_head_channels != -1:
+        if not isinstance(num_head_channels, int) or num_head_channels < 1:
+            raise ValueError(f"num_head_channels={num_head_channels!r} is not a positive int; pass e.g. 64, or -1 "
+                             f"to split by {heads_flag}")  # fmt: skip
+        if channels % num_head_channels:
+            raise ValueError(f"an attention layer's {channels} channels are not divisible by num_head_channels="
+                             f"{num_head_channels}; pass a head width that divides every attention layer's "
+                             "channels (the published checkpoints use 64)")  # fmt: skip
+        return channels // num_head_channels
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"{heads_flag}={num_heads!r} is not a positive int; pass a head count or num_head_channels")
+    if channels % num_heads:
+        raise ValueError(f"an attention layer's {channels} channels are not divisible by {heads_flag}={num_heads}; "
+                         "pass a head count that divides every attention layer's channels, or a "
+                         "num_head_channels")  # fmt: skip
+    return num_heads
 
 
 class AttentionBlock(nn.Module):
     """x + proj_out(Attention(qkv(GN(x)))) over the H·W positions."""
 
-    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, new_order: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        new_order: bool = False,
+        heads_flag: str = "num_heads",
+    ):
         super().__init__()
-        heads = n_heads_for(channels, num_heads, num_head_channels)
+        heads = n_heads_for(channels, num_heads, num_head_channels, heads_flag)
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.attention = QKVAttention(heads) if new_order else QKVAttentionLegacy(heads)

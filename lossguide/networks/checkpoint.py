@@ -1,19 +1,37 @@
 """Reading the papers' checkpoint files: unwrapping the state dict, telling the architecture from its keys,
-and a strict load whose one-line error names the first mismatching keys and the flag that is probably wrong."""
+and a strict load whose one-line error names the first mismatching keys and the flag that explains them.
+
+A flag is named only when the network rebuilt with that one flag changed (on the meta device: shapes, no
+memory) fits the checkpoint's keys and shapes exactly; otherwise the error says no single flag change fits
+(a corrupt file, another layout, or several wrong flags). The ADM attention head split and q/k/v order leave
+no trace in the shapes: a load needs ``num_heads`` or ``num_head_channels`` given, and a checkpoint with the
+shapes of a published one (:data:`~lossguide.networks.flags.PUBLISHED_LAYOUTS`) must use its attention flags.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lossguide.networks.adm import POOLS, ADMClassifier, ADMUNet, AttentionPool2d
+from lossguide.networks.adm_blocks import AttentionBlock, QKVAttention
+from lossguide.networks.ddim_unet import DDIMUNet
+from lossguide.networks.flags import PUBLISHED_LAYOUTS, network_kwargs
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema")
 
 
+NETWORK_CLASSES = {"adm_unet": ADMUNet, "adm_classifier": ADMClassifier, "ddim_unet": DDIMUNet}
+
+
 class CheckpointMismatchError(ValueError):
-    """The checkpoint's keys or shapes do not fit the network built from the given flags."""
+    """The checkpoint does not fit the network built from the given flags: its keys or shapes, or the
+    attention flags of the published checkpoint whose shapes it has."""
 
 
 def _is_state_dict(obj) -> bool:
@@ -80,71 +98,137 @@ def _count(keys, pattern: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _adm_hint(missing, unexpected, shapes, ckpt, module) -> str:
-    """The flag that most probably explains the first mismatch in an ADM state dict."""
-    model = module.state_dict()
-    added = set(missing) | set(unexpected)
-    if "label_emb.weight" in unexpected:
-        n = ckpt["label_emb.weight"].shape[0]
-        return f"num_classes/class_cond (the checkpoint is class-conditional, {n} classes)"
-    if "label_emb.weight" in missing:
-        return "num_classes/class_cond (the checkpoint is unconditional: num_classes=None)"
-    if "label_emb.weight" in shapes:
-        return f"num_classes (the checkpoint has {ckpt['label_emb.weight'].shape[0]})"
-    if "time_embed.0.weight" in shapes:
-        return f"model_channels/num_channels (the checkpoint has {ckpt['time_embed.0.weight'].shape[1]})"
-    if "input_blocks.0.0.weight" in shapes:
-        return f"in_channels (the checkpoint has {ckpt['input_blocks.0.0.weight'].shape[1]})"
-    n_ck, n_md = _count(ckpt, r"input_blocks\.(\d+)\."), _count(model, r"input_blocks\.(\d+)\.")
-    if n_ck != n_md:  # L levels give L·(num_res_blocks + 1) input blocks
-        levels = len(module.channel_mult)
-        fit = f"; num_res_blocks={n_ck // levels - 1} fits this channel_mult" if n_ck % levels == 0 else ""
-        return f"num_res_blocks or channel_mult (the checkpoint has {n_ck} input blocks, these flags give {n_md}{fit})"
-    if any(re.search(r"\.(op|conv)\.(weight|bias)$", k) for k in added):
-        return "resblock_updown (or conv_resample)"
-    if any(k.startswith("out.") for k in added):
-        return "pool (the classifier's head)"
-    if "out.2.positional_embedding" in shapes:
-        return "image_size (the attention pool's grid is image_size / total downsampling) or channel_mult"
-    for k in ("out.2.weight", "out.2.c_proj.weight", "out.3.weight"):
-        if k in shapes and ckpt[k].shape[1:] == model[k].shape[1:]:
-            what = (
-                "out_channels/learn_sigma"
-                if hasattr(module, "output_blocks")
-                else "out_channels, the number of classes,"
-            )
-            return f"{what} (the checkpoint has {ckpt[k].shape[0]})"
-    if any(re.search(r"\.(qkv|proj_out|norm)\.", k) for k in added):
-        return "attention_resolutions (ds = image_size // pixel resolution)"
-    for k in shapes:
-        if k.endswith("emb_layers.1.weight") and k.replace("emb_layers.1", "out_layers.3") not in shapes:
-            return "use_scale_shift_norm"
-    return "channel_mult"
+_INIT_FUNCTIONS = {getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")}
+_INIT_METHODS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_}
 
 
-def _ddim_hint(missing, unexpected, shapes, ckpt, module) -> str:
-    """The flag that most probably explains the first mismatch in a DDIM-codebase state dict."""
-    model = module.state_dict()
-    diff = set(missing) | set(unexpected) | set(shapes)
-    if "logvar" in diff:
-        return "type ('bayesian' has a logvar parameter, 'simple' has none)"
-    if "temb.dense.0.weight" in shapes:
-        return f"ch (the checkpoint has {ckpt['temb.dense.0.weight'].shape[1]})"
-    if "conv_in.weight" in shapes:
-        return f"in_channels (the checkpoint has {ckpt['conv_in.weight'].shape[1]})"
-    if "conv_out.weight" in shapes:
-        return f"out_ch (the checkpoint has {ckpt['conv_out.weight'].shape[0]})"
-    n_ck, n_md = _count(ckpt, r"down\.(\d+)\."), _count(model, r"down\.(\d+)\.")
-    if n_ck != n_md:
-        return f"ch_mult (the checkpoint has {n_ck} levels, these flags give {n_md})"
-    n_ck, n_md = _count(ckpt, r"down\.0\.block\.(\d+)\."), _count(model, r"down\.0\.block\.(\d+)\.")
-    if n_ck != n_md:
-        return f"num_res_blocks (the checkpoint has {n_ck})"
-    if any(re.search(r"(downsample|upsample)\.conv\.", k) for k in diff):
-        return "resamp_with_conv"
-    if any(".attn." in k for k in diff):
-        return "attn_resolutions (pixel sides) or resolution/image_size"
-    return "ch_mult"
+class _SkipInit(TorchFunctionMode):
+    """Parameter initialisation as a no-op (meta tensors hold no values; a meta normal_ is slow to set up)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INIT_FUNCTIONS or func in _INIT_METHODS:
+            return args[0] if args else next(iter((kwargs or {}).values()))
+        return func(*args, **(kwargs or {}))
+
+
+def skeleton(arch: str, kwargs: dict) -> nn.Module:
+    """The network ``arch`` from constructor ``kwargs`` on the meta device: its parameters' names and shapes
+    without memory or initialisation."""
+    with torch.device("meta"), _SkipInit():
+        return NETWORK_CLASSES[arch](**kwargs)
+
+
+def _neutral_heads(arch: str, kwargs: dict) -> dict:
+    """``kwargs`` with a head split that fits any width: the head flags do not change a parameter shape."""
+    if arch == "ddim_unet":
+        return kwargs
+    return {**kwargs, "num_heads": 1, "num_head_channels": 1, "num_heads_upsample": -1}
+
+
+def _shapes(sd: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _fits(arch: str, kwargs: dict, target: dict) -> bool:
+    try:
+        net = skeleton(arch, _neutral_heads(arch, kwargs))
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError):  # flags that build no network
+        return False
+    return _shapes(net.state_dict()) == target
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _adm_candidates(kw: dict, ckpt: dict, arch: str):
+    """(flag, change, note) for the one-flag changes of ADM constructor ``kw`` that the checkpoint suggests."""
+    unet = arch == "adm_unet"
+    mc, nrb, levels = kw["model_channels"], kw["num_res_blocks"], len(kw["channel_mult"])
+    if unet:
+        n = ckpt["label_emb.weight"][0] if "label_emb.weight" in ckpt else None
+        note = f"the checkpoint is class-conditional, {n} classes" if n else "the checkpoint is unconditional"
+        yield "num_classes/class_cond", {"num_classes": n}, note
+    if len(ckpt.get("time_embed.0.weight", ())) == 2:
+        flag = "model_channels/num_channels" if unet else "model_channels/classifier_width"
+        yield flag, {"model_channels": ckpt["time_embed.0.weight"][1]}, None
+    if len(ckpt.get("input_blocks.0.0.weight", ())) == 4:
+        yield "in_channels", {"in_channels": ckpt["input_blocks.0.0.weight"][1]}, None
+    for k in ("out.2.weight", "out.3.weight", "out.2.c_proj.weight"):
+        if k in ckpt:
+            flag = "out_channels/learn_sigma" if unet else "out_channels"
+            yield flag, {"out_channels": ckpt[k][0]}, None if unet else "the number of classes"
+    n_in = _count(ckpt, r"input_blocks\.(\d+)\.")  # L levels give L·(num_res_blocks + 1) input blocks
+    if n_in % levels == 0 and n_in > levels:
+        yield f"num_res_blocks{'' if unet else '/classifier_depth'}", {"num_res_blocks": n_in // levels - 1}, None
+    if n_in % (nrb + 1) == 0:
+        first = [f"input_blocks.{1 + lv * (nrb + 1)}.0.out_layers.3.weight" for lv in range(n_in // (nrb + 1))]
+        if all(k in ckpt for k in first):
+            mult = tuple(_number(ckpt[k][0] / mc) for k in first)
+            yield "channel_mult", {"channel_mult": mult}, "with channel_mult='' it follows image_size"
+    ds = [2**lv for lv in range(levels) if f"input_blocks.{1 + lv * (nrb + 1)}.1.qkv.weight" in ckpt]
+    px = ",".join(str(kw["image_size"] // d) for d in sorted(ds))
+    note = f"as downsample rates, i.e. {px!r} in pixels at image_size {kw['image_size']}" if ds else None
+    flag = "attention_resolutions" if unet else "attention_resolutions/classifier_attention_resolutions"
+    yield flag, {"attention_resolutions": tuple(ds)}, note
+    for flag in ("resblock_updown", "conv_resample", "use_scale_shift_norm"):
+        label = flag if unet or flag == "conv_resample" else f"{flag}/classifier_{flag}"
+        yield label, {flag: not kw.get(flag, flag == "conv_resample")}, None
+    if not unet:
+        for v in POOLS:
+            yield "pool/classifier_pool", {"pool": v}, None
+        pos = ckpt.get("out.2.positional_embedding", ())
+        side = round((pos[1] - 1) ** 0.5) if len(pos) == 2 else 0
+        if side:
+            note = "the attention pool's grid is image_size / total downsampling"
+            yield "image_size", {"image_size": side * 2 ** (levels - 1)}, note
+
+
+def _ddim_candidates(kw: dict, ckpt: dict):
+    """(flag, change, note) for the one-flag changes of DDIM-codebase constructor ``kw`` the checkpoint suggests."""
+    ch, res = kw["ch"], kw["resolution"]
+    v = "bayesian" if "logvar" in ckpt else "simple"
+    yield "type", {"type": v}, "'bayesian' has a logvar parameter, 'simple' has none"
+    if len(ckpt.get("logvar", ())) == 1:
+        yield "num_diffusion_timesteps", {"num_diffusion_timesteps": ckpt["logvar"][0]}, None
+    for key, flag, dim in (("temb.dense.0.weight", "ch", 1), ("conv_in.weight", "in_channels", 1),
+                           ("conv_out.weight", "out_ch", 0)):  # fmt: skip
+        if len(ckpt.get(key, ())) > dim:
+            yield flag, {flag: ckpt[key][dim]}, None
+    levels = _count(ckpt, r"down\.(\d+)\.")
+    first = [f"down.{lv}.block.0.conv1.weight" for lv in range(levels)]
+    if levels and all(k in ckpt for k in first):
+        yield "ch_mult", {"ch_mult": tuple(_number(ckpt[k][0] / ch) for k in first)}, None
+    n = _count(ckpt, r"down\.0\.block\.(\d+)\.")
+    if n:
+        yield "num_res_blocks", {"num_res_blocks": n}, None
+    attn = [lv for lv in range(levels) if any(k.startswith(f"down.{lv}.attn.") for k in ckpt)]
+    yield "attn_resolutions", {"attn_resolutions": tuple(res // 2**lv for lv in attn)}, "pixel sides"
+    for v in sorted({r * 2**lv for r in kw["attn_resolutions"] for lv in attn}):
+        yield "resolution/image_size", {"resolution": v}, None
+    yield "resamp_with_conv", {"resamp_with_conv": not kw.get("resamp_with_conv", True)}, None
+
+
+def _show(v) -> str:
+    return repr(list(v) if isinstance(v, tuple) else v)
+
+
+def flag_hint(arch: str, kwargs: dict, ckpt_shapes: dict) -> str | None:
+    """The one-flag changes of ``kwargs`` under which ``arch`` fits the checkpoint's shapes exactly, as
+    ``flag (flag=value fits the checkpoint; note)`` joined by "or"; None when no such change exists."""
+    if arch == "ddim_unet":
+        cands = _ddim_candidates(kwargs, ckpt_shapes)
+    else:
+        cands = _adm_candidates(kwargs, ckpt_shapes, arch)
+    fits, seen = [], []
+    for flag, change, note in cands:
+        if change in seen or all(kwargs.get(k) == v for k, v in change.items()):
+            continue
+        seen.append(change)
+        if _fits(arch, {**kwargs, **change}, ckpt_shapes):
+            value = ", ".join(f"{k}={_show(v)}" for k, v in change.items())
+            fits.append(f"{flag} ({value} fits the checkpoint{'; ' + note if note else ''})")
+    return " or ".join(fits) or None
 
 
 def _names(keys, n: int = 3) -> str:
@@ -153,28 +237,114 @@ def _names(keys, n: int = 3) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_strict(module: nn.Module, sd: dict, arch: str) -> nn.Module:
-    """``module.load_state_dict(sd, strict=True)``, or a one-line :class:`CheckpointMismatchError`."""
-    model = module.state_dict()
-    missing = [k for k in model if k not in sd]
-    unexpected = [k for k in sd if k not in model]
-    shapes = {k: (tuple(sd[k].shape), tuple(v.shape)) for k, v in model.items() if k in sd and sd[k].shape != v.shape}
-    if missing or unexpected or shapes:
-        hint = (_ddim_hint if arch == "ddim_unet" else _adm_hint)(missing, unexpected, shapes, sd, module)
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_names(unexpected)}")
-        if shapes:
-            k, (a, b) = next(iter(shapes.items()))
-            parts.append(
-                f"shape mismatch {k}: checkpoint {a} vs flags {b}"
-                + (f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else "")
+def check_fit(sd: dict, arch: str, kwargs: dict) -> None:
+    """Nothing when ``arch`` built from ``kwargs`` has exactly the checkpoint's keys and shapes, else a
+    one-line :class:`CheckpointMismatchError` naming the first differences and the flag that explains them."""
+    model = _shapes(skeleton(arch, _neutral_heads(arch, kwargs)).state_dict())
+    ckpt = _shapes(sd)
+    missing = [k for k in model if k not in ckpt]
+    unexpected = [k for k in ckpt if k not in model]
+    shapes = {k: (ckpt[k], v) for k, v in model.items() if k in ckpt and ckpt[k] != v}
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_names(unexpected)}")
+    if shapes:
+        k, (a, b) = next(iter(shapes.items()))
+        more = f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        parts.append(f"shape mismatch {k}: checkpoint {a} vs flags {b}{more}")
+    hint = flag_hint(arch, kwargs, ckpt)
+    why = (
+        f"probably wrong flag: {hint}"
+        if hint
+        else "the checkpoint does not match any single flag change: the file may be corrupt or of another "
+        "layout, or more than one flag is wrong"
+    )
+    raise CheckpointMismatchError(f"the checkpoint does not fit {arch} built from these flags: {'; '.join(parts)}; "
+                                  f"{why}")  # fmt: skip
+
+
+def attention_layout(module: nn.Module) -> tuple:
+    """(heads, q/k/v order) of every ADM attention layer in ``module``, in order: what the keys cannot show."""
+    out = []
+    for m in module.modules():
+        if isinstance(m, AttentionBlock):
+            out.append((m.attention.n_heads, "new" if isinstance(m.attention, QKVAttention) else "legacy"))
+        elif isinstance(m, AttentionPool2d):
+            out.append((m.attention.n_heads, "pool"))
+    return tuple(out)
+
+
+@functools.cache
+def _published(name: str) -> tuple[str, dict, tuple, str]:
+    """(arch, shapes, attention layout, attention flags) of the published checkpoint ``name``."""
+    flags, heads = PUBLISHED_LAYOUTS[name]
+    f = dict(flags)
+    arch = f.pop("architecture")
+    net = skeleton(arch, network_kwargs(arch, f))
+    return arch, _shapes(net.state_dict()), attention_layout(net), heads
+
+
+def published_layout(sd: dict, arch: str) -> tuple[str, tuple, str] | None:
+    """(name, attention layout, attention flags) of the published checkpoint whose keys and shapes ``sd`` has;
+    only the entries of the checkpoint's architecture and width are built."""
+    te = sd.get("time_embed.0.weight")
+    if arch == "ddim_unet" or te is None or te.ndim != 2:
+        return None
+    ckpt = _shapes(sd)
+    for name, (flags, _) in PUBLISHED_LAYOUTS.items():
+        f = dict(flags)
+        if f.pop("architecture") != arch or network_kwargs(arch, f)["model_channels"] != te.shape[1]:
+            continue
+        _, shapes, layout, heads = _published(name)
+        if shapes == ckpt:
+            return name, layout, heads
+    return None
+
+
+def _split(heads: int, order: str) -> str:
+    return f"{heads} heads" + ("" if order == "pool" else f" in the {order} q/k/v order")
+
+
+def check_attention(module: nn.Module, sd: dict, arch: str, heads_given: bool) -> None:
+    """Refuse an ADM head split (or q/k/v order) that the checkpoint cannot confirm: one that contradicts the
+    published checkpoint whose shapes ``sd`` has, or one left to the defaults for any other checkpoint."""
+    if arch == "ddim_unet":
+        return
+    known = published_layout(sd, arch)
+    if known is not None:
+        name, layout, heads = known
+        ours = attention_layout(module)
+        if ours != layout:
+            i = next(j for j, (a, b) in enumerate(zip(ours, layout, strict=True)) if a != b)
+            raise CheckpointMismatchError(
+                f"the checkpoint has the keys and shapes of {name}, whose attention layer {i} has "
+                f"{_split(*layout[i])}, but these flags give {_split(*ours[i])} (the keys cannot show the head "
+                f"split or the q/k/v order, only the output can); pass {heads}"
             )
-        raise CheckpointMismatchError(
-            f"the checkpoint does not fit {arch} built from these flags: {'; '.join(parts)}; "
-            f"probably wrong flag: {hint}"
+        return
+    if not heads_given:
+        raise ValueError(
+            f"the {arch}'s attention head split cannot be seen in the checkpoint's keys and a wrong one loads "
+            "silently: pass num_head_channels or num_heads as in the checkpoint's published flags "
+            "(guided-diffusion 64x64, 256x256 and 512x512: num_head_channels=64; 128x128: num_heads=4; the "
+            "classifiers: num_head_channels=64; DPS's ffhq_10m: num_heads=4, num_head_channels=64)"
         )
-    module.load_state_dict({k: v.to(model[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def assign_weights(module: nn.Module, sd: dict) -> nn.Module:
+    """``module.load_state_dict(sd, strict=True)`` in the module's dtype; a meta ``module`` (a :func:`skeleton`)
+    takes the checkpoint's tensors as its parameters."""
+    model = module.state_dict()
+    meta = any(v.is_meta for v in model.values())
+    module.load_state_dict({k: v.to(model[k].dtype) for k, v in sd.items()}, strict=True, assign=meta)
     return module
+
+
+def load_strict(module: nn.Module, sd: dict, arch: str, kwargs: dict) -> nn.Module:
+    """:func:`assign_weights` after :func:`check_fit` (``module`` built from ``kwargs``)."""
+    check_fit(sd, arch, kwargs)
+    return assign_weights(module, sd)

@@ -173,6 +173,53 @@ def ddim_kwargs(flags: dict) -> dict:
     return kw
 
 
+def head_flags_given(flags: dict, arch: str) -> bool:
+    """Whether ``flags`` fix the ADM attention head split: ``num_heads`` or ``num_head_channels`` given, or a
+    classifier from ``classifier_*`` flags (create_classifier fixes num_head_channels=64)."""
+    if any(flags.get(k) is not None for k in ("num_heads", "num_head_channels")):
+        return True
+    return arch == "adm_classifier" and bool(set(flags) & _CLASSIFIER_CLI)
+
+
+_GD_UNET = dict(
+    architecture="adm_unet", attention_resolutions="32,16,8", diffusion_steps=1000, image_size=256,
+    learn_sigma=True, num_channels=256, num_head_channels=64, num_res_blocks=2, resblock_updown=True,
+    use_scale_shift_norm=True,
+)  # fmt: skip
+_GD_CLASSIFIER = dict(
+    architecture="adm_classifier", classifier_attention_resolutions="32,16,8", classifier_depth=2,
+    classifier_width=128, classifier_pool="attention", classifier_resblock_updown=True,
+    classifier_use_scale_shift_norm=True,
+)  # fmt: skip
+
+#: The published ADM checkpoints' flags (guided-diffusion's README, DPS's configs/model_config.yaml) and the
+#: attention flags they were trained with, as they should be passed. The keys cannot show the head split or
+#: the q/k/v order, so a checkpoint with the shapes of one of these is refused under another (checkpoint.py).
+PUBLISHED_LAYOUTS = {
+    "64x64_diffusion.pt": (
+        dict(_GD_UNET, image_size=64, class_cond=True, num_channels=192, num_res_blocks=3,
+             use_new_attention_order=True, noise_schedule="cosine"),
+        "num_head_channels=64, use_new_attention_order=True",
+    ),
+    "128x128_diffusion.pt": (
+        dict(_GD_UNET, image_size=128, class_cond=True, num_heads=4, num_head_channels=-1),
+        "num_heads=4 (num_head_channels=-1)",
+    ),
+    "256x256_diffusion.pt": (dict(_GD_UNET, class_cond=True), "num_head_channels=64"),
+    "256x256_diffusion_uncond.pt (or an LSUN model)": (dict(_GD_UNET, class_cond=False), "num_head_channels=64"),
+    "512x512_diffusion.pt": (dict(_GD_UNET, image_size=512, class_cond=True), "num_head_channels=64"),
+    "DPS's ffhq_10m.pt": (
+        dict(_GD_UNET, num_channels=128, num_res_blocks=1, attention_resolutions="16", class_cond=False,
+             num_heads=4),
+        "num_heads=4, num_head_channels=64",
+    ),
+    "64x64_classifier.pt": (dict(_GD_CLASSIFIER, image_size=64, classifier_depth=4), "num_head_channels=64"),
+    "128x128_classifier.pt": (dict(_GD_CLASSIFIER, image_size=128), "num_head_channels=64"),
+    "256x256_classifier.pt": (dict(_GD_CLASSIFIER, image_size=256), "num_head_channels=64"),
+    "512x512_classifier.pt": (dict(_GD_CLASSIFIER, image_size=512), "num_head_channels=64"),
+}  # fmt: skip
+
+
 def network_kwargs(arch: str, flags: dict) -> dict:
     """The constructor's keyword arguments for ``arch`` (one of :data:`ARCHITECTURES`)."""
     if arch not in ARCHITECTURES:
