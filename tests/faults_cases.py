@@ -1,11 +1,11 @@
-"""Issue #12: no traceback and no silent wrong result for bad input. A list of hostile-but-realistic cases and
-their runner.
+"""The hostile-input and fault cases of tests/test_faults.py (issue #12 and #20): no traceback and no silent wrong
+result for bad input.
 
 Each :class:`Case` declares what it expects: ``ok`` (exit 0 and the stated effect, checked by ``check``) or
-``error`` (exit ≠ 0, exactly one line on stderr matching ``match``, a regex naming the cause, and no
-"Traceback"; for the Python API: an exception whose one-line message matches). Every outcome is classified as
+``error`` (exit ≠ 0, exactly one line on stderr matching ``match``, a regex naming the cause, no "Traceback" and
+no file written or changed; for the Python API: an exception whose one-line message matches). :func:`verdict`
+names what went wrong, in the words of the old benchmarks/faults.py report:
 
-- ``pass``;
 - ``traceback``: an exception escaped ``lossguide.cli.main`` (or stderr shows a Python traceback; for the API,
   an exception of a bug's type: KeyError, AttributeError, IndexError, ...);
 - ``silent``: an expected error exited 0 (or returned), or an ``ok`` case ran without its stated effect;
@@ -15,16 +15,10 @@ Each :class:`Case` declares what it expects: ``ok`` (exit 0 and the stated effec
 CLI cases run in this process through ``lossguide.cli.main(argv)`` with stdout/stderr captured; only signals use
 subprocesses. Read-only folders and full disks are small tmpfs mounts where this process may mount them, and are
 otherwise simulated by monkeypatching ``os.open``/``os.mkdir`` (EROFS) and ``os.fsync`` (ENOSPC).
-
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/faults.py [--only REGEX] [--group G] [--json PATH]
-
-Prints the counts by category and by group and writes every outcome to ``--json``
-(default ``runs/faults-scratch/faults.json``). Scratch files go to ``runs/faults-scratch/`` (recreated).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import io
@@ -38,15 +32,12 @@ import subprocess
 import sys
 import time
 import traceback
-from collections import Counter, defaultdict
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRATCH = ROOT / "runs" / "faults-scratch"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 BUG_TYPES = (KeyError, AttributeError, IndexError, NameError, AssertionError, ZeroDivisionError, UnboundLocalError,
              StopIteration, RecursionError, MemoryError)  # fmt: skip
@@ -64,6 +55,7 @@ class Case:
     match: str | None = None  # regex that the one stderr line / the exception message must match
     check: Callable | None = None  # check(ctx, res) -> None or why the stated effect is missing
     nowrite: bool = False  # an error case: ``{d}/run`` must not exist afterwards (validated before any write)
+    writes: bool = False  # an error case that may leave files (an interrupted or out-of-space run keeps its progress)
     needs: tuple[str, ...] = ()  # "ro", "full": the fixtures it needs
 
 
@@ -82,9 +74,9 @@ class Result:
 class Ctx:
     d: Path
     shared: dict
+    stack: contextlib.ExitStack
     ro: Path | None = None
     full: Path | None = None
-    patches: list = field(default_factory=list)
 
     def fmt(self, s: str) -> str:
         return s.format(d=self.d, ro=self.ro, full=self.full, rgb=self.shared.get("rgb", ""), py=sys.executable)
@@ -226,15 +218,34 @@ DDIM_FLAGS = dict(ch=32, out_ch=3, ch_mult=[1], num_res_blocks=1, attn_resolutio
 
 
 # -- running one case -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _cli_streams(out: io.StringIO, err: io.StringIO):
+    """stdout/stderr into ``out``/``err`` as a fresh ``lossguide`` process would see them: a root logger without
+    handlers (main() binds its own to this stderr) and warnings printed to stderr, not recorded by pytest."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers.clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda m, cat, f, ln, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(m, cat, f, ln, line)
+            )
+            yield
+    finally:
+        for h in root.handlers:
+            if h not in saved:
+                h.close()
+        root.handlers[:] = saved
+        root.setLevel(level)
+
+
 def run_cli(argv: list[str]) -> Result:
     out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers.clear()  # basicConfig in main() binds a handler to this case's stderr
     res = Result()
     t0 = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with _cli_streams(out, err):
             from lossguide.cli import main  # an import error counts as a traceback too
 
             try:
@@ -243,8 +254,6 @@ def run_cli(argv: list[str]) -> Result:
                 res.rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException as e:  # noqa: BLE001 - an exception escaping main() is what we count
         res.exc, res.tb = e, traceback.format_exc()
-    finally:
-        root.handlers[:] = saved
     res.wall = time.perf_counter() - t0
     res.out, res.err = out.getvalue(), err.getvalue()
     return res
@@ -254,7 +263,7 @@ def run_api(fn, ctx) -> Result:
     res = Result()
     err = io.StringIO()
     root = logging.getLogger()
-    saved = root.handlers[:]
+    saved, level = root.handlers[:], root.level
     root.handlers[:] = [logging.StreamHandler(err)]
     t0 = time.perf_counter()
     try:
@@ -264,84 +273,98 @@ def run_api(fn, ctx) -> Result:
         res.exc, res.tb = e, traceback.format_exc()
     finally:
         root.handlers[:] = saved
+        root.setLevel(level)
     res.wall = time.perf_counter() - t0
     res.err = err.getvalue()
     return res
 
 
-def classify(case: Case, ctx: Ctx, res: Result) -> tuple[str, str]:
-    """(category, detail) of one outcome."""
+def snapshot(*folders: Path | None) -> dict[str, tuple[int, int]]:
+    """Every file under ``folders``: path -> (size, mtime_ns)."""
+    snap = {}
+    for top in folders:
+        if top is not None and top.exists():
+            for p in top.rglob("*"):
+                if p.is_file():
+                    st = p.stat()
+                    snap[str(p)] = (st.st_size, st.st_mtime_ns)
+    return snap
+
+
+def _changed(before: dict, after: dict) -> list[str]:
+    return sorted({k for k in before.keys() | after.keys() if before.get(k) != after.get(k)})
+
+
+@contextlib.contextmanager
+def case_context(case: Case, tmp: Path, rgb: str):
+    """The case's folder ``tmp/case`` with its fixtures (read-only folder, full disk) active, set up."""
+    with contextlib.ExitStack() as stack:
+        ctx = Ctx(d=tmp / "case", shared={"rgb": rgb}, stack=stack)
+        ctx.d.mkdir(parents=True)
+        if "ro" in case.needs:
+            ro = ReadOnly(tmp / "ro")
+            stack.callback(ro.close)
+            stack.enter_context(ro.active())
+            ctx.ro = ro.path
+        if "full" in case.needs:
+            fd = FullDisk(tmp / "full")
+            stack.callback(fd.close)
+            stack.enter_context(fd.active())
+            ctx.full, ctx.shared["fulldisk"] = fd.path, fd
+        if case.setup:
+            case.setup(ctx)
+        yield ctx
+
+
+def call(case: Case, ctx: Ctx) -> Result:
+    if case.api is not None:
+        return run_api(case.api, ctx)
+    if case.proc is not None:
+        return case.proc(ctx)
+    return run_cli([ctx.fmt(a) for a in case.argv])
+
+
+def verdict(case: Case, ctx: Ctx, res: Result, before: dict) -> tuple[str, str] | None:
+    """None for the expected outcome, else (category, detail)."""
     if case.api is not None:
         if res.exc is not None:
             msg = str(res.exc)
             if isinstance(res.exc, BUG_TYPES):
-                return "traceback", f"{type(res.exc).__name__}: {msg}"
+                return "traceback", res.tb
             if case.expect == "ok":
                 return "other", f"raised {type(res.exc).__name__}: {msg}"
             if "\n" in msg.strip() or not (case.match and re.search(case.match, msg)):
                 return "unclear", f"{type(res.exc).__name__}: {msg}"
-            return "pass", msg
+            if case.nowrite and (ctx.d / "run").exists():
+                return "other", f"wrote {ctx.d / 'run'} before failing: {msg}"
+            return None
         if case.expect == "error":
             return "silent", f"no exception (returned {res.value!r:.200})"
         why = case.check(ctx, res) if case.check else None
-        return ("silent", why) if why else ("pass", "")
+        return ("silent", why) if why else None
     if res.exc is not None:
-        return "traceback", f"{type(res.exc).__name__}: {res.exc}"
+        return "traceback", res.tb
     if "Traceback (most recent call last)" in res.err:
-        return "traceback", res.err.strip().splitlines()[-1]
+        return "traceback", res.err
     lines = [ln for ln in res.err.splitlines() if ln.strip()]
     if case.expect == "ok":
         if res.rc != 0:
             return "other", f"exit {res.rc}: {' | '.join(lines[-3:])}"
         why = case.check(ctx, res) if case.check else None
-        return ("silent", why) if why else ("pass", "")
+        return ("silent", why) if why else None
     if res.rc == 0:
         return "silent", f"exit 0; stdout: {res.out.strip()[-200:]}"
     if len(lines) != 1:
         return "unclear", f"exit {res.rc}, {len(lines)} stderr lines: {' | '.join(lines)[-400:]}"
     if not (case.match and re.search(case.match, lines[0])):
-        return "unclear", f"exit {res.rc}: {lines[0]}"
+        return "unclear", f"exit {res.rc}: {lines[0]!r} does not match {case.match!r}"
     if case.nowrite and (ctx.d / "run").exists():
         return "other", f"wrote {ctx.d / 'run'} before failing: {lines[0]}"
+    changed = [] if case.writes else _changed(before, snapshot(ctx.d, ctx.ro))
+    if changed:
+        return "other", f"wrote or changed {changed[:5]} before failing: {lines[0]}"
     why = case.check(ctx, res) if case.check else None
-    if why:
-        return "other", why
-    return "pass", lines[0]
-
-
-def run_case(case: Case, shared: dict, fixtures: dict) -> dict:
-    d = SCRATCH / "cases" / case.id
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    ctx = Ctx(d=d, shared=shared)
-    stack = contextlib.ExitStack()
-    if "ro" in case.needs:
-        ctx.ro = fixtures["ro"].path
-        stack.enter_context(fixtures["ro"].active())
-    if "full" in case.needs:
-        fd = FullDisk(SCRATCH / "full" / case.id)
-        ctx.full, ctx.shared["fulldisk"] = fd.path, fd
-        stack.callback(fd.close)
-        stack.enter_context(fd.active())
-    with stack:
-        try:
-            if case.setup:
-                case.setup(ctx)
-        except Exception as e:  # noqa: BLE001
-            return {"id": case.id, "group": case.group, "expect": case.expect, "category": "other",
-                    "detail": f"setup failed: {type(e).__name__}: {e}", "wall_s": 0}  # fmt: skip
-        if case.api is not None:
-            res = run_api(case.api, ctx)
-        elif case.proc is not None:
-            res = case.proc(ctx)
-        else:
-            res = run_cli([ctx.fmt(a) for a in case.argv])
-        try:
-            cat, detail = classify(case, ctx, res)
-        except Exception as e:  # noqa: BLE001
-            cat, detail = "other", f"check failed: {type(e).__name__}: {e}"
-    return {"id": case.id, "group": case.group, "expect": case.expect, "category": cat, "detail": detail,
-            "argv": case.argv, "rc": res.rc, "wall_s": round(res.wall, 2)}  # fmt: skip
+    return ("other", why) if why else None
 
 
 # -- helpers to write the cases ------------------------------------------------------------------------
@@ -568,7 +591,7 @@ case(
     "error",
     S("--model", "{d}/empty"),
     setup=lambda c: (c.d / "empty").mkdir(),
-    match=r"cannot load '.*empty'",
+    match=r"cannot load '.*empty'|/empty/config\.json is missing, so .*/empty is no diffusers model folder",
     nowrite=True,
 )
 case(
@@ -577,7 +600,7 @@ case(
     "error",
     S("--model", "{d}/m"),
     setup=write("m/unet/config.json", "{{not json"),
-    match=r"cannot load '.*/m'",
+    match=r"cannot load '.*/m'|/m/unet/config\.json is not valid JSON",
     nowrite=True,
 )
 case(
@@ -1051,8 +1074,8 @@ def _rgb_denoiser(ctx):
     return load_denoiser(ctx.shared["rgb"]).denoiser, lg
 
 
-def api_case(id, expect, fn, match=None, check=None):
-    case(f"api-{id}", G, expect, api=fn, match=match, check=check)
+def api_case(id, expect, fn, match=None, check=None, nowrite=False):
+    case(f"api-{id}", G, expect, api=fn, match=match, check=check, nowrite=nowrite)
 
 
 def _shape(shape):
@@ -1298,7 +1321,13 @@ def _vp_den_flow_sampler(ctx):
     return _oracle_run(sampler=lg.FlowEuler(lg.FlowSchedule(), 4))
 
 
-api_case("vp-denoiser-flow-sampler", "error", _vp_den_flow_sampler, r"denoiser's schedule is 'vp' but FlowEuler")
+api_case(
+    "vp-denoiser-flow-sampler",
+    "error",
+    _vp_den_flow_sampler,
+    r"denoiser's schedule is 'vp' but FlowEuler"
+    r"|model's schedule is VP .* but the sampler steps rectified flow.*FlowEuler",  # the schedule check's wording
+)
 api_case(
     "ddim-eta-nan",
     "error",
@@ -1344,10 +1373,10 @@ def _run_sample_cfg(**kw):
     return fn
 
 
-api_case("run-sample-steps-string", "error", _run_sample_cfg(steps="2"), r"steps must be an integer")
-api_case("run-sample-seeds-float", "error", _run_sample_cfg(seeds=[0.5]), r"seed.*0\.5|seeds must be")
-api_case("run-sample-seeds-empty", "error", _run_sample_cfg(seeds=[]), r"seeds .*at least one")
-api_case("run-sample-params-list", "error", _run_sample_cfg(params=[1]), r"params must be a mapping")
+api_case("run-sample-steps-string", "error", _run_sample_cfg(steps="2"), r"steps must be an integer", nowrite=True)
+api_case("run-sample-seeds-float", "error", _run_sample_cfg(seeds=[0.5]), r"seed.*0\.5|seeds must be", nowrite=True)
+api_case("run-sample-seeds-empty", "error", _run_sample_cfg(seeds=[]), r"seeds .*at least one", nowrite=True)
+api_case("run-sample-params-list", "error", _run_sample_cfg(params=[1]), r"params must be a mapping", nowrite=True)
 
 
 def _class_sketch_l2(ctx):
@@ -1431,7 +1460,7 @@ case(
 
 
 def _subprocess_cli(argv, cwd, wait_for: Callable, sig=signal.SIGINT, timeout=300) -> Result:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "lossguide.cli", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -1488,6 +1517,7 @@ case(
     proc=_sigint_sample,
     match=r"^lossguide sample: interrupted; rerun the same command",
     check=_after_sigint,
+    writes=True,
 )
 
 
@@ -1497,14 +1527,21 @@ def _sigint_bench(c):
                            lambda: (out / "shards").is_dir() and any((out / "shards").rglob("*.json")))  # fmt: skip
 
 
-case("sigint-bench", G, "error", proc=_sigint_bench, match=r"^lossguide bench: interrupted; rerun the same command")
+case(
+    "sigint-bench",
+    G,
+    "error",
+    proc=_sigint_bench,
+    match=r"^lossguide bench: interrupted; rerun the same command",
+    writes=True,
+)
 
 
 def _sigint_oracle(c):
     return _subprocess_cli(["oracle", "--tune"], c.d, lambda: time.sleep(8) or True)  # tuning takes ~40 s
 
 
-case("sigint-oracle", G, "error", proc=_sigint_oracle, match=r"^lossguide oracle: interrupted$")
+case("sigint-oracle", G, "error", proc=_sigint_oracle, match=r"^lossguide oracle: interrupted$", writes=True)
 
 
 def _sigterm_then_resume(c):
@@ -1583,75 +1620,24 @@ case(
 )
 
 
-def _live_lock(c):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_runfolder import hold_lock
+def _hold_lock(c):
+    """Setup: a second process holds the lock of ``{d}/run`` until the case ends."""
+    from test_runfolder import hold_lock  # tests/ is on sys.path under pytest
 
     holder = hold_lock(c.d / "run")
-    try:
-        return run_cli(S(out=str(c.d / "run"), fast=True))
-    finally:
+
+    def release():
         holder.stdin.close()
         holder.wait(timeout=30)
 
-
-case("live-second-writer", G, "error", proc=_live_lock, match=r"in use by process \d+ \(lock file .*\.lock\)")
-
-
-# -- main ---------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default=None, help="regex on case ids")
-    ap.add_argument("--group", default=None)
-    ap.add_argument("--json", type=Path, default=SCRATCH / "faults.json")
-    ap.add_argument("--list", action="store_true")
-    ap.add_argument("-v", "--verbose", action="store_true", help="print every case")
-    args = ap.parse_args(argv)
-    cases = [c for c in CASES if (args.group is None or c.group == args.group)
-             and (args.only is None or re.search(args.only, c.id))]  # fmt: skip
-    if args.list:
-        for c in cases:
-            print(f"{c.group:10s} {c.id:40s} {c.expect}")
-        print(len(cases), "cases")
-        return 0
-    import torch
-
-    torch.set_num_threads(1)
-    shutil.rmtree(SCRATCH / "cases", ignore_errors=True)
-    (SCRATCH / "cases").mkdir(parents=True, exist_ok=True)
-    shared: dict = {}
-    fixtures: dict = {}
-    t0 = time.perf_counter()
-    try:
-        shared["rgb"] = str(tiny_rgb_model(SCRATCH / "cases" / "_rgb"))
-        fixtures["ro"] = ReadOnly(SCRATCH / "ro")
-        results = []
-        for c in cases:
-            r = run_case(c, shared, fixtures)
-            results.append(r)
-            if args.verbose or r["category"] != "pass":
-                print(f"[{r['category']:9s}] {c.group}/{c.id} ({r['wall_s']}s): {r['detail'][:300]}", flush=True)
-    finally:
-        if "ro" in fixtures:
-            fixtures["ro"].close()
-    wall = time.perf_counter() - t0
-    cats = ("pass", "traceback", "silent", "unclear", "other")
-    by_group: dict[str, Counter] = defaultdict(Counter)
-    for r in results:
-        by_group[r["group"]][r["category"]] += 1
-    total = Counter(r["category"] for r in results)
-    print(f"\n{'group':12s} " + " ".join(f"{c:>9s}" for c in cats) + "    total")
-    for g, cnt in by_group.items():
-        print(f"{g:12s} " + " ".join(f"{cnt[c]:9d}" for c in cats) + f" {sum(cnt.values()):8d}")
-    print(f"{'all':12s} " + " ".join(f"{total[c]:9d}" for c in cats) + f" {len(results):8d}")
-    print(f"{len(results)} cases in {wall:.0f} s; read-only folder: "
-          f"{'tmpfs' if fixtures['ro'].mounted else 'patched' if fixtures['ro'].patch else 'chmod'}")  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"counts": dict(total), "by_group": {g: dict(c) for g, c in by_group.items()},
-                                     "wall_s": round(wall, 1), "cases": results}, indent=2) + "\n")  # fmt: skip
-    print(f"wrote {args.json}")
-    return 0 if total["pass"] == len(results) else 1
+    c.stack.callback(release)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+case(
+    "live-second-writer",
+    G,
+    "error",
+    S(fast=True),
+    setup=_hold_lock,
+    match=r"in use by process \d+ \(lock file .*\.lock\)",
+)
