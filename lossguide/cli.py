@@ -143,7 +143,7 @@ def cmd_sample(args) -> int:
             model=args.model, guide=args.guide, judge=args.judge, loss=args.loss, norm=args.norm, target=args.target,
             reference=args.reference, method=args.method, params=run_sample.parse_params(args.set),
             steps=args.steps, ddim_eta=args.ddim_eta, seeds=run_sample.parse_seeds(args.seeds), batch=args.batch,
-            device=args.device,
+            device=args.device, dtype=args.dtype,
         )  # fmt: skip
     m = run_sample.run(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite, expect_guidance=expect)
     if "not_applicable" in m:  # not MNIST digits: no guide or judge numbers
@@ -160,7 +160,7 @@ def cmd_sample(args) -> int:
 
 
 _SAMPLE_FLAGS = ("model", "guide", "judge", "loss", "norm", "target", "reference", "method", "set", "steps",
-                 "ddim_eta", "seeds", "batch", "device")  # fmt: skip
+                 "ddim_eta", "seeds", "batch", "device", "dtype")  # fmt: skip
 
 
 def _check_config_flags(args) -> None:
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "numbers depend on --batch but not on which seeds share its batch")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("runs/sample"), help="run folder")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="models and sampler state; float64 makes a seed's numbers the same at any --batch (float32 "
+                   "kernels round differently for another batch size, and guidance amplifies it)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a run folder with a different config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(

@@ -48,6 +48,7 @@ class SampleConfig:
     seeds: list[int] = field(default_factory=lambda: list(range(16)))
     batch: int = 16
     device: str = "cpu"
+    dtype: str = "float32"  # of the models and the sampler state: float64 makes a seed's numbers batch-size-free
 
     def resolved_params(self) -> dict:
         """The preset's parameters as given (its defaults fill the rest and are written to config.yaml)."""
@@ -123,6 +124,7 @@ def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:
 #: SampleConfig fields that no recipe has: a file with one of them is a sample config (whatever its other keys)
 SAMPLE_ONLY = ("guide", "judge", "norm", "target", "reference", "steps", "ddim_eta")
 REF_LOSSES = ("sketch", "inpaint", "sr", "class+sketch")  # the losses that use --reference and --norm
+DTYPES = ("float32", "float64")
 
 
 def is_sample_config(d) -> bool:
@@ -160,7 +162,7 @@ def check_config(cfg: SampleConfig) -> None:
     def fail(flag: str, need: str, v) -> None:
         raise ValueError(f"{flag} must be {need}, got {v!r} ({type(v).__name__})")
 
-    for name in ("model", "guide", "judge", "loss", "norm", "method", "device"):
+    for name in ("model", "guide", "judge", "loss", "norm", "method", "device", "dtype"):
         v = getattr(cfg, name)
         if not isinstance(v, str):
             fail(f"--{name}", "a string", v)
@@ -184,6 +186,8 @@ def check_config(cfg: SampleConfig) -> None:
     if bad or len(set(seeds)) != len(seeds):
         what = f"bad seed {bad[0]!r}" if bad else "a seed named twice"
         raise ValueError(f"--seeds must be distinct integers ≥ 0 ({what}); e.g. 0-15 or 0-7,100")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
     if cfg.norm not in losses.NORMS:
@@ -215,7 +219,8 @@ def run(
 
     check_config(cfg)
     guidance = presets.get(cfg.method, **cfg.resolved_params())
-    model = load_denoiser(cfg.model, device=cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    model = load_denoiser(cfg.model, device=cfg.device, dtype=dtype)
     T = getattr(model.denoiser.schedule, "num_train_timesteps", None)
     if T is not None and cfg.steps > T:
         raise ValueError(f"--steps {cfg.steps} exceeds the {T} training timesteps of --model {cfg.model}; use "
@@ -246,16 +251,17 @@ def run(
             _sample_seeds(cfg, folder, model, sampler, guidance, None, None, None, None, progress)
             return finalize(cfg, folder)
     guide = load_classifier(cfg.guide, device=cfg.device)
-    judge = load_classifier(cfg.judge, device=cfg.device)
+    judge = load_classifier(cfg.judge, device=cfg.device).to(dtype)
     needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
-    reference = reference_digit(cfg.target, cfg.reference).to(cfg.device) if needs_ref else None
-    means = class_means(cfg.guide, device=cfg.device, net=guide) if cfg.loss == "class-feature" else None
+    reference = reference_digit(cfg.target, cfg.reference).to(cfg.device, dtype) if needs_ref else None
+    means = class_means(cfg.guide, device=cfg.device, net=guide).to(dtype) if cfg.loss == "class-feature" else None
+    guide = guide.to(dtype)  # after μ_y, which the float32 guide computes on its training split
     task_loss = build_loss(cfg, guide, reference, means)  # what is reported as the guide loss, for every method
     loss = task_loss
     if cfg.method == "cg":  # classifier guidance steers with the noise-aware classifier of the target class
         if cfg.loss not in ("class", "class-feature"):
             raise ValueError("--method cg guides with the noise-aware classifier: use it with a class loss")
-        loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device), cfg.target,
+        loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device).to(dtype), cfg.target,
                                      schedule=model.denoiser.schedule)  # a flow model's t read as VP (x_t/k, τ)
     sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
 
@@ -284,6 +290,7 @@ def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide,
             shape=model.sample_shape,
             seeds=seeds,
             device=cfg.device,
+            dtype=getattr(torch, cfg.dtype),
             progress=progress,
         )
         wall = time.perf_counter() - t0

@@ -259,9 +259,14 @@ DETERMINISM = {
 @pytest.mark.filterwarnings("ignore:.*guidance did nothing")
 @pytest.mark.parametrize("name", list(DETERMINISM))
 def test_batch_invariance_and_determinism_in_every_family(prior, name):
-    """Sample k alone equals sample k in a batch (≤ 1e-10, float64) and a rerun is bit-identical, with guidance
+    """Sample k alone equals sample k in a batch (≤ 1e-6, float64) and a rerun is bit-identical, with guidance
     that draws per-sample randomness (shen2024: augmentation copies and time-travel noise; lgd_mc: Monte-Carlo
-    draws, on the stochastic DDIM)."""
+    draws, on the stochastic DDIM).
+
+    The bound: float64 kernels may round the last bit differently for another batch shape, and the trajectory
+    amplifies one ulp: x_T·(1 + 2⁻⁵²) moves the final sample by up to 2.6e-13 (flow Euler), 5.8e-9 (VE Euler) and
+    3.2e-8 (VE Heun) over seeds 0-39. Measured alone-vs-batch differences: ≤ 4.4e-15 on one CPU (1 and 2 threads,
+    40 seeds), 1.07e-9 (VE Heun) on another; 1e-6 is 30× the largest one-ulp amplification."""
     make, method, extra = DETERMINISM[name]
     schedule = make().schedule
     task = class_task(prior, schedule)
@@ -275,4 +280,4 @@ def test_batch_invariance_and_determinism_in_every_family(prior, name):
     batch = run(seeds)
     assert torch.equal(batch, run(seeds))
     for k in (0, 2):
-        torch.testing.assert_close(run([seeds[k]])[0], batch[k], rtol=0, atol=1e-10)
+        torch.testing.assert_close(run([seeds[k]])[0], batch[k], rtol=0, atol=1e-6)

@@ -84,12 +84,16 @@ def test_tiny_sample_run_end_to_end_and_resume(tmp_path):
 
 
 @shipped
-def test_sample_run_is_batch_invariant(tmp_path):
-    cfg = dict(steps=3, params={"n_aug": 2, "n_recur": 1}, seeds=[5, 6])
+def test_sample_run_is_batch_invariant_in_float64(tmp_path):
+    """--dtype float64: a seed's guide loss is the same at --batch 1 and 2 to 1e-9 relative (measured: ≤ 4.5e-16,
+    1 and 2 threads). In float32 conv and linear kernels round differently for another batch shape (2.9e-6 in the
+    guide's logits here, B = 1 vs 2) and guidance amplifies it: 4e-7 relative in this loss on one CPU, 8e-4 on
+    another; the float32 guarantee is per --batch (padded batches: the next test, bit-identical)."""
+    cfg = dict(steps=3, params={"n_aug": 2, "n_recur": 1}, seeds=[5, 6], dtype="float64")
     a = run(SampleConfig(batch=2, **cfg), tmp_path / "a", progress=False)
     b = run(SampleConfig(batch=1, **cfg), tmp_path / "b", progress=False)
     for ra, rb in zip(a["per_sample"], b["per_sample"], strict=True):
-        assert ra["guide_loss"] == pytest.approx(rb["guide_loss"], rel=1e-4, abs=1e-5)
+        assert ra["guide_loss"] == pytest.approx(rb["guide_loss"], rel=1e-9, abs=0)
 
 
 @shipped
