@@ -258,9 +258,10 @@ def cmd_bench(args) -> int:
     check_device(args.device)
     cfg.device = args.device
     cfg.validate()
-    bench.check_config(cfg, args.out, overwrite=args.overwrite)
     b = bench.Bench(cfg, args.out)
     try:
+        b.fixed_settings()  # a --settings file that lacks a cell is refused before anything is written
+        bench.check_config(cfg, args.out, overwrite=args.overwrite)
         rows = b.run()
     finally:
         b.ranks.close()

@@ -252,8 +252,8 @@ class Bench:
         return out
 
     # -- phases
-    def tune(self) -> dict:
-        """Beam-search each (task, method)'s step parameter; writes ``tuning.json`` and ``settings.json``."""
+    def fixed_settings(self) -> dict | None:
+        """The ``--settings`` file's step values, checked for every (task, method) this run tunes (None: tune)."""
         cfg = self.cfg
         if cfg.settings_file is not None:
             path = Path(cfg.settings_file)
@@ -269,6 +269,14 @@ class Bench:
                     raise ValueError(f"--settings {path}: the step parameter {tuned_param(m)[0]} of {m!r} on {t!r} "
                                      f"must be a finite number, got {v!r}")  # fmt: skip
             return settings
+        return None
+
+    def tune(self) -> dict:
+        """Beam-search each (task, method)'s step parameter; writes ``tuning.json`` and ``settings.json``."""
+        cfg = self.cfg
+        fixed = self.fixed_settings()
+        if fixed is not None:
+            return fixed
         settings: dict = {}
         trace: list[dict] = []
         seeds = list(tune_seeds("bench", cfg.n_tune))
