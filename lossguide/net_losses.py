@@ -237,11 +237,6 @@ def clip_similarity(clip: CLIP, x0: torch.Tensor, embeds: torch.Tensor) -> torch
         return 1 - _embedding_distance(clip.image_embeds(x0), embeds, "cosine")
 
 
-def clip_score(clip: CLIP, x0: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-    """CLIP score 100·max(cos(e_img, e_txt), 0) per sample (Hessel et al. 2021), without gradients."""
-    return 100 * clip_similarity(clip, x0, text_embeds).clamp(min=0)
-
-
 # -- any network -------------------------------------------------------------------------------------
 class ClassifierLoss:
     """−log p(y | x0) under any classifier (torchvision, timm, transformers: a tensor or ``.logits``),

@@ -205,14 +205,3 @@ def _check_number(name: str, v, positive: bool = False) -> None:
         need = "a finite number > 0" if positive else "a finite number"
         raise ValueError(f"{name} must be {need}, got {v!r}")
 
-
-RULES = {cls.__name__: cls for cls in (Constant, AlphaBarPower, LossNormalized, TFGSchedule, Polyak)}
-
-
-def rule_from_dict(d: dict) -> StepRule:
-    """Inverse of :meth:`StepRule.to_dict`."""
-    d = dict(d)
-    name = d.pop("rule")
-    if name not in RULES:
-        raise ValueError(f"unknown step rule {name!r}; choose one of {sorted(RULES)}")
-    return RULES[name](**d)

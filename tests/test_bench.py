@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lossguide import bench
+from lossguide.harness.methods import method_config, parse_method, tuned_param
+from lossguide.harness.report import comparable
+from lossguide.harness.tuning import beam_search
 
 TINY = ["--tasks", "class,oracle-class", "--methods", "none,freedom", "--steps", "3", "--n-eval", "4",
         "--n-tune", "2", "--beam-rounds", "1", "--batch", "2"]  # fmt: skip
@@ -25,7 +27,7 @@ def test_beam_search_finds_the_best_grid_point_of_a_known_objective():
         calls.append(list(values))
         return [-((math.log10(v) - math.log10(0.3)) ** 2) for v in values]  # peak at 0.3
 
-    best, trace = bench.beam_search(evaluate, init=1.0, factor=3.0, width=2, rounds=4)
+    best, trace = beam_search(evaluate, init=1.0, factor=3.0, width=2, rounds=4)
     assert best == pytest.approx(1 / 3, rel=1e-5)  # the 3^k grid point nearest 0.3
     values = sorted(r["value"] for r in trace)
     # no point is evaluated twice, not even as 3·(1/3) = 0.999999 next to 1
@@ -34,15 +36,15 @@ def test_beam_search_finds_the_best_grid_point_of_a_known_objective():
 
 
 def test_method_specs_parse_and_fail_clearly():
-    cfg = bench.method_config("freedom+polyak+ra", 0.05)
+    cfg = method_config("freedom+polyak+ra", 0.05)
     assert cfg.rho.to_dict()["eta"] == 0.05 and cfg.n_aug == 10
-    off = bench.method_config("shen2024-tt", 0.01)
+    off = method_config("shen2024-tt", 0.01)
     assert off.n_recur == 1 and off.n_aug == 10
-    assert bench.tuned_param("shen2024-polyak")[0] == "scale"
+    assert tuned_param("shen2024-polyak")[0] == "scale"
     with pytest.raises(ValueError, match="unknown method 'nope'"):
-        bench.parse_method("nope+ra")
+        parse_method("nope+ra")
     with pytest.raises(ValueError, match="unknown modifier '\\+x'"):
-        bench.parse_method("dps+x")
+        parse_method("dps+x")
 
 
 def _bench(out: Path, *extra, launcher=()):
@@ -53,7 +55,7 @@ def _bench(out: Path, *extra, launcher=()):
 
 
 def _rows(out: Path):
-    return bench.comparable(json.loads((out / "results.json").read_text())["rows"])
+    return comparable(json.loads((out / "results.json").read_text())["rows"])
 
 
 @pytest.fixture(scope="module")
