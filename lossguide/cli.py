@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sketch/inpaint/sr residual: ‖r‖² or ‖r‖ (l2, as the paper's code)")  # fmt: skip
     p.add_argument("--target", type=int, default=3, help="target digit class")
     p.add_argument("--reference", type=int, default=0, help="held-out reference digit (sketch/inpaint/sr)")
-    p.add_argument("--method", default="shen2024", choices=list(PRESETS), help="guidance preset")
+    p.add_argument("--method", default="shen2024", type=_method_spec,
+                   help=f"a preset ({', '.join(PRESETS)}) with modifiers, e.g. freedom+polyak or shen2024-ra")
     p.add_argument(
         "--set",
         action="append",
@@ -415,6 +416,17 @@ def yaml_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         return ()
     return (yaml.YAMLError,)
+
+
+def _method_spec(spec: str) -> str:
+    """A method spec of :mod:`lossguide.harness.methods`' grammar, checked while parsing."""
+    from lossguide.harness.methods import parse_method
+
+    try:
+        parse_method(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def check_device(spec: str, what: str = "--device") -> None:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from lossguide import net_losses, presets
+from lossguide import net_losses
+from lossguide.harness.methods import method_config
 from lossguide.runfolder import RunFolder, fixed_batches
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
@@ -213,7 +214,7 @@ def _params(r: dict) -> dict:
 
 def _guidance(r: dict):
     """The preset with its parameters; ``window: [lo, hi]`` (guidance where lo < t/T ≤ hi) on any preset."""
-    g = presets.get(r["method"], **_params(r))
+    g = method_config(r["method"], **_params(r))  # a preset or a spec such as shen2024-ra
     if r.get("window") is not None:
         g = g.replace(window=tuple(float(v) for v in r["window"]))
     return g

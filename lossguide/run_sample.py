@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from lossguide import losses, presets
+from lossguide import losses
 from lossguide.guidance import resolve_augment
+from lossguide.harness.methods import method_config, parse_method
 from lossguide.runfolder import RunFolder, fixed_batches, grid, parse_seeds, png_bytes, seeds_from, to_uint8  # noqa: F401
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
@@ -218,7 +219,8 @@ def run(
     from lossguide.models import class_means, load_classifier, load_denoiser
 
     check_config(cfg)
-    guidance = presets.get(cfg.method, **cfg.resolved_params())
+    guidance = method_config(cfg.method, **cfg.resolved_params())  # a preset or a spec such as freedom+polyak
+    base = parse_method(cfg.method)[0]
     dtype = getattr(torch, cfg.dtype)
     model = load_denoiser(cfg.model, device=cfg.device, dtype=dtype)
     T = getattr(model.denoiser.schedule, "num_train_timesteps", None)
@@ -236,7 +238,7 @@ def run(
         )
     shape = tuple(model.sample_shape)
     if shape != MNIST_SHAPE:  # the MNIST guide, judge and reference digits cannot apply
-        if cfg.method != "none":
+        if base != "none":
             raise ValueError(
                 f"--model {cfg.model} makes samples of shape {shape}, but --loss {cfg.loss} needs the MNIST guide or "
                 f"reference digits of shape {MNIST_SHAPE}; use --method none for unguided samples from it, or a "
@@ -258,7 +260,7 @@ def run(
     guide = guide.to(dtype)  # after μ_y, which the float32 guide computes on its training split
     task_loss = build_loss(cfg, guide, reference, means)  # what is reported as the guide loss, for every method
     loss = task_loss
-    if cfg.method == "cg":  # classifier guidance steers with the noise-aware classifier of the target class
+    if base == "cg":  # classifier guidance steers with the noise-aware classifier of the target class
         if cfg.loss not in ("class", "class-feature"):
             raise ValueError("--method cg guides with the noise-aware classifier: use it with a class loss")
         loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device).to(dtype), cfg.target,

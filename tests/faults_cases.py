@@ -484,7 +484,7 @@ for v, m in [
     ("x", r"argument --batch: invalid int value: 'x'"),
 ]:
     case(f"batch-{v}", G, "error", over(S(), batch=v), match=m, nowrite=True)
-case("method-unknown", G, "error", S("--method", "bogus"), match=r"argument --method: invalid choice: 'bogus'")
+case("method-unknown", G, "error", S("--method", "bogus"), match=r"argument --method: unknown method 'bogus'")
 case(
     "method-cg-sketch",
     G,

@@ -103,7 +103,7 @@ def _one_line(capsys, command: str) -> str:
     "argv, message",
     [
         (["sample", "--steps", "abc"], "lossguide sample: error: argument --steps: invalid int value: 'abc'"),
-        (["sample", "--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
+        (["sample", "--method", "bogus"], "argument --method: unknown method 'bogus'"),
         (["oracle", "--n", "x"], "lossguide oracle: error: argument --n: invalid int value: 'x'"),
         (["experiment"], "the following arguments are required: name"),
     ],

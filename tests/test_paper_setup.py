@@ -132,23 +132,24 @@ def test_window_switches_off_the_last_steps(prior, schedule):
 
 
 def test_bench_grammar_lossgap_and_data_supplied_augmentation():
-    from lossguide import bench
+    from lossguide.harness.methods import method_config
 
-    cfg = bench.method_config("freedom+polyak+lossgap", 0.2)
+    cfg = method_config("freedom+polyak+lossgap", 0.2)
     assert isinstance(cfg.rho, Polyak) and cfg.rho.gap == "loss" and cfg.rho.eta == 0.2
-    assert bench.method_config("shen2024+lossgap", 0.1).rho.gap == "loss"
-    assert bench.method_config("shen2024", 0.03).augment is None  # the MNIST task supplies digits
+    assert method_config("shen2024+lossgap", 0.1).rho.gap == "loss"
+    assert method_config("shen2024", 0.03).augment is None  # the MNIST task supplies digits
     with pytest.raises(ValueError, match="lossgap"):
-        bench.method_config("freedom+lossgap", 1.0)
+        method_config("freedom+lossgap", 1.0)
 
 
 def test_wilson_interval_and_fid_ceiling_objective():
-    from lossguide import bench, metrics
+    from lossguide import metrics
+    from lossguide.harness.tasks.mnist import MnistTask
 
     lo, hi = metrics.wilson_interval(95, 100)
     assert lo == pytest.approx(0.8882, abs=1e-3) and hi == pytest.approx(0.9785, abs=1e-3)
     assert metrics.wilson_interval(0, 10)[0] == 0.0 and metrics.wilson_interval(10, 10)[1] == 1.0
-    task = bench.MnistTask.__new__(bench.MnistTask)
+    task = MnistTask.__new__(MnistTask)
     task.kind = "class-feature"
     good = {"judge_validity": 0.9, "guide_loss": 1.0, "fid": 5.0, "noise_like": 0.0}
     bad = {"judge_validity": 1.0, "guide_loss": 1.0, "fid": 50.0, "noise_like": 0.1}

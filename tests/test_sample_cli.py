@@ -279,3 +279,26 @@ def test_guidance_that_did_nothing_is_warned_on_the_cli(tmp_path, caplog, monkey
     assert "method shen2024 did nothing: every guided step of every sample had a zero gradient" in cli
     rec = json.loads((tmp_path / "b" / "records" / "000000.json").read_text())
     assert rec["zero_grad_steps"] == 2
+
+
+@shipped
+def test_sample_and_recipes_take_method_specs(tmp_path):
+    """`lossguide sample --method freedom+polyak` and a recipe with `method: shen2024-ra` run the harness's method
+    grammar: the guidance block is the spec's (a Polyak ρ rule on FreeDoM; shen2024 without augmentation)."""
+    import yaml
+
+    out = tmp_path / "spec"
+    args = ["sample", "--method", "freedom+polyak", "--steps", "3", "--seeds", "0-1", "--batch", "2", "--quiet"]
+    assert main(args + ["--out", str(out)]) == 0
+    g = yaml.safe_load((out / "config.yaml").read_text())["guidance"]
+    assert g["name"] == "freedom+polyak" and g["rho"]["rule"] == "Polyak"
+    assert json.loads((out / "metrics.json").read_text())["method"] == "freedom+polyak"
+    Image.fromarray(np.full((28, 28), 128, np.uint8)).save(tmp_path / "ref.png")
+    recipe = {"name": "spec", "model": {"kind": "pixel", "path": "mnist-ddpm"},
+              "loss": {"kind": "measurement", "operator": "super_resolution", "reference": "ref.png", "factor": 4},
+              "method": "shen2024-ra", "params": {"n_recur": 1}, "sampler": {"steps": 3}, "seeds": "0-1", "batch": 2,
+              "device": "cpu"}  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["sample", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "rec"), "--quiet"]) == 0
+    g = yaml.safe_load((tmp_path / "rec" / "config.yaml").read_text())["guidance"]
+    assert g["name"] == "shen2024-ra" and g["n_aug"] == 0 and g["rho"]["rule"] == "Polyak"
