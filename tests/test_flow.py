@@ -70,7 +70,7 @@ def test_each_prediction_type_recovers_x0_and_eps_in_each_family(schedule, t, pr
 
 def test_family_mismatch_and_bad_times_are_refused():
     den = Denoiser(_toy, FlowSchedule(), "flow_prediction")
-    with pytest.raises(ValueError, match="'flow' but DDIM steps a 'vp'"):
+    with pytest.raises(ValueError, match="schedule is rectified flow.* but the sampler steps VP"):
         sample(den, DDIM(NoiseSchedule.linear(), 4), shape=(D,), seeds=range(2))
     with pytest.raises(ValueError, match="FlowEuler steps a 'flow' schedule"):
         FlowEuler(SigmaSchedule(), 4)
