@@ -16,7 +16,7 @@ from lossguide.augment import GaussianJitter
 from lossguide.guidance import GuidanceConfig
 from lossguide.steps import Polyak
 
-METHODS = ("none", "dps", "freedom", "ugd", "lgd_mc", "mpgd", "tfg", "shen2024", "cg", "dreamguider")
+METHODS = ("none", "dps", "freedom", "ugd", "lgd_mc", "mpgd", "tfg", "shen2024", "cg", "dreamguider", "figd")
 MODIFIERS = ("+ra", "+polyak", "+tt", "+lossgap", "-ra", "-polyak", "-tt")
 #: method → (step parameter, MNIST start, oracle start) of the tuners; a Polyak step (``+polyak``) starts at
 #: shen2024's η, ``shen2024-polyak`` at FreeDoM's scale
@@ -30,6 +30,7 @@ DEFAULTS: dict[str, tuple[str, float, float]] = {
     "shen2024": ("eta", 0.03, 0.3),
     "cg": ("scale", 30.0, 1.0),
     "dreamguider": ("scale", 1.0, 1.0),  # its empirical scale: 1 is the paper's "no tuning" claim
+    "figd": ("scale", 0.1, 0.1),  # the oracle's tuned value (both tasks), its preset default
 }
 LOSSGAP_ETA0 = 0.1  # the classical gap η·ℓ/‖g‖² (+lossgap): dimensionless, one start for every task
 ORACLE_JITTER = 0.05  # the oracle's augmentation (vectors): Gaussian jitter of this std
