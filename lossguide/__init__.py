@@ -10,6 +10,7 @@ from lossguide.augment import DiffAugment, GaussianJitter
 from lossguide.autoguidance import autoguidance
 from lossguide.denoiser import Denoiser, DenoiserOutput, from_diffusers, from_module
 from lossguide.guidance import GuidanceConfig, GuidanceEngine, GuidanceStats
+from lossguide.optimize import OptimizeResult, optimize
 from lossguide.presets import PRESETS, list_presets, with_techniques
 from lossguide.presets import get as preset
 from lossguide.rng import make_generators
@@ -36,6 +37,7 @@ __all__ = [
     "GuidanceEngine",
     "GuidanceStats",
     "NoiseSchedule",
+    "OptimizeResult",
     "SampleResult",
     "Sampler",
     "SigmaSchedule",
@@ -44,6 +46,7 @@ __all__ = [
     "from_module",
     "list_presets",
     "make_generators",
+    "optimize",
     "preset",
     "sample",
     "with_techniques",

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from lossguide.dreamguider import DreamguiderStep
 from lossguide.figd import FisherStep
 from lossguide.guidance import GuidanceConfig
+from lossguide.optimize import LookAheadStep
 from lossguide.steps import AlphaBarPower, Constant, LossNormalized, Polyak, TFGSchedule
 from lossguide.validate import Range, check_params
 
@@ -243,8 +244,39 @@ def figd(scale: float = 0.1, data_var: float = 1.0) -> GuidanceConfig:
     return GuidanceConfig(name="figd", mu=FisherStep(scale=scale, data_var=data_var), n_iter=1, mu_hold="x_t")
 
 
+def ggdm(scale: float = 1.0, sigma: float | None = 0.1) -> GuidanceConfig:
+    """G_loss of Guo et al. (2024, arXiv 2404.14743, Definition 1 and Lemma 1; code GGDMOptim): the loss gradient
+    through the denoiser added to the score, ε̂ = ε + β_t·σ_t·∇_{x_t}ℓ(x0_hat(x_t)), with Lemma 1's
+    β_t = scale·(ᾱ/2)/(ᾱσ² + (1−ᾱ)‖∇_x̃ r‖²) for ℓ = r² (:class:`~lossguide.optimize.LookAheadStep`).
+
+    The paper's ℓ is the look-ahead loss (y − gᵀx0)² (:class:`~lossguide.optimize.LookAheadLoss`, built each round by
+    :func:`lossguide.optimize`); σ = ``sigma`` is its reward noise (0.1 in the released code). ``sigma=None`` is a
+    constant β_t = ``scale`` (the code's ``--beta``), for any loss. Through E[x0 | x_t] the update stays in the data's
+    subspace when the data lie on one (their Theorem 1).
+
+    For a loss that is a negative log-likelihood (exp(−ℓ) the likelihood, this library's convention, e.g.
+    ‖y − Ax‖²/(2s²)) the matching reading is ``sigma=0.5**0.5``: ℓ = r²/(2σ²) with σ² = ½ makes β_t the exact
+    conditional-score weight on Gaussian data. Measured on the oracle (256 seeds; flow DDIM-50, VE Euler-50, VP
+    DPMSolver-50): linear task SW to the posterior 0.07–0.08, against 0.34–0.36 at the default 0.1 (which over-guides
+    such a loss) and 0.20 unguided; class task (cross-entropy) 0.18, against 0.15 at 0.1 and 0.65 unguided.
+    """
+    rule = Constant(scale) if sigma is None else LookAheadStep(scale=scale, sigma=sigma)
+    return GuidanceConfig(name="ggdm", rho=rule, rho_target="eps", loss_input="x0")
+
+
+def naive_grad(scale: float = 1.0) -> GuidanceConfig:
+    """Naive gradient guidance (the baseline of Guo et al. 2024, §4): the objective's gradient at x_t added to the
+    score, ŝ = s + scale·∇f(x_t), i.e. ε̂ = ε + scale·σ_t·∇_{x_t}ℓ(x_t) with ℓ = −f; no denoiser in the gradient.
+
+    It is classifier guidance's form with a clean loss at the noisy x_t: pass ``lossguide.optimize.on_x_t(loss)``
+    (``loss(x_t, t) = ℓ(x_t)``).
+    """
+    return GuidanceConfig(name="naive_grad", rho=Constant(scale), rho_target="eps", loss_input="x_t")
+
+
 PRESETS: dict[str, Callable[..., GuidanceConfig]] = {
-    f.__name__: f for f in (none, dps, freedom, ugd, lgd_mc, mpgd, tfg, shen2024, cg, dreamguider, figd)
+    f.__name__: f
+    for f in (none, dps, freedom, ugd, lgd_mc, mpgd, tfg, shen2024, cg, dreamguider, figd, ggdm, naive_grad)
 }
 
 #: where a preset's range differs from :data:`lossguide.validate.RANGES` (ugd: ``n_iter=0`` is no backward step)
@@ -252,6 +284,7 @@ PARAM_RANGES: dict[str, dict[str, Range]] = {
     "ugd": {"n_iter": Range(0)},
     "dreamguider": {"scale": Range(0), "eps_weight": Range(0), "x0_weight": Range(0), "noise_margin": Range(0)},
     "figd": {"data_var": Range(0, lo_open=True)},
+    "ggdm": {"sigma": Range(0, lo_open=True)},
 }
 
 

@@ -24,6 +24,7 @@ EXPERIMENTS: dict[str, str] = {
     "autoguidance": "lossguide.experiments.autoguidance:run",
     "layout": "lossguide.experiments.layout:run",
     "distill": "lossguide.experiments.distill:run",
+    "optimization": "lossguide.experiments.optimization:run",
 }
 
 
