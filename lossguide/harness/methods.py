@@ -16,7 +16,8 @@ from lossguide.augment import GaussianJitter
 from lossguide.guidance import GuidanceConfig
 from lossguide.steps import Polyak
 
-METHODS = ("none", "dps", "freedom", "ugd", "lgd_mc", "mpgd", "tfg", "shen2024", "cg", "dreamguider", "figd")
+METHODS = ("none", "dps", "freedom", "ugd", "lgd_mc", "mpgd", "tfg", "shen2024", "cg", "dreamguider", "figd", "ggdm",
+           "naive_grad")  # fmt: skip
 MODIFIERS = ("+ra", "+polyak", "+tt", "+lossgap", "-ra", "-polyak", "-tt")
 #: method → (step parameter, MNIST start, oracle start) of the tuners; a Polyak step (``+polyak``) starts at
 #: shen2024's η, ``shen2024-polyak`` at FreeDoM's scale
@@ -31,6 +32,8 @@ DEFAULTS: dict[str, tuple[str, float, float]] = {
     "cg": ("scale", 30.0, 1.0),
     "dreamguider": ("scale", 1.0, 1.0),  # its empirical scale: 1 is the paper's "no tuning" claim
     "figd": ("scale", 0.1, 0.1),  # the oracle's tuned value (both tasks), its preset default
+    "ggdm": ("scale", 1.0, 1.0),  # Lemma 1's β_t at scale 1 (Guo et al. 2024)
+    "naive_grad": ("scale", 1.0, 1.0),
 }
 LOSSGAP_ETA0 = 0.1  # the classical gap η·ℓ/‖g‖² (+lossgap): dimensionless, one start for every task
 ORACLE_JITTER = 0.05  # the oracle's augmentation (vectors): Gaussian jitter of this std
