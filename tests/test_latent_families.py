@@ -233,7 +233,7 @@ def _presets(loss):
     return {
         "none": {}, "dps": {}, "freedom": {}, "ugd": {}, "lgd_mc": dict(n_mc=2), "mpgd": {}, "tfg": dict(n_iter=1),
         "shen2024": dict(n_aug=2, n_recur=2, augment=jitter), "cg": {}, "dreamguider": dict(n_aug=2, augment=jitter),
-        "figd": {},
+        "figd": {}, "ggdm": {}, "naive_grad": {},
     }  # fmt: skip
 
 
