@@ -234,6 +234,10 @@ class _OracleDenoiser(Denoiser):
             ab, x = sch.at(int(t)), x_t  # the schedule's own level: its ᾱ exactly, k = 1
         else:
             ab, x = a**2 / (a**2 + s**2), x_t / math.hypot(a, s)
+        return self._posterior(x_t, x, ab, a, s)
+
+    def _posterior(self, x_t, x, ab: float, a: float, s: float) -> DenoiserOutput:
+        """(ε_hat, x0_hat) at level (α, σ) from the VP-equivalent input x = x_t/k at ᾱ: ε from the prior's score."""
         eps = self.prior.eps(x, ab).to(x_t.dtype)
         if a > 0:
             x0 = (x_t - s * eps) / a

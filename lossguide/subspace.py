@@ -21,12 +21,10 @@ on this test bed (derived in its docstring).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lossguide.denoiser import Denoiser, DenoiserOutput
-from lossguide.oracle import GaussianMixture, _vp_input
+from lossguide.oracle import GaussianMixture, _OracleDenoiser
 from lossguide.schedule import FlowSchedule, NoiseSchedule, SigmaSchedule
 
 Schedule = NoiseSchedule | FlowSchedule | SigmaSchedule
@@ -187,40 +185,16 @@ class SubspaceMixture:
         raise TypeError(f"no closed form for {type(objective).__name__}; use LinearObjective or QuadraticObjective")
 
 
-class _SubspaceDenoiser(Denoiser):
-    """:meth:`SubspaceMixture.denoiser`: exact at whatever (α_t, σ_t) it is called with."""
+class _SubspaceDenoiser(_OracleDenoiser):
+    """:meth:`SubspaceMixture.denoiser`: the oracle's exact denoiser, with x0_hat = A·E[u | Aᵀx] computed in span(A)
+    (exactly on the subspace) and ε_hat = (x_t − α·x0_hat)/σ."""
 
-    def __init__(self, prior: SubspaceMixture, schedule: Schedule):
-        super().__init__(self._net, schedule, "epsilon")
-        self.prior = prior
-
-    def _net(self, x, tt):
-        """ε_hat at the network time ``tt`` (as ``Denoiser.net``): t on VP, t·T on flow, σ on VE."""
-        if not (tt == tt[0]).all():
-            raise ValueError("the subspace denoiser expects one timestep per call")
-        t = float(tt[0])
-        if self.family == "flow":
-            t = t / self.schedule.num_train_timesteps
-        elif self.family == "vp":
-            t = int(t) if t == int(t) else t
-        ab, xv = _vp_input(self.schedule, x, t, "denoiser")
-        return self.prior.eps(xv, ab).to(x.dtype)
-
-    def __call__(self, x_t, t, alpha=None, sigma=None) -> DenoiserOutput:
-        self._check_input(x_t)
-        sch = self.schedule
-        a = sch.alpha(t) if alpha is None else alpha
-        s = sch.sigma(t) if sigma is None else sigma
-        if self.family == "vp" and float(t) == int(t) and (a, s) == (sch.alpha(t), sch.sigma(t)):
-            ab, x = sch.at(int(t)), x_t  # the schedule's own level: its ᾱ exactly, k = 1
-        else:
-            ab, x = a**2 / (a**2 + s**2), x_t / math.hypot(a, s)
+    def _posterior(self, x_t, x, ab: float, a: float, s: float) -> DenoiserOutput:
         if a > 0:
             x0 = self.prior.x0_mean(x, ab).to(x_t.dtype)
         else:  # pure noise: E[x0 | x_t] = E[x0], a function of x_t with zero derivative (as the oracle's)
             x0 = self.prior.mean().to(x_t.dtype).expand_as(x_t) + 0 * x_t
-        eps = (x_t - a * x0) / s
-        return DenoiserOutput(eps=eps, x0_hat=x0)
+        return DenoiserOutput(eps=(x_t - a * x0) / s, x0_hat=x0)
 
 
 class LinearObjective:
