@@ -290,7 +290,8 @@ PARAM_RANGES: dict[str, dict[str, Range]] = {
 
 def list_presets() -> dict[str, str]:
     """Every preset's name and the first paragraph of its docstring (what ``lg.preset(name, ...)`` builds)."""
-    return {name: " ".join(inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0].split()) for name, fn in PRESETS.items()}
+    first = {name: inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0] for name, fn in PRESETS.items()}
+    return {name: " ".join(text.split()) for name, text in first.items()}
 
 
 def get(name: str, **params) -> GuidanceConfig:
