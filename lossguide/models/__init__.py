@@ -8,6 +8,7 @@ are listed with their hashes, training commands and held-out metrics in ``manife
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,6 +46,45 @@ class ModelNotFoundError(FileNotFoundError):
     """A model name, folder or hub id that cannot be loaded here; the message says what to pass instead."""
 
 
+class ModelFolderError(ValueError):
+    """A model folder's file with a missing or wrong key; the message names the file, the key and the fix."""
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """The JSON object in ``path``; a one-line :class:`ModelFolderError` (ending in ``fix``) if it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except UnicodeDecodeError as e:
+        raise ModelFolderError(f"{path} is not a text file ({e.reason}); {fix}") from e
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from e
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} holds a JSON {type(data).__name__}, not an object of keys; {fix}")
+    return data
+
+
+def refit_hint(folder: Path, script: str = "the script that wrote it") -> str:
+    """How to write ``folder`` again: the manifest's command for a shipped folder, the command in its
+    ``training.json``, or ``script``."""
+    try:
+        shipped = manifest()
+    except ModelFolderError:
+        shipped = {}  # a broken manifest is reported where it is read for its own sake
+    for entry in shipped.values():
+        if not (isinstance(entry, dict) and isinstance(entry.get("folder"), str)):
+            continue
+        if WEIGHTS / entry["folder"] == Path(folder) and isinstance(entry.get("command"), str):
+            return f"reinstall lossguide, or retrain it with `{entry['command']}`"
+    meta = Path(folder) / "training.json"
+    try:
+        command = json.loads(meta.read_text()).get("command") if meta.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        command = None
+    if isinstance(command, str):
+        return f"or export it again with `{command}` (its training.json's command)"
+    return f"or export the folder again with {script}"
+
+
 #: the augmentation policy (lossguide.augment.policy) that fits each shipped model's data
 AUGMENT_POLICY = {"mnist-ddpm": "digits", "mnist-ddpm-bad": "digits", "mnist-flow": "digits"}
 
@@ -63,7 +103,26 @@ class LoadedDenoiser:
 
 
 def manifest() -> dict:
-    return json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
+    """The shipped models' manifest (``manifest.json``), or {} in a checkout without weights."""
+    return read_json(MANIFEST, REINSTALL) if MANIFEST.exists() else {}
+
+
+REINSTALL = "reinstall lossguide (manifest.json ships with the weights it lists)"
+
+
+def manifest_entry(name: str, *keys: str) -> dict:
+    """The manifest's entry of the shipped model ``name`` with string values for ``keys``; a one-line
+    :class:`ModelFolderError` naming the manifest, the entry and the key otherwise."""
+    entry = manifest().get(name)
+    if not isinstance(entry, dict):
+        raise ModelFolderError(f"{MANIFEST} has no entry {name!r} (a mapping of its file, hashes and training "
+                               f"command); {REINSTALL}")  # fmt: skip
+    for key in keys:
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            got = "has no" if key not in entry else f"has {entry[key]!r} as"
+            raise ModelFolderError(f'{MANIFEST}: the entry {name!r} {got} "{key}", which must be a non-empty string; '
+                                   f"{REINSTALL}")  # fmt: skip
+    return entry
 
 
 def sha256(path: Path) -> str:
@@ -72,6 +131,15 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def hide_hub_symlink_warning():
+    """Hide one warning: diffusers' ``load_config`` passes huggingface_hub the deprecated ``local_dir_use_symlinks``
+    on every hub load (lossguide's own probe of a hub id calls huggingface_hub without it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        yield
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -131,33 +199,109 @@ def parse_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _subfolder(src: str, name: str) -> str | None:
-    """``name`` for a pipeline folder (``unet/``, ``scheduler/``) and None for a bare model folder."""
-    if Path(src).exists():
-        return name if (Path(src) / name).is_dir() else None
-    return name  # a hub id: pipelines (and google/ddpm-*) repos differ; the loader tries both
+#: the keys of a UNet's config.json that lossguide reads itself (diffusers' defaults apply to the others)
+UNET_KEYS = {
+    "sample_size": ("the image size as an integer or [H, W]", "28"),
+    "in_channels": ("a positive integer", "1"),
+}
+#: scheduler_config.json values that lossguide reads: key → the values diffusers' VP schedulers accept
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _unit(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
+
+
+def _size_ok(v) -> bool:
+    return _positive_int(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(_positive_int(s) for s in v))
+
+
+def _folder_files(src: Path) -> tuple[Path, Path]:
+    """(the UNet's folder, the scheduler's config file) of a pipeline folder (unet/, scheduler/) or a bare one."""
+    if (src / "unet").is_dir():
+        return src / "unet", src / "scheduler" / "scheduler_config.json"
+    return src, src / "scheduler_config.json"
+
+
+def check_model_folder(src: Path, what: str = "diffusers model folder", flow: bool = False, script=None) -> None:
+    """One-line errors for a local diffusers folder whose UNet config, weights or scheduler config is missing,
+    or has a missing or wrong key that lossguide reads, naming the file, the key and the fix (``script``: the
+    command that writes such a folder, where the folder records none)."""
+    import diffusers
+
+    src = Path(src)
+    unet_dir, sched_file = _folder_files(src)
+    again = refit_hint(src, *([script] if script else []))
+    layout = ("pass a folder with unet/config.json, unet/diffusion_pytorch_model.safetensors and "
+              "scheduler/scheduler_config.json (as save_pretrained writes them)")  # fmt: skip
+    cfg_file = unet_dir / "config.json"
+    if not cfg_file.is_file():
+        raise ModelNotFoundError(f"{cfg_file} is missing, so {src} is no {what}; {layout}, {again}")
+    cfg = read_json(cfg_file, f"fix the file, {again}")
+    cls_name = cfg.get("_class_name", "UNet2DModel")
+    cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ModelFolderError(f'{cfg_file}: "_class_name" is {cls_name!r}, not a diffusers model class; set it to '
+                               f'"UNet2DModel" (or the class the weights were saved from), {again}')  # fmt: skip
+    for key, (need, example) in UNET_KEYS.items():
+        if key not in cfg:
+            raise ModelFolderError(f'{cfg_file} has no "{key}" key; add "{key}": {example} ({need}), {again}')
+        if not _size_ok(cfg[key]) if key == "sample_size" else not _positive_int(cfg[key]):
+            raise ModelFolderError(f'{cfg_file}: "{key}" is {cfg[key]!r}, but it must be {need} (e.g. {example}); '
+                                   f"fix it, {again}")  # fmt: skip
+    if not any(f.name.startswith("diffusion_pytorch_model") for f in unet_dir.iterdir()):
+        raise ModelNotFoundError(f"{unet_dir} has no weights (diffusion_pytorch_model.safetensors); {layout}, {again}")
+    if not sched_file.is_file():
+        raise ModelNotFoundError(f"{sched_file} is missing; write the scheduler the model was trained with there "
+                                 f"(e.g. DDPMScheduler().save_pretrained({sched_file.parent})), {again}")  # fmt: skip
+    sched = read_json(sched_file, f"fix the file, {again}")
+    checks = [("num_train_timesteps", _positive_int, "a positive integer (e.g. 1000)")]
+    if not flow and "FlowMatch" not in str(sched.get("_class_name", "")):
+        checks += [
+            ("beta_schedule", lambda v: v in BETA_SCHEDULES, f"one of {', '.join(BETA_SCHEDULES)}"),
+            ("prediction_type", lambda v: v in VP_PREDICTIONS, f"one of {', '.join(VP_PREDICTIONS)}"),
+            ("beta_start", _unit, "a number in (0, 1) (e.g. 0.0001)"),
+            ("beta_end", _unit, "a number in (0, 1) (e.g. 0.02)"),
+        ]
+    for key, ok, need in checks:
+        if key in sched and not ok(sched[key]):
+            raise ModelFolderError(f'{sched_file}: "{key}" is {sched[key]!r}, but it must be {need}; fix it to what '
+                                   f"the model was trained with, {again}")  # fmt: skip
 
 
 def _load_unet_and_scheduler(diffusers, name_or_path, src, local_only, dtype, kw):
-    """The UNet and DDPM scheduler of a diffusers folder or hub id; load errors become ModelNotFoundError."""
+    """The UNet and scheduler of a local folder (:func:`_load_local_unet_and_scheduler`) or hub id; a hub id that
+    cannot be loaded is a ModelNotFoundError."""
+    if Path(src).is_file():
+        raise ModelNotFoundError(
+            f"cannot load {name_or_path!r}: it is a file, not a diffusers model folder; pass a folder with unet/ "
+            f"and scheduler/ (as save_pretrained writes it), or an original checkpoint ending in "
+            f"{', '.join(CHECKPOINT_SUFFIXES)}"
+        )
+    if Path(src).exists():
+        return _load_local_unet_and_scheduler(diffusers, Path(src), dtype)
     try:
-        sub = _subfolder(src, "unet")
+        sub = "unet"
         try:
             cfg = diffusers.UNet2DModel.load_config(src, subfolder=sub, **kw)
         except (OSError, ValueError):
-            if sub is None or Path(src).exists():
-                raise
             sub = None  # a hub repo with the model at its root (google/ddpm-ema-celebahq-256)
             cfg = diffusers.UNet2DModel.load_config(src, **kw)
         unet_cls = getattr(diffusers, cfg.get("_class_name", "UNet2DModel"))
         unet = unet_cls.from_pretrained(src, subfolder=sub, torch_dtype=dtype, low_cpu_mem_usage=False, **kw)
         sched_sub = "scheduler" if sub is not None else None
-        # an ε-UNet served as a flow model (flow_wrapper.json) keeps a FlowMatchEulerDiscreteScheduler config
-        sched_cls = diffusers.FlowMatchEulerDiscreteScheduler if _flow_wrapper(src) else diffusers.DDPMScheduler
+        sched_cfg = diffusers.DDPMScheduler.load_config(src, subfolder=sched_sub, **kw)
+        flow = "FlowMatch" in str(sched_cfg.get("_class_name", ""))
+        sched_cls = diffusers.FlowMatchEulerDiscreteScheduler if flow else diffusers.DDPMScheduler
         scheduler = sched_cls.from_pretrained(src, subfolder=sched_sub, **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError) as e:
         hint = "pass a local diffusers folder (with unet/ and scheduler/, or config.json and scheduler_config.json)"
-        if local_only and not Path(src).exists():
+        if local_only:
             raise ModelNotFoundError(
                 f"cannot load {name_or_path!r}: the hub is not reachable from here and it is not in the local "
                 f"cache; download it once with `huggingface-cli download {name_or_path}` where the hub is "
@@ -166,6 +310,43 @@ def _load_unet_and_scheduler(diffusers, name_or_path, src, local_only, dtype, kw
         raise ModelNotFoundError(
             f"cannot load {name_or_path!r} as a diffusers model ({e.__class__.__name__}); {hint}"
         ) from e
+    return unet, scheduler
+
+
+def _first_line(e: BaseException) -> str:
+    """The error's class and the start of its message, on one line."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
+
+
+#: what diffusers raises on a config or weights file it cannot build a model or scheduler from
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError)
+
+
+def _load_local_unet_and_scheduler(diffusers, src: Path, dtype):
+    """The UNet and scheduler of a local folder, checked first (:func:`check_model_folder`); a file diffusers
+    still cannot read is a one-line :class:`ModelFolderError` naming it."""
+    from lossguide.models.flowwrap import EXPORT, WRAPPER_FILE
+
+    script = f"`{EXPORT}`" if (src / WRAPPER_FILE).is_file() else None
+    wrapper = _flow_wrapper(str(src))  # checked: a bad flow_wrapper.json fails before the weights load
+    check_model_folder(src, flow=wrapper is not None, script=script)
+    unet_dir, sched_file = _folder_files(src)
+    again = refit_hint(src, *([script] if script else []))
+    cls_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    try:
+        unet = getattr(diffusers, cls_name).from_pretrained(unet_dir, torch_dtype=dtype, low_cpu_mem_usage=False)
+    except LOAD_ERRORS as e:
+        raise ModelFolderError(f"{unet_dir} does not load as a {cls_name} ({_first_line(e)}); fix the key it names in "
+                               f"{unet_dir / 'config.json'} or the weights file, {again}") from e  # fmt: skip
+    sched_cfg = json.loads(sched_file.read_text())
+    flow = wrapper is not None or "FlowMatch" in str(sched_cfg.get("_class_name", ""))
+    sched_cls = diffusers.FlowMatchEulerDiscreteScheduler if flow else diffusers.DDPMScheduler
+    try:
+        scheduler = sched_cls.from_pretrained(sched_file.parent)
+    except LOAD_ERRORS + (NotImplementedError,) as e:
+        raise ModelFolderError(f"{sched_file} does not load as a {sched_cls.__name__} ({_first_line(e)}); fix the key "
+                               f"it names, {again}") from e  # fmt: skip
     return unet, scheduler
 
 
@@ -201,9 +382,7 @@ def load_denoiser(
                          f"{name_or_path!r} is read as a diffusers model, which carries its own config")  # fmt: skip
     src, local_only = _resolve(name_or_path)
     kw = dict(local_files_only=local_only)
-    with warnings.catch_warnings():
-        # diffusers' load_config passes huggingface_hub a deprecated argument, which warns on every load
-        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    with hide_hub_symlink_warning():
         unet, scheduler = _load_unet_and_scheduler(diffusers, name_or_path, src, local_only, dtype, kw)
     unet = unet.to(device)
     wrapper = _flow_wrapper(src)
@@ -227,11 +406,11 @@ def load_denoiser(
 
 
 def _flow_wrapper(src: str) -> dict | None:
-    """The ``flow_wrapper.json`` of a local folder (an ε-UNet served as a rectified-flow model), or None."""
-    from lossguide.models.flowwrap import WRAPPER_FILE
+    """The checked ``flow_wrapper.json`` of a local folder (an ε-UNet served as a rectified-flow model), or None."""
+    from lossguide.models.flowwrap import EXPORT, WRAPPER_FILE, read_wrapper
 
     path = Path(src) / WRAPPER_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_wrapper(path, refit_hint(Path(src), f"`{EXPORT}`")) if path.is_file() else None
 
 
 def _flow_denoiser(unet, desc: dict, src: str, state_dtype) -> Denoiser:
@@ -241,9 +420,7 @@ def _flow_denoiser(unet, desc: dict, src: str, state_dtype) -> Denoiser:
     from lossguide.models.flowwrap import FlowFromEps, vp_alpha_bar
     from lossguide.schedule import FlowSchedule
 
-    if desc.get("kind") != "FlowFromEps":
-        raise ModelNotFoundError(f"{src}: unknown flow wrapper kind {desc.get('kind')!r} (expected 'FlowFromEps')")
-    fs = desc["flow_schedule"]
+    fs = desc["flow_schedule"]  # read_wrapper checked every key
     schedule = FlowSchedule(int(fs["num_train_timesteps"]), float(fs.get("shift", 1.0)))
     net = FlowFromEps(freeze(unet), vp_alpha_bar(desc), schedule.num_train_timesteps)
 
@@ -269,7 +446,11 @@ def _load_checkpoint_denoiser(diffusers, path: Path, flags: dict, device, dtype)
         raise ValueError(f"{path} is class-conditional: build its denoiser with lossguide.networks."
                          "denoiser_from_network(load_network(path, flags), schedule, y=labels)")  # fmt: skip
     diff = flags.get("diffusion") if isinstance(flags.get("diffusion"), dict) else {}
-    T = int(diff.get("num_diffusion_timesteps", flags.get("diffusion_steps", 1000)))
+    T = diff.get("num_diffusion_timesteps", flags.get("diffusion_steps", 1000))
+    if not (isinstance(T, int) and not isinstance(T, bool) and T >= 2):
+        name = "diffusion.num_diffusion_timesteps" if "num_diffusion_timesteps" in diff else "diffusion_steps"
+        raise ValueError(f"flags {name}={T!r}: it must be an integer ≥ 2, the number of timesteps the model was "
+                         "trained with (1000 for the published checkpoints)")  # fmt: skip
     kind = str(diff.get("beta_schedule", flags.get("noise_schedule", "linear")))
     if kind == "linear":
         scale = 1000 / T  # guided-diffusion scales the linear β range with T; the DDIM config gives it
@@ -278,7 +459,9 @@ def _load_checkpoint_denoiser(diffusers, path: Path, flags: dict, device, dtype)
         scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", beta_start=start,
                                             beta_end=end, clip_sample=False)  # fmt: skip
     elif kind == "cosine":
-        scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+        scheduler = diffusers.DDPMScheduler(
+            num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", clip_sample=False
+        )
     else:
         raise ValueError(f"unknown noise schedule {kind!r} in the flags; lossguide reads 'linear' and 'cosine'")
     from lossguide.schedule import NoiseSchedule
@@ -297,7 +480,7 @@ def _shipped_folder(name_or_path, table: dict, what: str) -> Path:
     if not path.exists():
         entry = manifest().get(str(name_or_path), {})
         fix = f"pass one of {', '.join(table)} or a folder"
-        if "command" in entry:
+        if isinstance(entry, dict) and isinstance(entry.get("command"), str):
             fix = f"retrain it with `{entry['command']}`"
         raise ModelNotFoundError(f"{what} {name_or_path!r} not found at {path}; {fix}")
     return path
@@ -307,16 +490,42 @@ def load_conditional(name_or_path: str = "mnist-cond", device="cpu", dtype=torch
     """A :class:`~lossguide.layout.CondDigitModel` (frozen) by shipped name or exported folder."""
     from lossguide.layout.model import CondDigitModel
 
-    return CondDigitModel.from_pretrained(_shipped_folder(name_or_path, CONDITIONAL, "conditional model"), device,
-                                          parse_dtype(dtype))  # fmt: skip
+    path = _shipped_folder(name_or_path, CONDITIONAL, "conditional model")
+    if (path / "unet").is_dir() and (path / "scheduler").is_dir():  # else from_pretrained names what is missing
+        check_model_folder(path, "exported conditional model")
+    try:
+        return CondDigitModel.from_pretrained(path, device, parse_dtype(dtype))
+    except FileNotFoundError:
+        raise
+    except LOAD_ERRORS + (NotImplementedError,) as e:
+        raise ModelFolderError(f"{path} does not load as a conditional model ({_first_line(e)}); fix the file it "
+                               f"names, {refit_hint(path)}") from e  # fmt: skip
 
 
 def load_guide(name_or_path: str = "mnist-cond-guide", device="cpu"):
     """A distilled CFG guide (:class:`~lossguide.layout.distill.GuideNet`, frozen) by shipped name or folder."""
-    from lossguide.denoiser import freeze
-    from lossguide.layout.distill import GuideNet
+    import dataclasses
 
-    return freeze(GuideNet.load(_shipped_folder(name_or_path, GUIDES, "guide")).to(device))
+    from lossguide.layout.distill import CONFIG_FILE, GuideConfig, GuideNet
+
+    path = _shipped_folder(name_or_path, GUIDES, "guide")
+    again = refit_hint(path, "`python -m lossguide.training guide --base DIR --export DIR`")
+    if (path / CONFIG_FILE).is_file():  # else GuideNet.load names what is missing
+        cfg = read_json(path / CONFIG_FILE, f"fix the file, {again}")
+        fields = {f.name: f for f in dataclasses.fields(GuideConfig)}
+        unknown = sorted(set(cfg) - set(fields))
+        missing = [n for n, f in fields.items() if n not in cfg and f.default is dataclasses.MISSING]
+        if unknown or missing:
+            what = f'no "{missing[0]}" key' if missing else f'an unknown key "{unknown[0]}"'
+            raise ModelFolderError(f"{path / CONFIG_FILE} has {what} (a GuideConfig has {', '.join(fields)}); "
+                                   f"fix the file, {again}")  # fmt: skip
+    try:
+        return freeze(GuideNet.load(path).to(device))
+    except FileNotFoundError:
+        raise
+    except LOAD_ERRORS as e:
+        raise ModelFolderError(f"{path} does not load as a guide ({_first_line(e)}); fix the file it names, "
+                               f"{again}") from e  # fmt: skip
 
 
 def load_classifier(name: str, device="cpu", check_hash: bool = False) -> torch.nn.Module:
@@ -325,16 +534,23 @@ def load_classifier(name: str, device="cpu", check_hash: bool = False) -> torch.
 
     from lossguide.models.nets import ARCHS
 
-    entry = manifest().get(name)
-    if name not in CLASSIFIERS or entry is None:
+    if name not in CLASSIFIERS:
         raise ModelNotFoundError(f"unknown classifier {name!r}; shipped: {', '.join(CLASSIFIERS)}")
+    entry = manifest_entry(name, "file", "arch", "command", *(("sha256",) if check_hash else ()))
     path = WEIGHTS / entry["file"]
     if not path.exists():
         raise ModelNotFoundError(f"{path} is missing; retrain with `{entry['command']}`")
     if check_hash and sha256(path) != entry["sha256"]:
         raise ValueError(f"{path} does not match the manifest's sha256; retrain with `{entry['command']}`")
+    if entry["arch"] not in ARCHS:
+        raise ModelFolderError(f'{MANIFEST}: the entry {name!r} has "arch" {entry["arch"]!r}, which lossguide does '
+                               f"not know (it has {', '.join(ARCHS)}); {REINSTALL}")  # fmt: skip
     model = ARCHS[entry["arch"]]()
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (RuntimeError, OSError) as e:
+        raise ModelFolderError(f"{path} does not hold the weights of a {entry['arch']} ({_first_line(e)}); retrain "
+                               f"with `{entry['command']}`, or {REINSTALL}") from e  # fmt: skip
     return freeze(model.to(device))
 
 
@@ -348,7 +564,7 @@ def class_means(name: str, device="cpu", net: torch.nn.Module | None = None) -> 
     net = load_classifier(name, device=device) if net is None else net
     if not hasattr(net, "features"):
         raise ValueError(f"classifier {name!r} has no .features(x) to take class means of")
-    x, y = load_mnist(manifest()[name]["split"])
+    x, y = load_mnist(manifest_entry(name, "split")["split"])
     return class_feature_means(net.features, x.to(device), y.to(device))
 
 

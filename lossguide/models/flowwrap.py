@@ -135,3 +135,69 @@ def vp_alpha_bar(desc: dict) -> torch.Tensor:
     return NoiseSchedule.linear(
         int(vp["num_train_timesteps"]), float(vp["beta_start"]), float(vp["beta_end"])
     ).alpha_bar
+
+
+#: the command that writes a flow folder (unet/, scheduler/, flow_wrapper.json, training.json)
+EXPORT = "python -m lossguide.training flow --export DIR"
+#: the wrapper description of the shipped mnist-flow, quoted in the errors of :func:`read_wrapper` as the example
+EXAMPLE = describe({"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02})
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 2
+
+
+#: (block, key) → (is the value right, what it must be); None as the block is the top level
+CHECKS = {
+    (None, "kind"): (lambda v: v == "FlowFromEps", '"FlowFromEps" (the one wrapper lossguide has)'),
+    (None, "prediction_type"): (lambda v: v == "flow_prediction", '"flow_prediction"'),
+    (None, "inner_prediction_type"): (lambda v: v == "epsilon", '"epsilon" (FlowFromEps wraps an ε-network)'),
+    ("flow_schedule", "num_train_timesteps"): (_count, "an integer ≥ 2, the flow network's time scale"),
+    ("flow_schedule", "shift"): (lambda v: _number(v) and v > 0, "a positive number (1.0: no shift)"),
+    ("vp_schedule", "num_train_timesteps"): (_count, "an integer ≥ 2, the ε-network's training timesteps"),
+    ("vp_schedule", "beta_schedule"): (lambda v: v == "linear", '"linear" (FlowFromEps reads a linear β schedule)'),
+    ("vp_schedule", "beta_start"): (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("vp_schedule", "beta_end"): (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+}
+OPTIONAL = {(None, "prediction_type"), (None, "inner_prediction_type"), ("flow_schedule", "shift")}
+
+
+def read_wrapper(path, again: str = f"or export the folder again with `{EXPORT}`"):
+    """The checked wrapper description in ``path`` (a ``flow_wrapper.json``): a one-line
+    :class:`~lossguide.models.ModelFolderError` names the file, the missing or wrong key and the fix (``again``
+    says how to write the folder anew)."""
+    import json
+
+    from lossguide.models import ModelFolderError, read_json
+
+    desc = read_json(path, f"fix the file as {describe.__module__}.describe writes it, {again}")
+
+    def fail(block, key, need):
+        name = f'"{key}" in "{block}"' if block else f'"{key}"'
+        where = desc[block] if block else desc
+        got = f" has no {name}, which" if key not in where else f": {name} is {where[key]!r}, but it"
+        example = json.dumps({key: EXAMPLE[block][key] if block else EXAMPLE.get(key)})
+        raise ModelFolderError(f"{path}{got} must be {need}; set it as in the shipped mnist-flow ({example}), "
+                               f"{again}")  # fmt: skip
+
+    for block in ("flow_schedule", "vp_schedule"):
+        if block not in desc:
+            raise ModelFolderError(f'{path} has no "{block}" key; add "{block}": {json.dumps(EXAMPLE[block])} '
+                                   f"(the shipped mnist-flow's), {again}")  # fmt: skip
+        if not isinstance(desc[block], dict):
+            raise ModelFolderError(f'{path}: "{block}" is {desc[block]!r}, not a mapping; make it '
+                                   f"{json.dumps(EXAMPLE[block])} (the shipped mnist-flow's), {again}")  # fmt: skip
+    for (block, key), (ok, need) in CHECKS.items():
+        where = desc[block] if block else desc
+        if (key not in where and (block, key) not in OPTIONAL) or (key in where and not ok(where[key])):
+            fail(block, key, need)
+    vp = desc["vp_schedule"]
+    if vp["beta_start"] >= vp["beta_end"]:
+        start, end = vp["beta_start"], vp["beta_end"]
+        raise ModelFolderError(f'{path}: "vp_schedule" has "beta_start" {start} ≥ "beta_end" {end}; a linear β '
+                               f"schedule rises (e.g. 0.0001 to 0.02), {again}")  # fmt: skip
+    return desc
