@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -69,6 +70,13 @@ class AutoGuided:
                 f"is only consistent with x_t then); good has {_describe(good.schedule)}, bad has "
                 f"{_describe(bad.schedule)}"
             )
+        cg, cb = getattr(good, "channels", None), getattr(bad, "channels", None)
+        if cg is not None and cb is not None and cg != cb:
+            raise ValueError(f"the good model takes {cg}-channel samples but the bad model {cb}-channel ones; "
+                             "autoguidance needs a bad version of the same model (same data, same sample shape)")
+        if w < 0:
+            warnings.warn(f"autoguidance weight w={w:g} < 0 steps towards the bad model, past it; autoguidance is "
+                          "w > 1 (0 < w < 1 interpolates between the two)", stacklevel=3)  # fmt: skip
         for attr in ("dtype", "device"):
             u, v = getattr(good, attr, None), getattr(bad, attr, None)
             if u is not None and v is not None and (u != v if attr == "dtype" else u.type != v.type):

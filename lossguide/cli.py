@@ -41,7 +41,7 @@ def cmd_oracle(args) -> int:
         if args.json:
             atomic_write_json(args.json, {"settings": settings, "trace": trace})
         return 0
-    methods = args.methods.split(",") if args.methods else list(oracle_bench.METHODS)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(oracle_bench.METHODS)
     rows = oracle_bench.run(n=args.n, steps=args.steps, methods=methods)
     return _print_oracle(args, rows)
 
@@ -125,6 +125,28 @@ def _print_oracle(args, rows) -> int:
     return 0
 
 
+def _check_sample_models(cfg) -> None:
+    """Refuse an original checkpoint file as ``--model`` (it needs constructor flags, which a recipe carries) and warn
+    where the judge is the guide (the validity it reports is then the guided objective, not an independent check)."""
+    from pathlib import Path
+
+    from lossguide.models import CHECKPOINT_SUFFIXES, load_network
+
+    model = str(cfg.model)
+    if model.endswith(CHECKPOINT_SUFFIXES):
+        if not Path(model).expanduser().is_file():
+            load_network(model)  # raises its one-line "no checkpoint file" error
+        raise ValueError(
+            f"--model {model} is an original checkpoint file, which needs its constructor flags (image_size, "
+            "num_channels, ...), and `lossguide sample` takes none: write a recipe with model: {kind: pixel, path: "
+            f"{model}, flags: {{...}}}} (see recipes/dps-ffhq-sr.yaml) and run `lossguide sample --config RECIPE.yaml`"
+        )
+    if cfg.judge == cfg.guide:
+        logging.getLogger("lossguide").warning(
+            "the judge is the guide (%s): its validity measures the guided objective, not an independent check; "
+            "pass --judge mnist-judge", cfg.judge)  # fmt: skip
+
+
 def cmd_sample(args) -> int:
     from lossguide import run_sample
 
@@ -145,6 +167,7 @@ def cmd_sample(args) -> int:
             steps=args.steps, ddim_eta=args.ddim_eta, seeds=run_sample.parse_seeds(args.seeds), batch=args.batch,
             device=args.device, dtype=args.dtype,
         )  # fmt: skip
+    _check_sample_models(cfg)
     m = run_sample.run(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite, expect_guidance=expect)
     if "not_applicable" in m:  # not MNIST digits: no guide or judge numbers
         print(
@@ -278,6 +301,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, only where the help does not state its default and there is one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="lossguide", description="Training-free loss-based diffusion guidance.")
     from lossguide import __version__
@@ -290,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sample",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
         help="guided samples from the default MNIST model (the main job)",
         description="Sample digits with training-free guidance and write PNGs, grid.png, config.yaml and "
         "metrics.json to --out. Rerunning the same command resumes; finished seeds are skipped.",
@@ -339,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "oracle",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
         help="every preset on the Gaussian-mixture oracle vs the exact posterior",
         description="Run every preset on two fixed Gaussian-mixture tasks and print each "
         "method's sliced-Wasserstein distance to exact posterior samples and its NFE.",
@@ -362,12 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "experiment",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
         help="the paper's analysis experiments (report.md, figures, raw numbers)",
         description="Run one of the paper's analysis experiments on the shipped MNIST models or the "
         "Gaussian-mixture oracle; writes report.md, PNG figures and JSON/CSV numbers to the run folder.",
     )
-    p.add_argument("name", help="experiment name, or all")
+    from lossguide.experiments import EXPERIMENTS
+
+    p.add_argument("name", help=f"one of {', '.join(EXPERIMENTS)}, or all")
     p.add_argument("--out", type=Path, default=Path("runs/experiments"), help="folder (NAME is appended)")
     p.add_argument("--quick", action="store_true", help="few samples (for tests); numbers are not meaningful")
     p.add_argument("--loss", choices=("ce", "feature"), default="ce",
@@ -377,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
         help="every method × task × budget, tuned on tuning seeds, evaluated on disjoint seeds",
         description="Tune each method's step parameter (multiplicative beam search on seeds from 10,000), then "
         "evaluate it on seeds 0..n-1; writes results.csv/json, tables.md, Pareto plots and sample grids. Resumable "

@@ -165,6 +165,9 @@ def from_diffusers(
     d = Denoiser(net, schedule, pred)
     if type(unet).__name__.startswith("UNet2D") and in_ch is not None:
         d.channels = int(in_ch)  # samples are (C, H, W): sample() checks the shape it is given
+        blocks = getattr(getattr(unet, "config", None), "block_out_channels", None)
+        if blocks:
+            d.size_multiple = 2 ** (len(blocks) - 1)  # each block but the last halves H and W
     _record_param_dtype(d, unet)
     if state_dtype is not None:
         d.dtype = state_dtype

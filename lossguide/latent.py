@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from lossguide.denoiser import Denoiser, freeze
 from lossguide.samplers import FlowEuler
 from lossguide.schedule import FlowSchedule, NoiseSchedule
+from lossguide.validate import finite_weight
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class LatentStack(_VAEStack):
                 "this UNet takes SDXL's pooled embeddings and time ids (addition_embed_type='text_time'): "
                 "use SDXLStack / load_sdxl"
             )
-        w = float(guidance_scale)
+        w = finite_weight(guidance_scale)
         if w != 1.0 and negative_embeds is None:
             negative_embeds = self.encode_prompt("")
         p = _param(self.unet)
@@ -321,7 +322,7 @@ class SDXLStack(LatentStack):
             negative_time_ids: the unconditional branch's (default: ``time_ids``).
             other arguments: as :meth:`LatentStack.denoiser`.
         """
-        w = float(guidance_scale)
+        w = finite_weight(guidance_scale)
         p = _param(self.unet)
         if w != 1.0 and negative_embeds is None:
             if self.force_zeros_for_empty_prompt:
@@ -488,7 +489,7 @@ class SD3Stack(_FlowStack):
             state_dtype, autocast_dtype: as :meth:`LatentStack.denoiser`.
             cfg_batch: both branches in one batch of 2B, as the pipeline (False: two calls of B).
         """
-        w = float(guidance_scale)
+        w = finite_weight(guidance_scale)
         tr, p = self.transformer, _param(self.transformer)
         if w != 1.0 and negative_embeds is None:
             negative_embeds, negative_pooled_embeds = self.encode_prompt("")

@@ -272,7 +272,22 @@ def load_network(spec: dict, r: dict, device) -> torch.nn.Module:
         mod, _, fn = spec["factory"].partition(":")
         if not fn:
             raise ValueError(f"factory must be 'module:function', got {spec['factory']!r}")
-        net = getattr(importlib.import_module(mod), fn)(**spec.get("kwargs", {}))
+        try:
+            module = importlib.import_module(mod)
+        except ImportError as e:
+            raise ValueError(f"network factory {spec['factory']!r}: no module {mod!r} ({e}); name an importable "
+                             "module, e.g. 'mypackage.nets:build'") from e  # fmt: skip
+        make = getattr(module, fn, None)
+        if not callable(make):
+            raise ValueError(f"network factory {spec['factory']!r}: module {mod!r} has no function {fn!r}; name one "
+                             "that returns a torch module")  # fmt: skip
+        kwargs = spec.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"network factory kwargs must be a mapping, got {kwargs!r}")
+        net = make(**kwargs)
+        if not isinstance(net, torch.nn.Module):
+            raise ValueError(f"network factory {spec['factory']!r} returned a {type(net).__name__}, not a torch "
+                             "module; return the network (an nn.Module)")  # fmt: skip
     else:
         raise ValueError("a network is {transformers: id}, {torchscript: file} or {factory: 'module:function'}")
     return net.to(device)

@@ -147,6 +147,12 @@ def _check_channels(denoiser: Denoiser, shape, x_T) -> None:
         what = f"shape={per}" if x_T is None else f"x_T of per-sample shape {per}"
         raise ValueError(f"{what} does not fit the model, which takes ({C}, H, W) samples ({C} channels); "
                          f"pass shape=({C}, H, W)")  # fmt: skip
+    m = getattr(denoiser, "size_multiple", None)
+    if per is not None and m and (per[1] % m or per[2] % m):
+        what = f"shape={per}" if x_T is None else f"x_T of per-sample shape {per}"
+        H, W = (-(-n // m) * m for n in per[1:])
+        raise ValueError(f"{what} does not fit the model, whose UNet halves H and W {m.bit_length() - 1} times: H "
+                         f"and W must be multiples of {m}; pass e.g. shape=({C}, {H}, {W})")  # fmt: skip
 
 
 def guidance_summary(stats: GuidanceStats) -> str:

@@ -133,8 +133,8 @@ class FlowSchedule:
     t_end = 0.0
 
     def __post_init__(self):
-        if not self.shift > 0:
-            raise ValueError(f"flow shift must be > 0, got {self.shift}")
+        if not 0 < self.shift < math.inf:
+            raise ValueError(f"flow shift must be a finite number > 0 (1: no shift), got {self.shift}")
 
     def alpha(self, t: float) -> float:
         """α_t = 1 − t."""
@@ -191,8 +191,11 @@ class SigmaSchedule:
     t_end = 0.0
 
     def __post_init__(self):
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if not 0 < self.sigma_min < self.sigma_max < math.inf:
+            raise ValueError(f"need 0 < sigma_min < sigma_max < ∞ (finite numbers), got {self.sigma_min}, "
+                             f"{self.sigma_max}; Karras et al.'s are 0.002 and 80")  # fmt: skip
+        if not 0 < self.rho < math.inf:
+            raise ValueError(f"rho must be a finite number > 0 (Karras et al.'s 7), got {self.rho}")
 
     def alpha(self, t: float) -> float:
         """α = 1."""

@@ -153,3 +153,11 @@ def check_params(fn: Callable, params: dict, ranges: dict[str, Range] | None = N
         p = sig.parameters.get(name)
         if p is not None and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             check_value(name, value, hints.get(name, inspect.Parameter.empty), p.default, ranges.get(name), where)
+
+
+def finite_weight(value, name: str = "guidance_scale") -> float:
+    """A guidance weight as a float; a one-line ValueError for a non-number, NaN or ±∞ (which would turn every sample
+    non-finite)."""
+    if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number (1: the conditional model alone), got {value!r}")
+    return float(value)

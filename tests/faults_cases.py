@@ -1641,3 +1641,214 @@ case(
     setup=_hold_lock,
     match=r"in use by process \d+ \(lock file .*\.lock\)",
 )
+
+
+# -- issue 26 items 6 and 7: the tracebacks and unclear errors of the second hostile-user audit -------------------
+G = "audit2"
+recipe_case(
+    "factory-missing-function",
+    "error",
+    r"network factory 'os:nonexistent_fn': module 'os' has no function 'nonexistent_fn'",
+    loss={"kind": "classifier", "target": 1, "network": {"factory": "os:nonexistent_fn"}},
+    method="dps",
+)
+recipe_case(
+    "factory-missing-module",
+    "error",
+    r"network factory 'no_such_module_xyz:f': no module 'no_such_module_xyz'",
+    loss={"kind": "classifier", "target": 1, "network": {"factory": "no_such_module_xyz:f"}},
+    method="dps",
+)
+recipe_case(
+    "factory-not-a-module",
+    "error",
+    r"network factory 'os:getcwd' returned a str, not a torch module",
+    loss={"kind": "classifier", "target": 1, "network": {"factory": "os:getcwd"}},
+    method="dps",
+)
+for _k, _v, _m in [
+    ("attn_resolutions", "0", r"attn_resolutions='0' is not a list of positive numbers"),
+    ("ch_mult", "a,b", r"ch_mult='a,b' is not a list of positive numbers; .* e\.g\. ch_mult=\"1,2,2,2\""),
+    ("ch_mult", "1,0", r"ch_mult='1,0' is not a list of positive numbers"),
+]:
+    api_case(f"load-network-{_k}-{_v}", "error", _load_network({**DDIM_FLAGS, _k: _v}), _m)
+
+
+def _adm_flags(**change):
+    def fn(ctx):
+        from lossguide.models import load_network
+
+        name = "adm_imagenet256_uncond_layout"
+        fix = ROOT.parent / "shared" / "fixtures" / "checkpoints"
+        need(fix.is_dir(), "no ../shared/fixtures (the checkpoint fixtures)")
+        flags = json.loads((fix / f"{name}.json").read_text())["constructor_kwargs"]
+        return load_network(fix / f"{name}.pt", {**flags, **change})
+
+    return fn
+
+
+api_case("adm-attention-0", "error", _adm_flags(attention_resolutions="0"), r"attention_resolutions='0' is not a list")
+api_case("adm-attention-3px", "error", _adm_flags(attention_resolutions="3"), r"3 px does not divide image_size 256")
+api_case("adm-channel-mult-ab", "error", _adm_flags(channel_mult="a,b"), r"channel_mult='a,b' is not a list")
+
+
+def _ckpt_denoiser(**flags):
+    def fn(ctx):
+        from lossguide.models import load_denoiser
+
+        p = ctx.d / "net.pt"
+        tiny_ddim_checkpoint(p)
+        return load_denoiser(str(p), flags={**DDIM_FLAGS, **flags})
+
+    return fn
+
+
+for _v in (0, -5, "1000"):
+    api_case(f"ckpt-diffusion-steps-{_v}", "error", _ckpt_denoiser(num_diffusion_timesteps=_v),
+             rf"num_diffusion_timesteps={_v!r}: it must be an integer ≥ 2")  # fmt: skip
+api_case(
+    "ckpt-flat-timesteps-read",
+    "ok",
+    _ckpt_denoiser(num_diffusion_timesteps=500),
+    check=lambda c, r: need(len(r.value.denoiser.schedule.alpha_bar) == 500, "num_diffusion_timesteps=500 ignored"),
+)
+api_case(
+    "schedule-named-T-0",
+    "error",
+    lambda c: __import__("lossguide.networks", fromlist=["x"]).schedule_named("linear", 0),
+    r"diffusion_steps=0: it must be an integer ≥ 2",
+)
+
+
+def _damaged_weights(name: str, data: bytes):
+    def fn(ctx):
+        from lossguide.models import load_network
+
+        p = ctx.d / name
+        p.write_bytes(data)
+        return load_network(p, DDIM_FLAGS)
+
+    return fn
+
+
+api_case("safetensors-garbage", "error", _damaged_weights("w.safetensors", b"\x00garbage" * 64),
+         r"w\.safetensors is not a readable \.safetensors file .*download or export it again")  # fmt: skip
+api_case("pt-garbage", "error", _damaged_weights("w.pt", b"\x00garbage" * 64),
+         r"w\.pt is not a readable torch checkpoint \(UnpicklingError\); the file is truncated or damaged")  # fmt: skip
+
+
+def _truncated_safetensors(ctx):
+    import torch
+    from safetensors.torch import save_file
+
+    from lossguide.models import load_network
+
+    p = ctx.d / "w.safetensors"
+    save_file({"a": torch.zeros(64, 64)}, str(p))
+    p.write_bytes(p.read_bytes()[:200])
+    return load_network(p, DDIM_FLAGS)
+
+
+api_case("safetensors-truncated", "error", _truncated_safetensors, r"w\.safetensors is not a readable \.safetensors")
+
+
+def _damaged_diffusers_weights(ctx):
+    from lossguide.models import load_denoiser
+
+    folder = tiny_rgb_model(ctx.d / "m")
+    w = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:300])
+    return load_denoiser(str(folder))
+
+
+api_case("diffusers-weights-truncated", "error", _damaged_diffusers_weights,
+         r"unet does not load as a UNet2DModel .*diffusion_pytorch_model|unet.*(safetensors|weights)")  # fmt: skip
+case("model-conditional-name", G, "error", S("--model", "mnist-cond"),
+     match=r"'mnist-cond' is a shipped model but not an unconditional denoiser: .*load_conditional", nowrite=True)  # fmt: skip
+case("model-classifier-name", G, "error", S("--model", "mnist-judge"),
+     match=r"'mnist-judge' is .* a classifier", nowrite=True)  # fmt: skip
+case("model-checkpoint-needs-recipe", G, "error", S("--model", "{d}/net.pt"),
+     setup=lambda c: tiny_ddim_checkpoint(c.d / "net.pt"),
+     match=r"original checkpoint file, which needs its constructor flags.*lossguide sample --config", nowrite=True)  # fmt: skip
+case(
+    "judge-is-guide", G, "ok", S("--judge", "mnist-guide", "--seeds", "0", "--steps", "2", "--method", "none"),
+    check=lambda c, r: need("the judge is the guide" in r.err, "no warning that the judge is the guide"),
+)  # fmt: skip
+case(
+    "oracle-methods-with-spaces", G, "ok", ["oracle", "--n", "8", "--steps", "2", "--methods", "none, dps"],
+    check=lambda c, r: need("dps" in r.out and "none" in r.out, "the spaced method list did not run both"),
+)  # fmt: skip
+for _cmd in ("bench", "sample", "oracle", "experiment"):
+    case(f"help-{_cmd}-one-default", G, "ok", [_cmd, "--help"],
+         check=lambda c, r: need(r.out.count("(default: ") and "(default: None)" not in r.out
+                                 and not re.search(r"\(default[^)]*\) \(default", r.out), "a doubled or None default"))  # fmt: skip
+case("help-experiment-names", G, "ok", ["experiment", "--help"],
+     check=lambda c, r: need("loss-curves" in r.out and "optimization" in r.out, "experiment --help lists no names"))  # fmt: skip
+
+
+def _autoguidance(good_channels, bad_channels, w=2.0):
+    def fn(ctx):
+        import diffusers
+
+        import lossguide as lg
+        from lossguide.denoiser import from_diffusers
+
+        def den(c):
+            unet = diffusers.UNet2DModel(
+                sample_size=8, in_channels=c, out_channels=c, layers_per_block=1, block_out_channels=(8, 16),
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4,
+            )  # fmt: skip
+            return from_diffusers(unet, diffusers.DDPMScheduler())
+
+        return lg.autoguidance(den(good_channels), den(bad_channels), w)
+
+    return fn
+
+
+api_case("autoguidance-channels", "error", _autoguidance(1, 3),
+         r"good model takes 1-channel samples but the bad model 3-channel")  # fmt: skip
+
+
+def _warns(fn, pattern):
+    def run(ctx):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fn(ctx)
+        need(any(re.search(pattern, str(w.message)) for w in seen), f"no warning matching {pattern!r}")
+
+    return run
+
+
+api_case("autoguidance-negative-w", "ok", _warns(_autoguidance(1, 1, -0.5), r"w=-0\.5 < 0 steps towards the bad"))
+api_case("shape-not-a-multiple", "error", _shape((3, 7, 7)),
+         r"shape=\(3, 7, 7\) .* H and W must be multiples of 2; pass e\.g\. shape=\(3, 8, 8\)")  # fmt: skip
+for _k, _v in (("sigma_max", float("inf")), ("sigma_min", float("nan")), ("rho", float("inf"))):
+    api_case(f"sigma-schedule-{_k}-{_v}", "error", lambda c, k=_k, v=_v: _lg().SigmaSchedule(**{k: v}),
+             r"sigma_min < sigma_max < ∞|rho must be a finite number")  # fmt: skip
+api_case("flow-shift-inf", "error", lambda c: _lg().FlowSchedule(shift=float("inf")), r"shift must be a finite number")
+
+
+def _cfg_w(w):
+    def fn(ctx):
+        from lossguide.validate import finite_weight
+
+        return finite_weight(w)
+
+    return fn
+
+
+for _w in (float("nan"), float("inf"), "2"):
+    api_case(f"cfg-w-{_w}", "error", _cfg_w(_w), r"guidance_scale must be a finite number")
+
+
+def _cond_w(ctx):
+    import torch
+
+    from lossguide.models import load_conditional
+
+    m = load_conditional("mnist-cond")
+    return m.denoiser(torch.tensor([[3, 7]]), guidance_scale=float("nan"))
+
+
+api_case("cond-model-w-nan", "error", _cond_w, r"guidance_scale must be a finite number .* got nan")

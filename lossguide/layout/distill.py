@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from lossguide.denoiser import Denoiser, freeze
 from lossguide.schedule import NoiseSchedule
+from lossguide.validate import finite_weight
 
 WEIGHTS_FILE = "guide.safetensors"
 CONFIG_FILE = "guide.json"
@@ -280,7 +281,7 @@ def guided_denoiser(
     the model's UNet captures and modulates it as it does the two-pass denoiser's conditional half (the guide
     has no attention layers).
     """
-    unet, w = model.unet, float(guidance_scale)
+    unet, w = model.unet, finite_weight(guidance_scale)
     guide = freeze(guide)
     guide.check_fits(unet)
     p = next(iter(unet.parameters()))

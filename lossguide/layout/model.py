@@ -22,6 +22,7 @@ from lossguide.denoiser import Denoiser, freeze
 from lossguide.layout.attention import AttentionControl
 from lossguide.layout.losses import LayoutLoss
 from lossguide.schedule import NoiseSchedule
+from lossguide.validate import finite_weight
 
 NUM_CLASSES = 10
 BLANK_TOKEN = BLANK  # an empty half
@@ -133,7 +134,7 @@ class CondDigitModel:
         The conditional and unconditional halves are separate UNet calls; with ``control`` given, the
         unconditional one runs under ``control.disabled()`` (its null tokens are neither modulated nor captured).
         """
-        unet, w = self.unet, float(guidance_scale)
+        unet, w = self.unet, finite_weight(guidance_scale)
         p = next(iter(unet.parameters()))
         cond = self.embed(tokens).to(p.device, p.dtype)
         uncond = None if w == 1.0 else self.encoder.null(1).detach().to(p.device, p.dtype)

@@ -173,6 +173,14 @@ def _resolve(name_or_path: str) -> tuple[str, bool]:
     p = Path(name_or_path).expanduser()
     if p.exists():
         return str(p), True
+    other = {**{n: "a class-conditional (layout) model: load it with load_conditional; `lossguide experiment layout` "
+                   "samples it" for n in CONDITIONAL},
+             **{n: "a distilled CFG guide: load it with load_guide" for n in GUIDES},
+             **{n: "a classifier (a guide or a judge, never a denoiser): load it with load_classifier"
+                for n in CLASSIFIERS}}  # fmt: skip
+    if name_or_path in other:
+        raise ModelNotFoundError(f"{name_or_path!r} is a shipped model but not an unconditional denoiser: it is "
+                                 f"{other[name_or_path]}; the denoisers are {', '.join(DENOISERS)}")  # fmt: skip
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
         raise ModelNotFoundError(
             f"no model {name_or_path!r}: not a shipped name ({', '.join(DENOISERS)}), not an existing folder, "
@@ -446,9 +454,10 @@ def _load_checkpoint_denoiser(diffusers, path: Path, flags: dict, device, dtype)
         raise ValueError(f"{path} is class-conditional: build its denoiser with lossguide.networks."
                          "denoiser_from_network(load_network(path, flags), schedule, y=labels)")  # fmt: skip
     diff = flags.get("diffusion") if isinstance(flags.get("diffusion"), dict) else {}
-    T = diff.get("num_diffusion_timesteps", flags.get("diffusion_steps", 1000))
+    names = [n for n in ("num_diffusion_timesteps", "diffusion_steps") if n in flags]  # the DDIM and ADM names
+    name = "diffusion.num_diffusion_timesteps" if "num_diffusion_timesteps" in diff else (names or ["T"])[0]
+    T = diff.get("num_diffusion_timesteps", flags[names[0]] if names else 1000)
     if not (isinstance(T, int) and not isinstance(T, bool) and T >= 2):
-        name = "diffusion.num_diffusion_timesteps" if "num_diffusion_timesteps" in diff else "diffusion_steps"
         raise ValueError(f"flags {name}={T!r}: it must be an integer ≥ 2, the number of timesteps the model was "
                          "trained with (1000 for the published checkpoints)")  # fmt: skip
     kind = str(diff.get("beta_schedule", flags.get("noise_schedule", "linear")))

@@ -75,6 +75,9 @@ def load_network_file(path: str | Path, flags: dict | None = None) -> nn.Module:
 
 def schedule_named(name: str, T: int = 1000) -> NoiseSchedule:
     """``linear`` (DDPM's β 1e-4..0.02, scaled by 1000/T as guided-diffusion does) or ``cosine`` (Nichol-Dhariwal)."""
+    if not (isinstance(T, int) and not isinstance(T, bool) and T >= 2):
+        raise ValueError(f"diffusion_steps={T!r}: it must be an integer ≥ 2, the number of timesteps the model was "
+                         "trained with (1000 for the published checkpoints)")  # fmt: skip
     if name == "linear":
         scale = 1000 / T
         return NoiseSchedule.linear(T, scale * 1e-4, scale * 0.02)

@@ -63,17 +63,24 @@ def unwrap_state_dict(obj, use_ema: bool = False) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The state dict in a ``.pt``/``.ckpt``/``.pth`` file (read with ``weights_only``) or a ``.safetensors``."""
     path = Path(path)
+    damaged = "the file is truncated or damaged: download or export it again"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return unwrap_state_dict(load_file(str(path)))
+        try:
+            return unwrap_state_dict(load_file(str(path)))
+        except Exception as e:  # safetensors' own error type for a bad header or a short file
+            why = " ".join(str(e).split())[:160]
+            raise ValueError(f"{path} is not a readable .safetensors file ({why}); {damaged}") from e
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with objects beyond tensors and containers
-        raise ValueError(
-            f"{path} cannot be read as plain tensors ({e.__class__.__name__}); re-save it as "
-            "torch.save(model.state_dict(), path) in the environment that wrote it"
-        ) from e
+    except Exception as e:
+        if "Unsupported global" in str(e) or "can still be loaded" in str(e):  # a pickle of objects beyond tensors
+            raise ValueError(
+                f"{path} holds Python objects beyond tensors ({e.__class__.__name__}); re-save it as "
+                "torch.save(model.state_dict(), path) in the environment that wrote it"
+            ) from e
+        raise ValueError(f"{path} is not a readable torch checkpoint ({e.__class__.__name__}); {damaged}") from e
     return unwrap_state_dict(obj, use_ema)
 
 

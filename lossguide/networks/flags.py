@@ -12,6 +12,8 @@ command-line width flag ``num_channels`` (``classifier_width`` for a classifier)
 
 from __future__ import annotations
 
+import math
+
 ARCHITECTURES = ("adm_unet", "adm_classifier", "ddim_unet")
 
 # guided-diffusion's UNetModel / EncoderUNetModel keyword arguments
@@ -64,23 +66,44 @@ def default_channel_mult(image_size: int) -> tuple[float, ...]:
 
 
 def _ints(value, name: str) -> tuple:
+    """The positive numbers of a flag given as "1,2,4", a number or a list; a one-line error for anything else."""
     if isinstance(value, str):
-        return tuple(float(v) if "." in v else int(v) for v in value.replace(" ", "").split(",") if v)
-    if isinstance(value, (int, float)):
-        return (value,)
-    try:
-        return tuple(value)
-    except TypeError:
-        raise ValueError(f"{name}={value!r} is not a list of numbers") from None
+        try:
+            out = tuple(float(v) if "." in v else int(v) for v in value.replace(" ", "").split(",") if v)
+        except ValueError:
+            out = None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = (value,)
+    else:
+        try:
+            out = tuple(value)
+        except TypeError:
+            out = None
+    ok = out is not None and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in out
+    )
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not a list of positive numbers; give it as the reference command "
+                         f"line does, e.g. {name}=\"{EXAMPLES.get(name, '1,2,4')}\"")  # fmt: skip
+    return out
+
+
+#: an example value of each list flag, quoted in its error
+EXAMPLES = {"channel_mult": "1,2,2,4", "attention_resolutions": "32,16,8", "ch_mult": "1,2,2,2"}
 
 
 def _attention_ds(value, image_size: int | None) -> tuple[int, ...]:
     """ds values from a list (already ds) or from a string/int of pixel resolutions."""
     if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
+        return tuple(int(v) for v in _ints(value, "attention_resolutions"))
     if image_size is None:
         raise ValueError("attention_resolutions given in pixels (a string or an int) needs image_size")
-    return tuple(image_size // int(r) for r in _ints(value, "attention_resolutions"))
+    pixels = _ints(value, "attention_resolutions")
+    bad = [r for r in pixels if int(r) != r or image_size % int(r)]
+    if bad:
+        raise ValueError(f"attention_resolutions={value!r}: {bad[0]} px does not divide image_size {image_size}; "
+                         f"give the feature-map sides in pixels where attention sits, e.g. \"32,16,8\"")  # fmt: skip
+    return tuple(image_size // int(r) for r in pixels)
 
 
 def _check_known(flags: dict, known: set, arch: str) -> None:
