@@ -243,8 +243,7 @@ def cmd_experiment(args) -> int:
             raise ValueError(f"experiment {name!r} has no class loss to switch; --loss applies to "
                              f"{', '.join(experiments.LOSS_AWARE)}")  # fmt: skip
     for name in names:
-        folder = name if args.loss == "ce" else f"{name}-{args.loss}"
-        out = args.out / folder if (args.name == "all" or args.out == Path("runs/experiments")) else args.out
+        out = args.out / experiments.folder_name(name, args.loss)  # NAME appended: experiments never share files
         summary = experiments.run(name, out, quick=args.quick, loss=args.loss)
         print(f"{name}: {summary.get('headline', 'done')} -> {out}")
     return 0

@@ -24,10 +24,11 @@ while the step rules and the MC smoothing read ᾱ and mean on every family what
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -36,6 +37,8 @@ from lossguide.denoiser import Denoiser
 from lossguide.rng import Generators, randn
 from lossguide.samplers import Sampler
 from lossguide.steps import StepContext, StepRule
+
+log = logging.getLogger(__name__)
 
 RHO_TARGETS = ("x_prev", "eps")
 LOSS_INPUTS = ("x0", "x_t")
@@ -125,6 +128,30 @@ class GuidanceConfig:
     def replace(self, **changes) -> GuidanceConfig:
         return replace(self, **changes)
 
+    def read(self) -> dict:
+        """The fields that :class:`GuidanceEngine` reads given the others (what can change samples), by name.
+
+        Two configs with equal ``read()`` guide identically; a parameter that leaves it unchanged has no effect."""
+        if not self.enabled:
+            return {}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+        d["rho"] = None if self.rho is None else self.rho.read()
+        d["mu"] = None if self.mu is None else self.mu.read()
+        unread = []
+        if self.rho is None:
+            unread += ["rho_target"]
+        if self.mu is None:
+            unread += ["n_iter", "mu_hold", "x0_projection"]
+        if self.n_aug == 0:
+            unread += ["augment"]
+        if self.mc_sigma == 0:
+            unread += ["mc_schedule", "n_mc"]
+        if self.n_recur == 1:
+            unread += ["recur_window"]
+        for name in unread:
+            del d[name]
+        return d
+
     def to_dict(self) -> dict:
         """A serialisable description (for ``config.yaml``)."""
         return {
@@ -158,6 +185,43 @@ def resolve_augment(config: GuidanceConfig, augment: Callable | None) -> Guidanc
             )
         config = config.replace(augment=augment)
     return config
+
+
+def in_window(window: tuple[float, float], frac: float) -> bool:
+    """Whether guidance acts at fraction ``frac`` of t/T: lo < frac ≤ hi (0 ≤ frac ≤ hi when lo = 0)."""
+    lo, hi = window
+    return (frac > lo or lo == 0) and frac <= hi
+
+
+def check_window(config: GuidanceConfig, sampler: Sampler) -> None:
+    """A one-line error where ``window`` holds none of ``sampler``'s steps; a warning where ``recur_window`` does.
+
+    No guided step is an error: the samples would be unguided ones labelled with the method (``none`` draws those).
+    No step in ``recur_window`` only warns: the samples are still guided, without time travel (a preset's default
+    window at a handful of steps)."""
+    if config is None or not config.enabled:
+        return
+    n = len(sampler)
+    guided = [i for i in range(n) if in_window(config.window, sampler.fraction(i))]
+
+    def nearest(steps, lo, hi) -> str:
+        frac = min((sampler.fraction(i) for i in steps), key=lambda f: max(lo - f, f - hi, 0.0), default=None)
+        return "" if frac is None else f" (the nearest is at t/T = {frac:.3g})"
+
+    if not guided:
+        lo, hi = config.window
+        raise ValueError(
+            f"'{config.name}': window=({lo:g}, {hi:g}) holds none of the {n} sampler steps"
+            f"{nearest(range(n), lo, hi)}, so nothing would be guided; widen window (guidance where lo < t/T ≤ hi), "
+            "or use method none for unguided samples"
+        )
+    lo, hi = config.recur_window
+    if config.n_recur > 1 and not any(lo <= sampler.fraction(i) <= hi for i in guided):
+        log.warning(
+            "'%s': recur_window=(%g, %g) holds none of the %d guided steps%s, so n_recur=%d does nothing; widen "
+            "recur_window, take more steps, or set n_recur=1", config.name, lo, hi, len(guided),
+            nearest(guided, lo, hi), config.n_recur,
+        )  # fmt: skip
 
 
 #: |x| above which a sample counts as overflowed (``GuidanceStats.overflow``)
@@ -248,9 +312,7 @@ class GuidanceEngine:
     def active(self, sampler: Sampler, i: int) -> bool:
         if not self.config.enabled:
             return False
-        lo, hi = self.config.window
-        frac = sampler.fraction(i)
-        return (frac > lo or lo == 0) and frac <= hi
+        return in_window(self.config.window, sampler.fraction(i))
 
     def recurrences(self, sampler: Sampler, i: int) -> int:
         """Time-travel repeats s at step i (1 outside ``recur_window`` or where guidance is off)."""

@@ -15,6 +15,7 @@ VP-equivalent α_t²/(α_t² + σ_t²), so on a VP schedule α_t = √ᾱ_t and 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 
 from lossguide.dreamguider import DreamguiderStep
@@ -22,7 +23,9 @@ from lossguide.figd import FisherStep
 from lossguide.guidance import GuidanceConfig
 from lossguide.optimize import LookAheadStep
 from lossguide.steps import AlphaBarPower, Constant, LossNormalized, Polyak, TFGSchedule
-from lossguide.validate import Range, check_params
+from lossguide.validate import CHOICES, Range, check_params
+
+log = logging.getLogger(__name__)
 
 
 def none() -> GuidanceConfig:
@@ -295,10 +298,19 @@ def list_presets() -> dict[str, str]:
 
 
 def get(name: str, **params) -> GuidanceConfig:
-    """The preset ``name`` with ``params``; unknown names, parameters or bad values raise a one-line error.
+    """The preset ``name`` with ``params``; unknown names, parameters, bad values or ones without effect raise.
 
     Each value is checked against the preset's signature and :mod:`lossguide.validate`'s ranges (an integer
-    parameter refuses 2.0: write 2)."""
+    parameter refuses 2.0: write 2), and each must change the resolved config (:func:`check_effect`)."""
+    config = build(name, **params)
+    fn = PRESETS[name]
+    check_effect(lambda p: build(name, **p), params, defaults(fn), where=f"method {name!r}: ",
+                 enablers=param_enablers(fn))  # fmt: skip
+    return config
+
+
+def build(name: str, **params) -> GuidanceConfig:
+    """:func:`get` without the check that every parameter has an effect."""
     if name not in PRESETS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESETS)}")
     fn = PRESETS[name]
@@ -311,6 +323,123 @@ def get(name: str, **params) -> GuidanceConfig:
         )
     check_params(fn, params, PARAM_RANGES.get(name), where=f"method {name!r}: ")
     return fn(**params)
+
+
+# -- parameters without effect ------------------------------------------------------------------------
+#: one change that may make a parameter take effect: (the parameter it sets or None, what holds now where that is
+#: not a parameter, what to do, the build to use or None: the same, params → changed params)
+Enabler = tuple
+
+
+def defaults(fn: Callable) -> dict:
+    """A preset's parameters and their defaults."""
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+
+def probes(name: str, value) -> list:
+    """Values other than ``value`` for parameter ``name``, to see whether the resolved config reads it."""
+    if isinstance(value, bool):
+        return [not value]
+    if value is None:
+        return [1.0]
+    if isinstance(value, int):
+        return [value + 1, value + 2]
+    if isinstance(value, float):
+        return [abs(value) * 2 + 0.5, 0.0] if value else [0.5]
+    if isinstance(value, str):
+        return [c for c in CHOICES.get(name, ()) if c != value]
+    if isinstance(value, (tuple, list)):
+        return [w for w in ((0.0, 1.0), (0.25, 0.75), (0.0, 0.5)) if tuple(w) != tuple(value)]
+    return []
+
+
+def param_enablers(fn: Callable) -> list[Enabler]:
+    """An :data:`Enabler` for each probe value (and the default) of each of ``fn``'s parameters."""
+    out = []
+    for k, v in defaults(fn).items():
+        for w in ([v] if v is not None and not callable(v) else []) + probes(k, v):  # the default first
+            out.append((k, None, f"{k}={w!r}", None, lambda p, k=k, w=w: {**p, k: w}))
+    return out
+
+
+def _reads(build: Callable[[dict], GuidanceConfig], params: dict, name: str) -> bool | None:
+    """Whether ``build(params).read()`` changes when ``params[name]`` is left out or changed (None: not buildable)."""
+    try:
+        base = build(params).read()
+    except (ValueError, TypeError):
+        return None
+    built = False
+    for p in [_without(params, name)] + [{**params, name: w} for w in probes(name, params[name])]:
+        try:
+            r = build(p).read()
+        except (ValueError, TypeError):
+            continue
+        built = True
+        if r != base:
+            return True
+    return False if built else None
+
+
+def _without(params: dict, *names: str) -> dict:
+    return {k: v for k, v in params.items() if k not in names}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return tuple(a) == tuple(b)
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def check_effect(
+    build: Callable[[dict], GuidanceConfig],
+    params: dict,
+    default: dict,
+    where: str = "",
+    enablers: list[Enabler] = (),
+) -> None:
+    """A one-line error where a parameter in ``params`` is not read by the resolved config ``build(params)``
+    (leaving it out or changing it gives the same :meth:`~lossguide.guidance.GuidanceConfig.read`), naming the first
+    of ``enablers`` (or pair of them) that would make it take effect.
+
+    Where it is harmless, a warning: it equals its default, or it would do what the given parameters that block it
+    already do (ugd's ``backward_scale=0`` with ``n_iter=0``: both switch the backward step off)."""
+    for name, value in params.items():
+        if _reads(build, params, name) is not False:
+            continue
+        fix = _enabler(build, params, default, name, enablers)
+        blockers = [k for k in params if k != name and _reads(build, _without(params, k), name)]
+        redundant = bool(blockers) and build(_without(params, *blockers)).read() == build(params).read()
+        if redundant:
+            log.warning("%s%s=%r has no effect beyond what %s already does; drop one of them", where, name, value,
+                        " and ".join(f"{k}={params[k]!r}" for k in blockers))  # fmt: skip
+        elif name in default and _same(value, default[name]):
+            log.warning("%s%s=%r has no effect%s; drop it", where, name, value,
+                        f" with {fix[0]} (it takes effect with {fix[1]})" if fix else "")  # fmt: skip
+        elif fix:
+            raise ValueError(f"{where}{name}={value!r} has no effect with {fix[0]}; it takes effect with {fix[1]}, "
+                             "else drop it")  # fmt: skip
+        else:
+            raise ValueError(f"{where}{name}={value!r} has no effect on the resolved guidance; drop it")
+
+
+def _enabler(build, params: dict, default: dict, name: str, enablers) -> tuple[str, str] | None:
+    """(what holds now, what to do instead) of the first enabler, or pair, under which ``params[name]`` is read."""
+    singles = [e for e in enablers if e[0] != name]
+
+    def now(e) -> str:
+        key, fixed = e[0], e[1]
+        return fixed if key is None else f"{key}={params.get(key, default.get(key))!r}"
+
+    for e in singles:
+        if _reads(e[3] or build, e[4](params), name):
+            return now(e), e[2]
+    for a, ea in enumerate(singles):
+        for eb in singles[a + 1:]:
+            if (ea[0] is not None and ea[0] == eb[0]) or (ea[3] and eb[3]):
+                continue
+            if _reads(ea[3] or eb[3] or build, eb[4](ea[4](params)), name):
+                return f"{now(ea)} and {now(eb)}", f"{ea[2]} and {eb[2]}"
+    return None
 
 
 def with_techniques(

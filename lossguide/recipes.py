@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from lossguide import net_losses
+from lossguide.guidance import check_window
 from lossguide.harness.methods import method_config
 from lossguide.runfolder import RunFolder, fixed_batches
 from lossguide.samplers import DDIM
@@ -216,7 +217,10 @@ def _guidance(r: dict):
     """The preset with its parameters; ``window: [lo, hi]`` (guidance where lo < t/T ≤ hi) on any preset."""
     g = method_config(r["method"], **_params(r))  # a preset or a spec such as shen2024-ra
     if r.get("window") is not None:
-        g = g.replace(window=tuple(float(v) for v in r["window"]))
+        w = g.replace(window=tuple(float(v) for v in r["window"]))
+        if w.read() == g.read() and w.window != g.window:
+            raise ValueError(f"window {r['window']} has no effect: method {r['method']!r} guides nowhere; drop it")
+        g = w
     return g
 
 
@@ -418,6 +422,7 @@ def build(r: dict) -> Built:
         den.schedule, int(s.get("steps", 100)), eta=float(s.get("eta", 0.0)), spacing=s.get("spacing", "leading"),
         steps_offset=int(s.get("steps_offset", 0)),
     )  # fmt: skip
+    check_window(guidance, sampler)  # a window without a guided step fails here, before the first write
     if guidance.enabled and loss is None:
         raise ValueError(f"method {r['method']!r} needs a loss; the recipe has loss kind 'none'")
     return Built(den, sampler, guidance, loss, tuple(shape), to_image, final_loss)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lossguide import losses
-from lossguide.guidance import resolve_augment
+from lossguide.guidance import check_window, resolve_augment
 from lossguide.harness.methods import method_config, parse_method
 from lossguide.runfolder import RunFolder, fixed_batches, grid, parse_seeds, png_bytes, seeds_from, to_uint8  # noqa: F401
 from lossguide.samplers import DDIM
@@ -249,6 +249,7 @@ def run(
             "metrics.json lists them under not_applicable", cfg.model, shape, ", ".join(MNIST_METRICS),
         )  # fmt: skip
         sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
+        check_window(guidance, sampler)
         with RunFolder(out, overwrite=overwrite).open(_config_yaml(cfg, guidance.to_dict())) as folder:
             _sample_seeds(cfg, folder, model, sampler, guidance, None, None, None, None, progress)
             return finalize(cfg, folder)
@@ -266,6 +267,7 @@ def run(
         loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device).to(dtype), cfg.target,
                                      schedule=model.denoiser.schedule)  # a flow model's t read as VP (x_t/k, τ)
     sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
+    check_window(guidance, sampler)  # a window without a guided step fails before the first write
 
     config_text = _config_yaml(cfg, guidance.to_dict())
     with RunFolder(out, overwrite=overwrite).open(config_text) as folder:  # the first write

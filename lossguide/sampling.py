@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lossguide.denoiser import Denoiser
-from lossguide.guidance import GuidanceConfig, GuidanceEngine, GuidanceStats
+from lossguide.guidance import GuidanceConfig, GuidanceEngine, GuidanceStats, check_window
 from lossguide.rng import check_generators, make_generators, randn
 from lossguide.samplers import Sampler
 from lossguide.schedule import mismatch
@@ -72,6 +72,7 @@ def sample(
     (:func:`guidance_summary` of :class:`~lossguide.guidance.GuidanceStats`).
     """
     engine = GuidanceEngine(guidance, loss, augment=augment)
+    check_window(engine.config, sampler)
     why = mismatch(denoiser.schedule, sampler.schedule)
     if why:
         raise ValueError(f"{why}; build {type(sampler).__name__} on denoiser.schedule (or the model's own scheduler)")

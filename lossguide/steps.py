@@ -80,6 +80,10 @@ class StepRule:
     def to_dict(self) -> dict:
         return {"rule": type(self).__name__, **asdict(self)}
 
+    def read(self) -> dict:
+        """The fields that the rule reads given the others (what can change a step), by name."""
+        return self.to_dict()
+
     def _full(self, ctx: StepContext, value: float) -> torch.Tensor:
         return torch.full((ctx.loss.shape[0],), float(value), dtype=torch.float64, device=ctx.loss.device)
 
@@ -183,6 +187,13 @@ class Polyak(StepRule):
         _check_number("Polyak loss_floor", self.loss_floor)
         if self.max_ratio is not None:
             _check_number("Polyak max_ratio", self.max_ratio, positive=True)
+
+    def read(self) -> dict:
+        """The fields read given the others: ``loss_floor`` only with the classical gap ``"loss"``."""
+        d = self.to_dict()
+        if self.gap != "loss":
+            del d["loss_floor"]
+        return d
 
     def __call__(self, ctx):
         g = per_sample_norm(ctx.grad.detach())

@@ -9,7 +9,7 @@ import torch
 
 import lossguide as lg
 from lossguide import models, oracle_bench, presets
-from lossguide.steps import TFGSchedule
+from lossguide.steps import Constant, TFGSchedule
 
 
 def _target_loss(x0):
@@ -95,8 +95,8 @@ def test_valid_preset_parameters_pass_and_a_new_preset_is_checked_from_its_signa
     lg.preset("tfg", mu=None, rho=0)
     lg.preset("shen2024", eta=1, max_ratio=None, window=[0.1, 1.0], n_aug=0, augment=None)
 
-    def mine(step: float = 1.0, n_copies: int = 2, on: bool = True, span=(0.2, 0.4)):
-        return presets.none()
+    def mine(step: float = 1.0, n_copies: int = 2, on: bool = True, span=(0.2, 0.4)):  # every parameter is read
+        return lg.GuidanceConfig(name="mine", rho=Constant(step) if on else None, n_aug=n_copies, window=span)
 
     monkeypatch.setitem(presets.PRESETS, "mine", mine)
     lg.preset("mine", step=0.5, n_copies=0, span=(0.1, 0.2))

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lossguide import models, run_sample
@@ -156,7 +157,7 @@ def test_a_run_killed_inside_a_batch_resumes_to_the_same_files(tmp_path):
     args = ["sample", "--steps", "2", "--seeds", "0-5", "--batch", "4", "--quiet"]
     assert main(args + ["--out", str(tmp_path / "whole")]) == 0  # batches [0 1 2 3] [4 5 +2 padding]
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the thread count of this process (conftest)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # this process's thread count (conftest)
     p = subprocess.run([sys.executable, "-c", KILL_INSIDE_A_BATCH, *args, "--out", str(out)], env=env,
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == -signal.SIGKILL, p.stderr

@@ -4,6 +4,10 @@ Each experiment is a function ``run(out: Path, quick: bool = False) -> dict`` th
 ``report.md`` (tables, figures, the command that made them and a reading), PNG figures and the raw
 numbers as JSON/CSV, and returns a summary dict. Seeds are fixed inside each experiment and recorded
 in its JSON. The registry maps names to ``"module:function"`` so that importing it costs nothing.
+
+Experiments share file names (``report.md``, ``results.csv``, ``samples.png``), so each folder belongs to one:
+:func:`run` marks it with :data:`MARKER` and refuses a folder marked by another experiment (or loss); the CLI
+writes experiment NAME into ``--out``/NAME (``NAME-feature`` with ``--loss feature``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
+
+from lossguide.io import atomic_write_text
 
 EXPERIMENTS: dict[str, str] = {
     "loss-curves": "lossguide.experiments.understanding:loss_curves",
@@ -39,6 +45,27 @@ def get(name: str) -> Callable[..., dict]:
 #: experiments that take ``loss="ce"|"feature"`` (the guide's cross-entropy or its class feature distance)
 LOSS_AWARE = ("loss-curves", "gradients", "adversarial-gap", "convergence", "ablation")
 LOSS_KINDS = ("ce", "feature")
+#: the file naming the experiment whose files a folder holds
+MARKER = ".lossguide-experiment"
+
+
+def folder_name(name: str, loss: str = "ce") -> str:
+    """The folder (and marker) label of experiment ``name`` with class loss ``loss``: NAME or NAME-feature."""
+    return name if loss == "ce" else f"{name}-{loss}"
+
+
+def claim(out: Path, label: str) -> None:
+    """Mark ``out`` as experiment ``label``'s folder; a one-line error where another experiment's files are there."""
+    marker = out / MARKER
+    if marker.is_file():
+        owner = marker.read_text().strip()
+        if owner != label:
+            raise ValueError(
+                f"{out} holds the files of experiment {owner!r}, which {label!r} would overwrite (both write "
+                f"report.md, results.csv, ...); pass another folder, e.g. {out.parent / label}"
+            )
+        return
+    atomic_write_text(marker, label + "\n")
 
 
 def run(name: str, out: Path, quick: bool = False, loss: str = "ce") -> dict:
@@ -50,4 +77,5 @@ def run(name: str, out: Path, quick: bool = False, loss: str = "ce") -> dict:
         raise ValueError(f"experiment {name!r} has no class loss to switch; --loss applies to {', '.join(LOSS_AWARE)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    claim(out, folder_name(name, loss))
     return fn(out, quick=quick, **({"loss": loss} if name in LOSS_AWARE else {}))

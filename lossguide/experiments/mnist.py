@@ -35,9 +35,11 @@ def load_settings() -> dict:
     return settings.load()
 
 
-def config(name: str, task: str = "class", **overrides) -> GuidanceConfig:
-    """Method spec ``name`` at the shipped step parameters of ``task`` (settings store), then ``overrides``."""
-    return method_config(name, **{**settings.params(task, name), **overrides})
+def config(name: str, task: str = "class", drop: tuple[str, ...] = (), **overrides) -> GuidanceConfig:
+    """Method spec ``name`` at the shipped step parameters of ``task`` (settings store) less ``drop``, then
+    ``overrides`` (drop what a variant switches off: ``eta`` with ``polyak=False`` has no effect and is refused)."""
+    shipped = {k: v for k, v in settings.params(task, name).items() if k not in drop}
+    return method_config(name, **{**shipped, **overrides})
 
 
 def tune_all(kit: MnistKit, names: Sequence[str], n: int = 40, steps: int = 50) -> tuple[dict, list[dict]]:

@@ -430,7 +430,8 @@ def ablation(out, quick: bool = False, loss: str = "ce") -> dict:
     variants = {
         "full (RA + Polyak + time travel)": full,
         "− augmentation": presets.with_techniques(full, n_aug=0),
-        "− Polyak (FreeDoM step)": config("shen2024", _task(loss), n_aug=n_aug, polyak=False, scale=freedom_scale),
+        "− Polyak (FreeDoM step)": config("shen2024", _task(loss), drop=("eta",), n_aug=n_aug, polyak=False,
+                                            scale=freedom_scale),
         "− time travel": presets.with_techniques(full, n_recur=1),
         "FreeDoM (all off)": config("freedom", _task(loss)),
     }

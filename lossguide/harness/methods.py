@@ -71,7 +71,30 @@ def tuned_param(spec: str, oracle: bool = False) -> tuple[str, float] | None:
 def method_config(spec: str, value: float | None = None, oracle: bool = False, **params) -> GuidanceConfig:
     """The guidance config of ``spec`` with its step parameter at ``value`` (or given by name in ``params``;
     neither: the preset's default, a Polyak step's start) and further preset parameters ``params``; the
-    augmentation is ``params["augment"]``, else the oracle's jitter, else None (the task's data supplies it)."""
+    augmentation is ``params["augment"]``, else the oracle's jitter, else None (the task's data supplies it).
+
+    A parameter that the resolved config does not read (``scale`` of ``freedom+polyak``, ``eta`` with
+    ``polyak=False``, ...) is a one-line error naming what would make it take effect
+    (:func:`lossguide.presets.check_effect`); ``augment`` is the data's, used only where the spec asks for copies."""
+    cfg = _build(spec, value, oracle, params)
+    base, mods = parse_method(spec)
+    given = {k: v for k, v in params.items() if k != "augment"}
+    aug = {"augment": params["augment"]} if "augment" in params else {}
+    fn = presets.PRESETS[base]
+    def without(m: str):
+        rest = spec.replace(m, "", 1)
+        return (None, f"the {m} modifier", f"{rest} (without {m})",
+                lambda p: _build(rest, None, oracle, {**p, **aug}), lambda p: p)  # fmt: skip
+
+    enablers = presets.param_enablers(fn) + [without(m) for m in mods]
+    presets.check_effect(lambda p: _build(spec, value, oracle, {**p, **aug}), given, presets.defaults(fn),
+                         where=f"method {spec!r}: ", enablers=enablers)  # fmt: skip
+    return cfg
+
+
+def _build(spec: str, value: float | None, oracle: bool, params: dict) -> GuidanceConfig:
+    """:func:`method_config` without the check that every parameter has an effect."""
+    params = dict(params)
     base, mods = parse_method(spec)
     param = tuned_param(spec, oracle)
     if param is None:
@@ -96,7 +119,7 @@ def method_config(spec: str, value: float | None = None, oracle: bool = False, *
         params[param[0]] = value
     if base == "tfg" and value is not None:
         params.setdefault("mu", value)
-    cfg = presets.get(base, **params)
+    cfg = presets.build(base, **params)
     if "+polyak" in mods:
         cfg = presets.with_techniques(cfg, polyak=param[1] if value is None else value)
     if "+ra" in mods:
