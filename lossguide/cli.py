@@ -300,6 +300,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _folder(text: str) -> Path:
+    """An ``--out`` folder; an empty or blank one (which would write into the current directory) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"--out {text!r} names no folder (it would write into the current "
+                                         "directory); pass a folder path, e.g. --out runs/mine")  # fmt: skip
+    return Path(text)
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's defaults in the help, only where the help does not state its default and there is one."""
 
@@ -352,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0-15", help="seeds, e.g. 0-15 or 0-7,100")
     p.add_argument("--batch", type=int, default=16, help="rows per batch; a short batch is padded to it, so a seed's "
                    "numbers depend on --batch but not on which seeds share its batch")  # fmt: skip
-    p.add_argument("--out", type=Path, default=Path("runs/sample"), help="run folder")
+    p.add_argument("--out", type=_folder, default=Path("runs/sample"), help="run folder")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="models and sampler state; float64 makes a seed's numbers the same at any --batch (float32 "
@@ -402,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lossguide.experiments import EXPERIMENTS
 
     p.add_argument("name", help=f"one of {', '.join(EXPERIMENTS)}, or all")
-    p.add_argument("--out", type=Path, default=Path("runs/experiments"), help="folder (NAME is appended)")
+    p.add_argument("--out", type=_folder, default=Path("runs/experiments"), help="folder (NAME is appended)")
     p.add_argument("--quick", action="store_true", help="few samples (for tests); numbers are not meaningful")
     p.add_argument("--loss", choices=("ce", "feature"), default="ce",
                    help="class loss of the understanding experiments: the guide's cross-entropy (saturating) or "
@@ -430,13 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="settings.json of an earlier bench run: evaluate with its step parameters, no tuning")
     p.add_argument("--ddim-eta", type=float, default=None, help="DDIM η (0 deterministic, 1 stochastic; default 0)")
     p.add_argument("--norm", default=None, choices=["squared", "l2"],
-                   help="sketch/inpaint/sr residual: ‖r‖² (default) or ‖r‖ (l2, the paper's code)")  # fmt: skip
+                   help="sketch/inpaint/sr (and class+sketch's sketch term) residual: ‖r‖² (default) or ‖r‖ "
+                   "(l2, the paper's code)")  # fmt: skip
     p.add_argument("--best-of", type=int, default=None, help="keep the lowest-loss of N candidates per seed")
     p.add_argument("--batch", type=int, default=None, help="seeds per shard and batch (default 50)")
     p.add_argument("--quick", action="store_true", help="a tiny grid for CI (numbers are not meaningful)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="run folder")
+    p.add_argument("--out", type=_folder, default=Path("runs/bench"), help="run folder")
     p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--overwrite", action="store_true", help="reuse a folder that holds another config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a folder that holds another config (its shards and outputs are deleted)")
     p.set_defaults(func=cmd_bench)
     for p in sub.choices.values():  # -v also after the subcommand; SUPPRESS keeps a -v given before it
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as lossguide -v")

@@ -253,8 +253,8 @@ def run(
         with RunFolder(out, overwrite=overwrite).open(_config_yaml(cfg, guidance.to_dict())) as folder:
             _sample_seeds(cfg, folder, model, sampler, guidance, None, None, None, None, progress)
             return finalize(cfg, folder)
-    guide = load_classifier(cfg.guide, device=cfg.device)
-    judge = load_classifier(cfg.judge, device=cfg.device).to(dtype)
+    guide = _image_classifier("--guide", cfg.guide, load_classifier(cfg.guide, device=cfg.device))
+    judge = _image_classifier("--judge", cfg.judge, load_classifier(cfg.judge, device=cfg.device).to(dtype))
     needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
     reference = reference_digit(cfg.target, cfg.reference).to(cfg.device, dtype) if needs_ref else None
     means = class_means(cfg.guide, device=cfg.device, net=guide).to(dtype) if cfg.loss == "class-feature" else None
@@ -273,6 +273,27 @@ def run(
     with RunFolder(out, overwrite=overwrite).open(config_text) as folder:  # the first write
         _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress)
         return finalize(cfg, folder)
+
+
+def _image_classifier(flag: str, name: str, net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` where it maps MNIST digits ``[B, 1, 28, 28]`` to 10 logits (a noise-aware classifier takes (x_t, t)
+    and fails only after sampling), else a one-line error before the run folder is touched."""
+    p = next(net.parameters(), None)
+    x = torch.zeros(2, *MNIST_SHAPE, dtype=p.dtype if p is not None else torch.float32,
+                    device=p.device if p is not None else "cpu")  # fmt: skip
+    try:
+        with torch.no_grad():
+            out = net(x)
+        ok = isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 10)
+    except (TypeError, RuntimeError, ValueError):
+        ok = False
+    if not ok:
+        from lossguide.models import CLASSIFIERS
+
+        fits = [c for c in CLASSIFIERS if c != "mnist-noise-aware"]
+        raise ValueError(f"{flag} {name} does not map digits [B, 1, 28, 28] to 10 class logits (a noise-aware "
+                         f"classifier takes (x_t, t)); pass an image classifier: {', '.join(fits)}")  # fmt: skip
+    return net
 
 
 def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress) -> None:

@@ -33,6 +33,8 @@ except ImportError:  # Windows: no advisory locks
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
+#: a seed record's checksums: of its PNG's bytes and of the config.yaml text it was made under
+PNG_SHA, CONFIG_SHA = "png_sha256", "config_sha256"
 _SEED_FILE = re.compile(r"\d{6,}\.(png|json)")
 
 
@@ -84,18 +86,30 @@ class RunFolder:
         self.overwrite = overwrite
         self.records = self.path / "records"
         self._fd: int | None = None
+        self._config_sha: str | None = None  # of the config.yaml text this run writes (set by check)
 
     # -- opening ---------------------------------------------------------------------------------------
     def check(self, config_text: str) -> None:
         """Refuse (without writing anything) a path that is a file or a folder that holds another config."""
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--out {self.path} is an existing file, not a folder; pass a folder path")
+        self._config_sha = _sha256(config_text.encode())
         cfg = self.path / "config.yaml"
         with os_errors(cfg, "read"):
-            differs = cfg.is_file() and cfg.read_text() != config_text
-        if differs and not self.overwrite:
+            has_config = cfg.is_file()
+            differs = has_config and cfg.read_text() != config_text
+        if self.overwrite or not (differs or not has_config):
+            return
+        with os_errors(self.path, "read"):
+            seeds = self._seed_files()
+        if differs and seeds:  # a config.yaml without seeds (a run that failed before its first) is replaced
             raise ValueError(
                 f"{self.path} holds a run with a different config; pass another --out, or --overwrite to replace it"
+            )
+        if not has_config and seeds:
+            raise ValueError(
+                f"{self.path} holds {len(seeds)} seed files ({seeds[0].name}, ...) but no config.yaml, so the run "
+                "that made them is unknown; pass another --out, or --overwrite to replace them"
             )
 
     def open(self, config_text: str) -> RunFolder:
@@ -178,10 +192,16 @@ class RunFolder:
         if n:
             log.info("removed %d orphaned temporary files in %s", n, self.path)
 
+    def _seed_files(self) -> list[Path]:
+        """The seed PNGs and records in the folder."""
+        files = [f for f in self.path.glob("*.png") if _SEED_FILE.fullmatch(f.name)] if self.path.is_dir() else []
+        if self.records.is_dir():
+            files += [f for f in self.records.glob("*.json") if _SEED_FILE.fullmatch(f.name)]
+        return sorted(files)
+
     def _remove_outputs(self) -> None:
         """``--overwrite``: remove the old run's PNGs, records, grid and metrics (other files are kept)."""
-        old = [f for f in self.path.glob("*.png") if _SEED_FILE.fullmatch(f.name)]
-        old += [f for f in self.records.glob("*.json") if _SEED_FILE.fullmatch(f.name)]
+        old = self._seed_files()
         old += [self.path / n for n in ("grid.png", "metrics.json", "config.yaml")]
         old = [f for f in old if f.is_file()]
         for f in old:
@@ -210,29 +230,32 @@ class RunFolder:
         return todo
 
     def _damaged(self, seed: int) -> bool:
-        """The seed's PNG lacks its PNG signature or final IEND chunk, or its record is not a JSON object."""
+        """The seed's record is not a JSON object holding its PNG's SHA-256 (a flipped byte, a truncated or foreign
+        file, a record such as ``{}``), or it was written under another config than this run's."""
         import json
 
+        why = None
         try:
-            with open(self.png(seed), "rb") as f:
-                head = f.read(8)
-                f.seek(max(f.seek(0, os.SEEK_END) - 12, 0))
-                tail = f.read(12)
+            png = self.png(seed).read_bytes()
             rec = json.loads(self.record(seed).read_text())
-            ok = head == b"\x89PNG\r\n\x1a\n" and tail[4:8] == b"IEND" and isinstance(rec, dict)
         except (OSError, ValueError):
-            ok = False
-        if not ok:
-            log.warning("seed %d in %s has a damaged PNG or record (%s, %s): redoing it", seed, self.path,
-                        self.png(seed).name, self.record(seed).name)  # fmt: skip
-        return not ok
+            why = "an unreadable PNG or record"
+        else:
+            if not isinstance(rec, dict) or rec.get(PNG_SHA) != _sha256(png):
+                why = "a PNG that does not match its record's checksum (damaged, or written by an older lossguide)"
+            elif self._config_sha is not None and rec.get(CONFIG_SHA) != self._config_sha:
+                why = "a record written under another config"
+        if why:
+            log.warning("seed %d in %s has %s (%s, %s): redoing it", seed, self.path, why, self.png(seed).name,
+                        self.record(seed).name)  # fmt: skip
+        return why is not None
 
     def write_seed(self, seed: int, png: bytes, record: dict) -> None:
-        """A finished seed: its PNG, then its record (which marks it done)."""
+        """A finished seed: its PNG, then its record (which marks it done) with the PNG's and the config's SHA-256."""
         self.write_bytes(self.png(seed).name, png)
         p = self.record(seed)
         with os_errors(p, "write"):
-            atomic_write_json(p, record)
+            atomic_write_json(p, {**record, PNG_SHA: _sha256(png), CONFIG_SHA: self._config_sha})
 
     def read_records(self, seeds: Sequence[int]) -> list[dict]:
         import json
@@ -241,7 +264,10 @@ class RunFolder:
         for s in seeds:
             p = self.record(s)
             with os_errors(p, "read"):
-                out.append(json.loads(p.read_text()))
+                rec = json.loads(p.read_text())
+            if not isinstance(rec, dict):
+                raise RunFolderError(f"{p} is not a record (a JSON object); delete it and rerun to redo seed {s}")
+            out.append({k: v for k, v in rec.items() if k not in (PNG_SHA, CONFIG_SHA)})
         return out
 
     def read_png(self, seed: int):
@@ -271,12 +297,22 @@ class RunFolder:
             atomic_write_json(p, obj)
 
 
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+#: the largest seed (a torch.Generator takes 64-bit seeds; bench adds multiples of 10⁶ for best-of-N candidates)
+MAX_SEED = 2**63 - 1
 
 
 def parse_seeds(spec: str, max_seeds: int = 1_000_000) -> list[int]:
@@ -289,6 +325,8 @@ def parse_seeds(spec: str, max_seeds: int = 1_000_000) -> list[int]:
         s = s.strip()
         if not (s.isascii() and s.isdigit()):
             raise ValueError(f"bad seed {s!r} in {part!r}: seeds are integers ≥ 0, e.g. 0-15 or 0-7,100")
+        if len(s) > 4000:  # int() refuses longer digit strings
+            raise ValueError(f"seed {s[:12]}... in {part[:40]!r} is above the largest seed, 2**63 − 1 = {MAX_SEED}")
         return int(s)
 
     ranges: list[range] = []
@@ -305,6 +343,10 @@ def parse_seeds(spec: str, max_seeds: int = 1_000_000) -> list[int]:
     n = sum(r.stop - r.start for r in ranges)  # counted before any list is built (len() overflows past 2**63)
     if n > max_seeds:
         raise ValueError(f"seeds {spec!r} name {n:,} seeds, more than {max_seeds:,}; split the run into smaller specs")
+    big = max((r.stop - 1 for r in ranges), default=0)
+    if big > MAX_SEED:
+        raise ValueError(f"seed {big} in {spec!r} is above the largest seed, 2**63 − 1 = {MAX_SEED}; pick a smaller "
+                         "one")
     out = [s for r in ranges for s in r]
     if not out or len(set(out)) != len(out):
         raise ValueError(f"seeds {spec!r} must name at least one seed and no seed twice")

@@ -1734,7 +1734,8 @@ def _damaged_weights(name: str, data: bytes):
 api_case("safetensors-garbage", "error", _damaged_weights("w.safetensors", b"\x00garbage" * 64),
          r"w\.safetensors is not a readable \.safetensors file .*download or export it again")  # fmt: skip
 api_case("pt-garbage", "error", _damaged_weights("w.pt", b"\x00garbage" * 64),
-         r"w\.pt is not a readable torch checkpoint \(UnpicklingError\); the file is truncated or damaged")  # fmt: skip
+         r"w\.pt is not a readable torch checkpoint \(UnpicklingError\); the file is truncated or "
+         r"damaged")  # fmt: skip
 
 
 def _truncated_safetensors(ctx):
@@ -1764,12 +1765,14 @@ def _damaged_diffusers_weights(ctx):
 api_case("diffusers-weights-truncated", "error", _damaged_diffusers_weights,
          r"unet does not load as a UNet2DModel .*diffusion_pytorch_model|unet.*(safetensors|weights)")  # fmt: skip
 case("model-conditional-name", G, "error", S("--model", "mnist-cond"),
-     match=r"'mnist-cond' is a shipped model but not an unconditional denoiser: .*load_conditional", nowrite=True)  # fmt: skip
+     match=r"'mnist-cond' is a shipped model but not an unconditional denoiser: .*load_conditional",
+     nowrite=True)  # fmt: skip
 case("model-classifier-name", G, "error", S("--model", "mnist-judge"),
      match=r"'mnist-judge' is .* a classifier", nowrite=True)  # fmt: skip
 case("model-checkpoint-needs-recipe", G, "error", S("--model", "{d}/net.pt"),
      setup=lambda c: tiny_ddim_checkpoint(c.d / "net.pt"),
-     match=r"original checkpoint file, which needs its constructor flags.*lossguide sample --config", nowrite=True)  # fmt: skip
+     match=r"original checkpoint file, which needs its constructor flags.*lossguide sample --config",
+     nowrite=True)  # fmt: skip
 case(
     "judge-is-guide", G, "ok", S("--judge", "mnist-guide", "--seeds", "0", "--steps", "2", "--method", "none"),
     check=lambda c, r: need("the judge is the guide" in r.err, "no warning that the judge is the guide"),
@@ -1781,9 +1784,11 @@ case(
 for _cmd in ("bench", "sample", "oracle", "experiment"):
     case(f"help-{_cmd}-one-default", G, "ok", [_cmd, "--help"],
          check=lambda c, r: need(r.out.count("(default: ") and "(default: None)" not in r.out
-                                 and not re.search(r"\(default[^)]*\) \(default", r.out), "a doubled or None default"))  # fmt: skip
+                                 and not re.search(r"\(default[^)]*\) \(default", r.out),
+                                 "a doubled or None default"))  # fmt: skip
 case("help-experiment-names", G, "ok", ["experiment", "--help"],
-     check=lambda c, r: need("loss-curves" in r.out and "optimization" in r.out, "experiment --help lists no names"))  # fmt: skip
+     check=lambda c, r: need("loss-curves" in r.out and "optimization" in r.out,
+                             "experiment --help lists no names"))  # fmt: skip
 
 
 def _autoguidance(good_channels, bad_channels, w=2.0):
@@ -1852,3 +1857,31 @@ def _cond_w(ctx):
 
 
 api_case("cond-model-w-nan", "error", _cond_w, r"guidance_scale must be a finite number .* got nan")
+
+
+# -- issue 26 items 1-5: settings without effect, damaged folders, errors before the first write ------------------
+G = "audit2-door"
+_B = ["bench", "--steps", "2", "--n-eval", "2", "--n-tune", "2", "--out", "{d}/run"]
+case("bench-cg-on-sketch", G, "error", _B + ["--tasks", "sketch", "--methods", "cg"],
+     match=r"no method of --methods cg applies to --tasks sketch", nowrite=True)
+case("bench-norm-on-oracle", G, "error", _B + ["--tasks", "oracle-linear", "--norm", "l2"],
+     match=r"--norm l2 has no effect on --tasks oracle-linear", nowrite=True)
+case("bench-no-tune-and-settings", G, "error", _B + ["--no-tune", "--settings", "{d}/run/settings.json"],
+     match=r"--no-tune and --settings both replace tuning", nowrite=True)
+case("sample-out-empty", G, "error", S(out=""), match=r"--out '' names no folder")
+case("sample-seed-2-64", G, "error", over(S(), seeds="18446744073709551616"),
+     match=r"above the largest seed, 2\*\*63 − 1", nowrite=True)
+case("sample-judge-noise-aware", G, "error", S("--judge", "mnist-noise-aware"),
+     match=r"--judge mnist-noise-aware does not map digits .* pass an image classifier", nowrite=True)
+case("sample-scale-under-polyak", G, "error", S("--set", "scale=2"),
+     match=r"scale=2 has no effect with polyak=True; it takes effect with polyak=False", nowrite=True)
+case("sample-eta-without-polyak", G, "error", S("--set", "polyak=false", "--set", "eta=0.1"),
+     match=r"eta=0.1 has no effect with polyak=False", nowrite=True)
+case("sample-loss-floor-eps-gap", G, "error", S("--set", "loss_floor=0.5"),
+     match=r"loss_floor=0.5 has no effect with polyak_gap='eps'", nowrite=True)
+case("sample-empty-window", G, "error", S("--set", "window=0.5,0.5"),
+     match=r"window=\(0.5, 0.5\) holds none of the 2 sampler steps", nowrite=True)
+case("sample-recur-window-no-recur", G, "error", S("--set", "n_recur=1", "--set", "recur_window=0.2,0.9"),
+     match=r"recur_window=\(0.2, 0.9\) has no effect with n_recur=1", nowrite=True)
+case("sample-ugd-backward-no-iter", G, "error", S("--method", "ugd", "--set", "n_iter=0", "--set",
+     "backward_scale=0.5"), match=r"backward_scale=0.5 has no effect with n_iter=0", nowrite=True)  # fmt: skip

@@ -4,6 +4,7 @@ numbers after a SIGKILL + resume and when sharded over 2 processes."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,3 +113,68 @@ def test_a_different_config_in_the_same_folder_is_refused(reference_run, capsys)
     args[args.index("--n-eval") + 1] = "6"
     assert main(args) == 2
     assert "different config" in capsys.readouterr().err
+
+
+# -- issue 26: a shard's key holds every setting that changes its numbers; --overwrite never mixes runs -------
+ORACLE_TINY = ["bench", "--tasks", "oracle-class", "--methods", "none,freedom", "--steps", "3", "--n-eval", "4",
+               "--n-tune", "2", "--beam-rounds", "1", "--batch", "2"]  # fmt: skip
+
+
+def _cli_rows(out: Path, *extra) -> list[dict]:
+    from lossguide.cli import main
+
+    assert main([*ORACLE_TINY, "--out", str(out), *extra]) == 0
+    return _rows(out)
+
+
+@pytest.mark.parametrize("change", [["--ddim-eta", "1"], ["--best-of", "2"]])
+def test_overwrite_with_another_config_gives_that_configs_numbers(change, tmp_path, capsys):
+    before = _cli_rows(tmp_path / "run")
+    after = _cli_rows(tmp_path / "run", *change, "--overwrite")
+    fresh = _cli_rows(tmp_path / "fresh", *change)
+    assert after == fresh and after != before
+    nfe = {r["method"]: r["nfe"] for r in json.loads((tmp_path / "run" / "results.json").read_text())["rows"]}
+    assert nfe == ({"none": 6, "freedom": 6} if change[0] == "--best-of" else {"none": 3, "freedom": 3})
+    assert f'"{change[0][2:].replace("-", "_")}": {change[1]}' in (tmp_path / "run" / "config.json").read_text()
+    shards = list((tmp_path / "run" / "shards").rglob("*.json"))
+    assert shards and all(json.loads(p.read_text())["settings"][change[0][2:].replace("-", "_")] == float(change[1])
+                          for p in shards if "/eval/" in str(p) or change[0] == "--ddim-eta")  # fmt: skip
+
+
+def test_shard_keys_hold_every_setting_that_changes_numbers():
+    from lossguide.harness.bench import Bench, BenchConfig
+
+    def key(phase="eval", task="sketch", method="freedom", value=1.0, **cfg):
+        return Bench(BenchConfig(tasks=["sketch", task], methods=[method], **cfg), Path("unused")).shard_key(
+            phase, task, method, value)  # fmt: skip
+
+    base = key()
+    for change in (dict(ddim_eta=1.0), dict(best_of=2), dict(norm="l2"), dict(value=2.0), dict(method="dps")):
+        assert key(**change) != base, change
+    assert key(phase="tune", best_of=2) == key(phase="tune")  # tuning draws one candidate per seed
+    assert key(task="oracle-class", norm="l2") == key(task="oracle-class")  # the oracle has no residual
+
+
+def test_a_damaged_or_foreign_shard_is_computed_again(tmp_path):
+    ref = _cli_rows(tmp_path / "run")
+    shards = sorted((tmp_path / "run" / "shards" / "eval").rglob("*.json"))
+    shards[0].write_text("{}")
+    shards[1].write_text('{"shard": ')  # truncated
+    (tmp_path / "run" / "results.json").unlink()
+    assert _cli_rows(tmp_path / "run") == ref
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tasks", "sketch", "--methods", "cg"], r"no method of --methods cg applies to --tasks sketch .*0 cells"),
+    (["--tasks", "oracle-linear", "--norm", "l2"], r"--norm l2 has no effect on --tasks oracle-linear: .*drop it"),
+    (["--no-tune", "--settings", "s.json"], r"--no-tune and --settings both replace tuning .*pass one of them"),
+])  # fmt: skip
+def test_bench_settings_without_effect_are_refused(extra, message, tmp_path, capsys, monkeypatch):
+    from lossguide.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.json").write_text('{"class": {}}')
+    assert main(["bench", "--steps", "3", *extra, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

@@ -122,6 +122,7 @@ def _files(out):
 def _record(out, seed):
     r = json.loads((out / "records" / f"{seed:06d}.json").read_text())
     r.pop("wall_s_per_sample")
+    r.pop("config_sha256")  # the runs' seed specs differ
     return r
 
 
@@ -303,3 +304,77 @@ def test_sample_and_recipes_take_method_specs(tmp_path):
     assert main(["sample", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "rec"), "--quiet"]) == 0
     g = yaml.safe_load((tmp_path / "rec" / "config.yaml").read_text())["guidance"]
     assert g["name"] == "shen2024-ra" and g["n_aug"] == 0 and g["rho"]["rule"] == "Polyak"
+
+
+# -- issue 26 items 4, 5: a damaged run folder is not trusted; errors come before config.yaml ---------------------
+TINY_RUN = ["sample", "--steps", "2", "--seeds", "0-1", "--batch", "2", "--quiet"]
+
+
+@shipped
+def test_a_folder_without_its_config_is_not_reported_as_another_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    (out / "config.yaml").unlink()
+    assert main(TINY_RUN + ["--method", "dps", "--target", "7", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds 4 seed files (000000.png, ...) but no config.yaml" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before and not (out / "config.yaml").exists()
+    assert main(TINY_RUN + ["--method", "dps", "--target", "7", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["method"] == "dps"
+
+
+@shipped
+@pytest.mark.parametrize("damage", ["empty record", "flipped PNG byte", "record of another config"])
+def test_a_damaged_seed_is_redone(damage, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out)]) == 0
+    whole = _files(out)
+    if damage == "empty record":
+        (out / "records" / "000001.json").write_text("{}")
+    elif damage == "flipped PNG byte":
+        png = bytearray((out / "000001.png").read_bytes())
+        png[60] ^= 0x01  # inside the image data: the file still opens
+        (out / "000001.png").write_bytes(bytes(png))
+    else:
+        rec = json.loads((out / "records" / "000001.json").read_text())
+        (out / "records" / "000001.json").write_text(json.dumps({**rec, "config_sha256": "0" * 64}))
+    (out / "metrics.json").unlink()
+    assert main(TINY_RUN + ["--out", str(out)]) == 0
+    assert "seed 1 in" in caplog.text and "redoing it" in caplog.text and "seed 0 in" not in caplog.text
+    assert _files(out) == whole
+
+
+@shipped
+@pytest.mark.parametrize("flags,message", [
+    (["--out", ""], r"--out '' names no folder"),
+    (["--seeds", "18446744073709551616"], r"seed 18446744073709551616 .* above the largest seed, 2\*\*63 − 1"),
+    (["--judge", "mnist-noise-aware"], r"--judge mnist-noise-aware does not map digits .* pass an image classifier"),
+    (["--guide", "mnist-noise-aware"], r"--guide mnist-noise-aware does not map digits"),
+])  # fmt: skip
+def test_bad_seeds_out_and_classifiers_fail_before_the_first_write(flags, message, tmp_path, capsys, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", str(tmp_path / "run")] if "--out" not in flags else []
+    try:
+        rc = main(TINY_RUN + flags + out)
+    except SystemExit as e:  # argparse's usage error
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, so the corrected command runs in the same folder
+
+
+def test_a_config_without_seeds_is_replaced(tmp_path):
+    """A run that failed before its first seed blocks nothing: its config.yaml alone is replaced."""
+    from lossguide.runfolder import RunFolder
+
+    with RunFolder(tmp_path / "run").open("method: a\n"):
+        pass
+    with RunFolder(tmp_path / "run").open("method: b\n") as f:
+        f.write_seed(0, b"\x89PNG", {"seed": 0})
+    assert (tmp_path / "run" / "config.yaml").read_text() == "method: b\n"
+    with pytest.raises(ValueError, match="holds a run with a different config"):
+        RunFolder(tmp_path / "run").open("method: c\n")

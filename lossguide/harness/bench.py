@@ -1,9 +1,11 @@
 """``lossguide bench``: every method on every task and budget, tuned fairly, evaluated on disjoint seeds.
 
-Seeds are the unit of work. A *shard* is one (phase, task, method, step value, DDIM steps, seed chunk); its
-per-sample records are written atomically to ``out/shards/...json`` (samples beside it), and a shard whose
-file exists is never recomputed, so a run killed at any point (SIGKILL included) continues where it stopped
-and ends with the same numbers. Shards are spread over processes by rank (``torchrun --nproc_per_node N``:
+Seeds are the unit of work. A *shard* is one (phase, task, method, step value, DDIM steps, seed chunk) under one
+*key*, the hash of every other setting that changes its numbers (the resolved guidance config, DDIM η, best-of-N,
+the residual norm, the device); its per-sample records are written atomically to ``out/shards/...json`` (samples
+beside it), and a shard whose file exists with its key is never recomputed, so a run killed at any point (SIGKILL
+included) continues where it stopped and ends with the same numbers, and no run reads another config's shard.
+Shards are spread over processes by rank (``torchrun --nproc_per_node N``:
 gloo on CPU, NCCL on GPUs); the ranks meet at a barrier after each tuning round and before the summary.
 
 Tuning (TFG's multiplicative beam search, ``../shared/docs/method.md`` §2.6, in both directions): each method's
@@ -16,6 +18,7 @@ distance to the exact posterior (oracle). Tables and figures: :mod:`lossguide.ha
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -31,7 +34,7 @@ import torch
 from lossguide.harness import settings as store
 from lossguide.harness.methods import METHODS, method_config, parse_method, tuned_param
 from lossguide.harness.report import write_outputs
-from lossguide.harness.tasks import CLASS_TASKS, ORACLE_TASKS, TASKS
+from lossguide.harness.tasks import CLASS_TASKS, NORM_TASKS, ORACLE_TASKS, TASKS
 from lossguide.harness.tasks.mnist import MnistKit, MnistTask
 from lossguide.harness.tasks.oracle import OracleTaskAdapter
 from lossguide.harness.tuning import beam_search, tune_seeds
@@ -65,7 +68,7 @@ class BenchConfig:
     device: str = "cpu"
     ddim_eta: float = 0.0  # 0: deterministic DDIM; 1: stochastic, as the paper's code
     settings_file: str | None = None  # step parameters from an earlier run's settings.json (no tuning)
-    norm: str = "squared"  # sketch/inpaint/sr residual: ‖r‖² or ‖r‖ ("l2", the paper's code)
+    norm: str = "squared"  # the NORM_TASKS' residual: ‖r‖² or ‖r‖ ("l2", the paper's code)
 
     def validate(self) -> None:
         """One-line errors naming the flag: unknown tasks/methods, counts out of range, an unreadable --settings."""
@@ -76,6 +79,17 @@ class BenchConfig:
                 raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
         for m in self.methods:
             method_config(m, 1.0)
+        cells = [(t, m) for t in self.tasks for m in self.methods if applicable(t, m)]
+        if not cells:
+            raise ValueError(f"no method of --methods {','.join(self.methods)} applies to --tasks "
+                             f"{','.join(self.tasks)} (cg guides with the noise-aware classifier: class and oracle "
+                             "tasks only); 0 cells")  # fmt: skip
+        if self.norm != "squared" and not set(self.tasks) & set(NORM_TASKS):
+            raise ValueError(f"--norm {self.norm} has no effect on --tasks {','.join(self.tasks)}: it sets the "
+                             f"residual of {', '.join(NORM_TASKS)}; drop it")  # fmt: skip
+        if self.settings_file is not None and not self.tune:
+            raise ValueError("--no-tune and --settings both replace tuning (--no-tune: each method's default step "
+                             "parameter; --settings: the file's); pass one of them")  # fmt: skip
         for flag, v, lo in (("--n-eval", self.n_eval, 1), ("--n-tune", self.n_tune, 1), ("--batch", self.batch, 1),
                             ("--best-of", self.best_of, 1), ("--beam-rounds", self.beam_rounds, 0)):  # fmt: skip
             if v < lo:
@@ -120,6 +134,11 @@ class Ranks:
             self.dist.destroy_process_group()
 
 
+def applicable(task: str, method: str) -> bool:
+    """Whether ``method`` runs on ``task`` (cg needs the noise-aware classifier: class and oracle tasks)."""
+    return parse_method(method)[0] != "cg" or task in (*CLASS_TASKS, *ORACLE_TASKS)
+
+
 @dataclass(frozen=True)
 class Shard:
     phase: str  # "tune" or "eval"
@@ -128,12 +147,13 @@ class Shard:
     value: float | None
     steps: int
     seeds: tuple[int, ...]
+    key: str = ""  # the hash of everything else that changes the shard's numbers (Bench.shard_key)
 
     def path(self, out: Path) -> Path:
         v = "default" if self.value is None else f"{self.value:.6g}"
         name = f"{self.seeds[0]:06d}-{self.seeds[-1]:06d}"
         return out / "shards" / self.phase / self.task / self.method.replace("+", "_") / f"v{v}" / f"s{self.steps}" / (
-            name + ".json")  # fmt: skip
+            f"k{self.key}" if self.key else "") / (name + ".json")  # fmt: skip
 
 
 def _peak_mem_mb(device) -> float:
@@ -147,6 +167,9 @@ class Bench:
 
     def __init__(self, cfg: BenchConfig, out: Path):
         cfg.validate()
+        skipped = [f"{m} on {t}" for t in cfg.tasks for m in cfg.methods if not applicable(t, m)]
+        if skipped:
+            log.warning("skipped (not applicable): %s", ", ".join(skipped))
         self.cfg, self.out = cfg, Path(out)
         self.ranks = Ranks(cfg.device)
         self._tasks: dict = {}
@@ -164,7 +187,22 @@ class Bench:
         return self._tasks[name]
 
     def applicable(self, task: str, method: str) -> bool:
-        return parse_method(method)[0] != "cg" or task in (*CLASS_TASKS, *ORACLE_TASKS)
+        return applicable(task, method)
+
+    def shard_settings(self, phase: str, task: str, method: str, value: float | None) -> dict:
+        """Every setting besides the shard's own fields that changes its numbers (hashed into its key)."""
+        oracle = task in ORACLE_TASKS
+        return {
+            "guidance": method_config(method, value, oracle).to_dict(),
+            "ddim_eta": self.cfg.ddim_eta,
+            "best_of": self.cfg.best_of if phase == "eval" else 1,
+            "norm": self.cfg.norm if task in NORM_TASKS else None,
+            "device": "cpu" if oracle else str(self.cfg.device),
+        }
+
+    def shard_key(self, phase: str, task: str, method: str, value: float | None) -> str:
+        text = json.dumps(self.shard_settings(phase, task, method, value), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @staticmethod
     def step_value(settings: dict, task: str, method: str) -> float | None:
@@ -176,7 +214,9 @@ class Bench:
         """Sample and record one shard (or read it when its file exists)."""
         path = sh.path(self.out)
         if path.exists():
-            return json.loads(path.read_text())
+            rec = _read_shard(path, sh)
+            if rec is not None:
+                return rec
         task = self.task(sh.task)
         cfg = method_config(sh.method, sh.value, task.oracle)
         n_cand = self.cfg.best_of if sh.phase == "eval" else 1
@@ -208,6 +248,7 @@ class Bench:
         rec = {
             "shard": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(sh).items()},
             "config": cfg.to_dict(),
+            "settings": self.shard_settings(sh.phase, sh.task, sh.method, sh.value),
             "nfe_per_sample": res.stats.nfe * n_cand,
             "denoiser_grads_per_sample": res.stats.denoiser_grads * n_cand,
             "loss_grads_per_sample": res.stats.loss_grads * n_cand,
@@ -226,15 +267,20 @@ class Bench:
     def run_shards(self, shards: list[Shard]) -> list[dict]:
         """Run this rank's share of ``shards``, meet at the barrier, then read all of them."""
         for sh in self.ranks.mine(shards):
-            if not sh.path(self.out).exists():
+            if _read_shard(sh.path(self.out), sh) is None:
                 log.info("shard %s", sh)
                 self.run_shard(sh)
         self.ranks.barrier()
-        return [json.loads(sh.path(self.out).read_text()) for sh in shards]
+        recs = [_read_shard(sh.path(self.out), sh) for sh in shards]
+        missing = [sh.path(self.out) for sh, r in zip(shards, recs, strict=True) if r is None]
+        if missing:
+            raise RuntimeError(f"shard {missing[0]} is missing or unreadable after every rank finished; rerun")
+        return recs
 
     def shards(self, phase, task, method, value, steps, seeds) -> list[Shard]:
-        b = self.cfg.batch
-        return [Shard(phase, task, method, value, steps, tuple(seeds[i : i + b])) for i in range(0, len(seeds), b)]
+        b, key = self.cfg.batch, self.shard_key(phase, task, method, value)
+        return [Shard(phase, task, method, value, steps, tuple(seeds[i : i + b]), key)
+                for i in range(0, len(seeds), b)]  # fmt: skip
 
     def cell(self, recs: list[dict], task: str) -> dict:
         """Set metrics of a cell from its shards' records, plus per-sample cost."""
@@ -345,6 +391,27 @@ class Bench:
         return rows
 
 
+def _read_shard(path: Path, sh: Shard) -> dict | None:
+    """The record of shard ``sh`` at ``path``, or None where it is missing, unreadable or another shard's."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("shard %s is unreadable; it is computed again", path)
+        return None
+    want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(sh).items()}
+    if not isinstance(rec, dict) or rec.get("shard") != want or not isinstance(rec.get("records"), list):
+        log.warning("shard %s holds another shard's record; it is computed again", path)
+        return None
+    return rec
+
+
+#: what a bench run writes at the top of its folder besides config.json (removed by --overwrite)
+OUTPUTS = ("shards", "tuning.json", "settings.json", "results.csv", "results.json", "tables.md")
+OUTPUT_GLOBS = ("pareto_*.png", "samples_*.png")
+
+
 def read_settings(path: str | Path) -> dict:
     """A bench run's ``settings.json`` (``--settings``), or a one-line error naming the file and what is wrong."""
     path = Path(path)
@@ -360,10 +427,28 @@ def read_settings(path: str | Path) -> dict:
 
 
 def check_config(cfg: BenchConfig, out: Path, overwrite: bool = False) -> None:
-    """Refuse to mix two configs in one folder (shards would be reused across them)."""
-    f = Path(out) / "config.json"
+    """Refuse to mix two configs in one folder; ``overwrite`` deletes the other config's shards and outputs first."""
+    out = Path(out)
+    f = out / "config.json"
     text = json.dumps(asdict(cfg), indent=2) + "\n"
-    if f.exists() and f.read_text() != text and not overwrite:
-        raise ValueError(f"{out} holds a bench run with a different config; pass another --out, or --overwrite")
+    if f.exists() and f.read_text() != text:
+        if not overwrite:
+            raise ValueError(f"{out} holds a bench run with a different config; pass another --out, or --overwrite "
+                             "(which deletes that run's shards and outputs)")  # fmt: skip
+        if int(os.environ.get("RANK", "0")) == 0:
+            clear_run(out)
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_text(f, text)
+
+
+def clear_run(out: Path) -> None:
+    """Delete what a bench run wrote in ``out`` (:data:`OUTPUTS`), leaving other files alone."""
+    import shutil
+
+    paths = [out / name for name in OUTPUTS] + [p for g in OUTPUT_GLOBS for p in out.glob(g)]
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    log.info("--overwrite: removed the earlier run's shards and outputs in %s", out)

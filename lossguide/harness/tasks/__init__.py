@@ -14,6 +14,7 @@ from typing import Protocol
 MNIST_TASKS = ("class", "class-feature", "sketch", "inpaint", "sr", "class+sketch")
 CLASS_TASKS = ("class", "class-feature")  # target = seed mod 10
 ORACLE_TASKS = ("oracle-class", "oracle-linear")
+NORM_TASKS = ("sketch", "inpaint", "sr", "class+sketch")  # the tasks with a residual whose norm --norm sets
 TASKS = MNIST_TASKS + ORACLE_TASKS
 
 

@@ -215,7 +215,7 @@ class MnistTask:
             return losses.InpaintLoss(ref, mask, norm=self.norm)
         if self.kind == "sr":
             return losses.SuperResLoss(ref, factor=4, norm=self.norm)
-        return losses.WeightedSum([(1.0, self.kit.loss("guide", t)), (0.1, losses.SketchLoss(ref))])
+        return losses.WeightedSum([(1.0, self.kit.loss("guide", t)), (0.1, losses.SketchLoss(ref, norm=self.norm))])
 
     def denoiser(self):
         return self.kit.model.denoiser
