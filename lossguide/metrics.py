@@ -24,13 +24,16 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256, seed
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     """Fréchet distance ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^{1/2}) between Gaussian fits of two feature sets
-    (Heusel et al. 2017, FID); biased upward for small sets, so report KID beside it."""
+    (Heusel et al. 2017, FID); biased upward for small sets, so report KID beside it. A set with a non-finite
+    feature (a diverged sample) is at distance inf."""
     import numpy as np
     from scipy import linalg
 
     a, b = f1.double().cpu().numpy(), f2.double().cpu().numpy()
     if a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"need two sets of ≥ 2 feature vectors of one dimension, got {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2)
@@ -45,12 +48,15 @@ def kernel_inception_distance(
     f1: torch.Tensor, f2: torch.Tensor, n_subsets: int = 50, subset_size: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
     """KID (Bińkowski et al. 2018): unbiased MMD² with the kernel k(x, y) = (xᵀy/d + 1)³, averaged over
-    ``n_subsets`` random subsets of ``min(subset_size, |f1|, |f2|)``; returns (mean, std). Unbiased at any n."""
+    ``n_subsets`` random subsets of ``min(subset_size, |f1|, |f2|)``; returns (mean, std). Unbiased at any n; a
+    set with a non-finite feature (a diverged sample) gives (inf, 0)."""
     a, b = f1.double().cpu(), f2.double().cpu()
     d = a.shape[1]
     m = min(subset_size, len(a), len(b))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples in each set, got {len(a)} and {len(b)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf"), 0.0
     g = torch.Generator().manual_seed(seed)
     vals = []
     for _ in range(n_subsets):
@@ -133,7 +139,10 @@ def bootstrap_fid_interval(f: torch.Tensor, real: torch.Tensor, n_boot: int = 20
 
     Resampling with replacement duplicates samples, which shrinks their covariance and biases every bootstrap
     FID upward (the plain percentile interval can exclude the estimate itself), so the percentiles are shifted
-    by the bootstrap mean's bias: [F + q_lo − mean_b, F + q_hi − mean_b], clipped at 0."""
+    by the bootstrap mean's bias: [F + q_lo − mean_b, F + q_hi − mean_b], clipped at 0; (inf, inf) for a set with
+    a non-finite feature."""
+    if not torch.isfinite(f).all():
+        return float("inf"), float("inf")
     g = torch.Generator().manual_seed(seed)
     vals = sorted(
         frechet_distance(f[torch.randint(0, len(f), (len(f),), generator=g)], real) for _ in range(n_boot)

@@ -178,3 +178,24 @@ def test_bench_settings_without_effect_are_refused(extra, message, tmp_path, cap
     err = capsys.readouterr().err
     assert re.search(message, err) and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_cell_scores_inf_fid_and_ranks_last():
+    """A tuning candidate whose samples turned NaN once crashed the whole bench in scipy's sqrtm."""
+    import torch
+
+    from lossguide import metrics
+    from lossguide.harness.tasks.mnist import MnistKit, MnistTask
+
+    f = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    bad = f.clone()
+    bad[3, 2] = float("nan")
+    assert metrics.frechet_distance(bad, f) == math.inf and metrics.kernel_inception_distance(bad, f)[0] == math.inf
+    assert metrics.bootstrap_fid_interval(bad, f, n_boot=4) == (math.inf, math.inf)
+    task = MnistTask("class", MnistKit("cpu"))
+    x = torch.zeros(4, 1, 28, 28)
+    x[1] = float("nan")
+    recs = task.records(x, [0, 1, 2, 3])
+    assert [r["judge_label"] == -1 for r in recs] == [False, True, False, False] and recs[1]["noise_like"]
+    s = task.summary(recs)
+    assert s["diverged"] == 0.25 and s["fid"] == math.inf and task.objective(s, 10.0) == -math.inf

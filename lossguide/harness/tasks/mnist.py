@@ -7,6 +7,7 @@ problems take the held-out digit ``perm[seed mod 1000]`` as reference (its class
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -235,11 +236,15 @@ class MnistTask:
         noise = metrics.noise_like(x, self.kit.real_x)
         psnr = metrics.psnr(x, ref) if ref is not None else None
         ssim = metrics.ssim(x, ref) if ref is not None else None
+        finite = torch.isfinite(x.flatten(1)).all(1)  # a diverged sample: never valid, noise-like, PSNR −inf
         for k, s in enumerate(seeds):
-            r = {"seed": s, "target": int(y[k]), "judge_label": int(probs[k].argmax()), "noise_like": bool(noise[k]),
-                 "guide_loss": float(task_loss[k]), "features": [round(float(f), 6) for f in feats[k]]}  # fmt: skip
+            ok = bool(finite[k])
+            r = {"seed": s, "target": int(y[k]), "judge_label": int(probs[k].argmax()) if ok else -1,
+                 "noise_like": bool(noise[k]) or not ok, "finite": ok,
+                 "guide_loss": float(task_loss[k]) if ok else float("inf"),
+                 "features": [round(float(f), 6) for f in feats[k]]}  # fmt: skip
             if ref is not None:
-                r.update(psnr=float(psnr[k]), ssim=float(ssim[k]))
+                r.update(psnr=float(psnr[k]) if ok else float("-inf"), ssim=float(ssim[k]) if ok else float("nan"))
             out.append(r)
         return out
 
@@ -249,6 +254,7 @@ class MnistTask:
         out = {"n": n, "judge_validity": sum(valid) / n, "guide_loss": sum(r["guide_loss"] for r in recs) / n}
         out["judge_validity_ci"] = list(metrics.wilson_interval(sum(valid), n))
         out["noise_like"] = sum(r.get("noise_like", False) for r in recs) / n
+        out["diverged"] = sum(not r.get("finite", True) for r in recs) / n
         per_class = {}
         for c in range(10):
             v = [ok for ok, r in zip(valid, recs, strict=True) if r["target"] == c]
@@ -272,6 +278,8 @@ class MnistTask:
         """PSNR for inverse problems; judge validity otherwise, minus 1 when FID exceeds ``fid_ceiling`` (the
         quality bound: 1.5× the unguided FID on the same seeds) and minus the noise-like share."""
         if "psnr" in summary and self.kind != "class+sketch":
-            return summary["psnr"]
-        over = fid_ceiling is not None and summary.get("fid", 0.0) > fid_ceiling
-        return summary["judge_validity"] - summary.get("noise_like", 0.0) - float(over) - 1e-3 * summary["guide_loss"]
+            v = summary["psnr"]
+        else:
+            over = fid_ceiling is not None and summary.get("fid", 0.0) > fid_ceiling
+            v = summary["judge_validity"] - summary.get("noise_like", 0.0) - float(over) - 1e-3 * summary["guide_loss"]
+        return v if math.isfinite(v) else float("-inf")  # a diverged cell ranks last (NaN would compare as neither)
