@@ -17,6 +17,7 @@ from lossguide.rng import make_generators
 from lossguide.samplers import DDIM, DDPM, DiffusersSampler, EDMEuler, EDMHeun, FlowEuler, Sampler
 from lossguide.sampling import SampleResult, sample
 from lossguide.schedule import FlowSchedule, NoiseSchedule, SigmaSchedule
+from lossguide.smc import smc
 
 __version__ = "0.1.0"
 
@@ -49,5 +50,6 @@ __all__ = [
     "optimize",
     "preset",
     "sample",
+    "smc",
     "with_techniques",
 ]

@@ -252,6 +252,7 @@ class GuidanceStats:
     max_abs: float = MAX_ABS
     last_loss: torch.Tensor | None = None  # ℓ̃ of the last guided evaluation
     loss_trace: list = field(default_factory=list)  # (i, t, ℓ [B]) per guided step
+    ess: list | None = None  # lossguide.smc: the effective sample size [B] of every step's weights and the final ones
 
     def init(self, batch: int) -> None:
         self.skipped = torch.zeros(batch, dtype=torch.long)
