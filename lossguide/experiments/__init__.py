@@ -31,6 +31,7 @@ EXPERIMENTS: dict[str, str] = {
     "layout": "lossguide.experiments.layout:run",
     "distill": "lossguide.experiments.distill:run",
     "optimization": "lossguide.experiments.optimization:run",
+    "particles": "lossguide.experiments.particles:run",
 }
 
 
