@@ -10,7 +10,7 @@ import torch
 
 from lossguide import oracle_bench
 from lossguide.augment import policy
-from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
+from lossguide.experiments.report import command_line, md_table, one_thread, pyplot, save_fig, write_csv, write_report
 from lossguide.harness.methods import method_config
 from lossguide.harness.tasks.oracle import posterior_samples
 from lossguide.oracle import default_mixture
@@ -178,12 +178,8 @@ def n_mc_text(quick: bool) -> str:
 
 def run(out, quick: bool = False) -> dict:
     """Oracle experiment: presets, techniques on/off, smoothing check; report in ``out``."""
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest
-    try:
+    with one_thread():
         return _run(out, quick)
-    finally:
-        torch.set_num_threads(torch_threads)
 
 
 def _run(out, quick: bool) -> dict:

@@ -11,7 +11,7 @@ import time
 import torch
 
 from lossguide import oracle_bench
-from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
+from lossguide.experiments.report import command_line, md_table, one_thread, pyplot, save_fig, write_csv, write_report
 from lossguide.harness.tasks.oracle import POSTERIOR_SEED, oracle_tasks, posterior_samples
 from lossguide.metrics import sliced_wasserstein
 from lossguide.samplers import DDIM
@@ -109,12 +109,8 @@ def loglog_slope(ks, sws) -> float:
 
 def run(out, quick: bool = False) -> dict:
     """Particles experiment: TDS and FK SW vs K on the oracle tasks; report in ``out``."""
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest
-    try:
+    with one_thread():
         return _run(out, quick)
-    finally:
-        torch.set_num_threads(torch_threads)
 
 
 def _run(out, quick: bool) -> dict:

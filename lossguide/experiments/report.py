@@ -6,9 +6,24 @@ import csv
 import io
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread inside the block (tiny tensors: one thread is fastest), the caller's count after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def fmt(v, digits: int = 4) -> str:
