@@ -29,7 +29,7 @@ def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
         except TypeError:
             raise ValueError(f"seed {s!r} ({type(s).__name__}) is not an integer; seeds must be integers") from None
         if not -(2**63) <= k < 2**64:
-            raise ValueError(f"seed {k} does not fit a torch.Generator's 64 bits; seeds must be in [0, 2**63 − 1]")
+            raise ValueError(f"seed {k} does not fit a torch.Generator's 64 bits; seeds must be in [−2**63, 2**64)")
         out.append(torch.Generator("cpu").manual_seed(k))
     return out
 

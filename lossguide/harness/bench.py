@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from lossguide.harness import settings as store
-from lossguide.harness.methods import METHODS, method_config, parse_method, tuned_param
+from lossguide.harness.methods import METHODS, method_config, tuned_param
 from lossguide.harness.report import write_outputs
-from lossguide.harness.tasks import CLASS_TASKS, NORM_TASKS, ORACLE_TASKS, TASKS
+from lossguide.harness.tasks import CLASS_TASKS, NORM_TASKS, ORACLE_TASKS, TASKS, applicable
 from lossguide.harness.tasks.mnist import MnistKit, MnistTask
 from lossguide.harness.tasks.oracle import OracleTaskAdapter
 from lossguide.harness.tuning import beam_search, tune_seeds
@@ -134,11 +134,6 @@ class Ranks:
             self.dist.destroy_process_group()
 
 
-def applicable(task: str, method: str) -> bool:
-    """Whether ``method`` runs on ``task`` (cg needs the noise-aware classifier: class and oracle tasks)."""
-    return parse_method(method)[0] != "cg" or task in (*CLASS_TASKS, *ORACLE_TASKS)
-
-
 @dataclass(frozen=True)
 class Shard:
     phase: str  # "tune" or "eval"
@@ -185,9 +180,6 @@ class Bench:
                     self._kit = MnistKit(self.cfg.device)
                 self._tasks[name] = MnistTask(name, self._kit, self.cfg.norm)
         return self._tasks[name]
-
-    def applicable(self, task: str, method: str) -> bool:
-        return applicable(task, method)
 
     def shard_settings(self, phase: str, task: str, method: str, value: float | None) -> dict:
         """Every setting besides the shard's own fields that changes its numbers (hashed into its key)."""
@@ -305,7 +297,7 @@ class Bench:
             path = Path(cfg.settings_file)
             settings = read_settings(path)
             needed = [(t, m) for t in cfg.tasks for m in cfg.methods
-                      if tuned_param(m, t in ORACLE_TASKS) and self.applicable(t, m)]  # fmt: skip
+                      if tuned_param(m, t in ORACLE_TASKS) and applicable(t, m)]  # fmt: skip
             missing = [(t, m) for t, m in needed if self.step_value(settings, t, m) is None]
             if missing:
                 raise ValueError(f"--settings {path} has no step parameter for {missing[0][1]!r} on {missing[0][0]!r}")
@@ -335,7 +327,7 @@ class Bench:
                 settings.setdefault("_fid_ceiling", {})[task] = ceiling
             for method in cfg.methods:
                 p = tuned_param(method, oracle)
-                if p is None or not self.applicable(task, method):
+                if p is None or not applicable(task, method):
                     continue
                 if not cfg.tune:
                     settings.setdefault(task, {})[method] = p[1]
@@ -365,7 +357,7 @@ class Bench:
         cells, shards = [], []
         for task in cfg.tasks:
             for method in cfg.methods:
-                if not self.applicable(task, method):
+                if not applicable(task, method):
                     continue
                 v = self.step_value(settings, task, method)
                 for steps in cfg.steps:

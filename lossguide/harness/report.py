@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lossguide.experiments.report import md_table, pyplot, save_fig, write_csv
-from lossguide.harness.tasks import ORACLE_TASKS
+from lossguide.harness.tasks import ORACLE_TASKS, applicable
 from lossguide.harness.tuning import TUNE_SEED0
 from lossguide.io import atomic_write_json, atomic_write_text
 
@@ -83,7 +83,7 @@ def _sample_grid(bench: Bench, task: str, settings: dict, path: Path, per_method
     cfg = bench.cfg
     rows = []
     for method in cfg.methods:
-        if not bench.applicable(task, method):
+        if not applicable(task, method):
             continue
         v = bench.step_value(settings, task, method)
         for steps in cfg.steps:

@@ -34,3 +34,10 @@ class Task(Protocol):
     def summary(self, records: list[dict]) -> dict: ...
 
     def objective(self, summary: dict, fid_ceiling: float | None = None) -> float: ...
+
+
+def applicable(task: str, method: str) -> bool:
+    """Whether ``method`` runs on ``task`` (cg needs the noise-aware classifier: class and oracle tasks)."""
+    from lossguide.harness.methods import parse_method
+
+    return parse_method(method)[0] != "cg" or task in (*CLASS_TASKS, *ORACLE_TASKS)
