@@ -44,24 +44,18 @@ class ClassLoss:
         return F.cross_entropy(logits.float(), y, reduction="none").to(x0.dtype)
 
 
-class NoisyClassLoss:
-    """−log p(y | x_t, t) under a noise-aware classifier ``classifier(x_t, t)``: the loss of ``cg``.
+class _VPTimestepInput:
+    """Maps the sampler's (x_t, t) to the VP point and integer timestep a network trained on VP x_t sees: on a
+    rectified-flow or VE ``schedule``, x_t/k_t at the training timestep of ``train_schedule`` (default: the linear β
+    schedule of the shipped DDPM) whose ᾱ is nearest (in log-SNR) the VP-equivalent ᾱ_t of t; None or VP: x_t
+    and t as given."""
 
-    ``target`` is one class for every sample or one per sample. The classifier was trained on VP x_t at the integer
-    timesteps of ``classifier_schedule`` (default: the linear β schedule of the shipped DDPM and mnist-noise-aware).
-    ``schedule`` is the sampler's: on a rectified-flow or VE schedule the classifier sees the VP point x_t/k_t at
-    the training timestep whose ᾱ is nearest (in log-SNR) the VP-equivalent ᾱ_t of t (None or VP: x_t and t as
-    given)."""
-
-    def __init__(self, classifier: torch.nn.Module, target: int | Sequence[int], schedule=None,
-                 classifier_schedule=None):  # fmt: skip
-        self.classifier = freeze(classifier)
-        self.target = torch.as_tensor(target).long().view(-1)
+    def __init__(self, schedule=None, train_schedule=None):
         self.schedule = schedule
         if schedule is not None and schedule.family != "vp":
             from lossguide.schedule import NoiseSchedule
 
-            ab = (classifier_schedule or NoiseSchedule.linear()).alpha_bar
+            ab = (train_schedule or NoiseSchedule.linear()).alpha_bar
             self._log_snr = (ab / (1 - ab)).log()
 
     def _vp_input(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, int]:
@@ -77,15 +71,54 @@ class NoisyClassLoss:
             tau = 0 if lam > 0 else len(self._log_snr) - 1
         return x_t / math.hypot(a, s), tau
 
-    def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    def _timesteps(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         x_in, tau = self._vp_input(x_t, t)
-        tt = torch.full((len(x_t),), tau, dtype=torch.long, device=x_t.device)
+        return x_in, torch.full((len(x_t),), tau, dtype=torch.long, device=x_t.device)
+
+
+class NoisyClassLoss(_VPTimestepInput):
+    """−log p(y | x_t, t) under a noise-aware classifier ``classifier(x_t, t)``: the loss of ``cg``.
+
+    ``target`` is one class for every sample or one per sample. The classifier was trained on VP x_t at the integer
+    timesteps of ``classifier_schedule`` (default: the linear β schedule of the shipped DDPM and mnist-noise-aware).
+    ``schedule`` is the sampler's: on a rectified-flow or VE schedule the classifier sees the VP point x_t/k_t at
+    the training timestep whose ᾱ is nearest (in log-SNR) the VP-equivalent ᾱ_t of t (None or VP: x_t and t as
+    given)."""
+
+    def __init__(self, classifier: torch.nn.Module, target: int | Sequence[int], schedule=None,
+                 classifier_schedule=None):  # fmt: skip
+        super().__init__(schedule, classifier_schedule)
+        self.classifier = freeze(classifier)
+        self.target = torch.as_tensor(target).long().view(-1)
+
+    def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        x_in, tt = self._timesteps(x_t, t)
         logits = self.classifier(x_in, tt)
         n, k = len(x_t), len(self.target)
         if n % k:
             raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")
         y = self.target.to(logits.device).repeat_interleave(n // k)
         return F.cross_entropy(logits.float(), y, reduction="none").to(x_t.dtype)
+
+
+class DensityRatioLoss(_VPTimestepInput):
+    """−log h_ψ(x_t, t), h_ψ ≈ E_p[q(x0)/p(x0) | x_t] = q_t(x_t)/p_t(x_t): the transfer guidance of TGDP (Ouyang et
+    al. 2024, Thm 3.1: ∇ log q_t = ∇ log p_t + ∇ log E_p[q/p | x_t]); with ``cg`` at scale 1 the source model's ε̂
+    becomes the target domain's. ``log_ratio(x_t, t)`` returns log h per sample ``[B]`` or ``[B, 1]`` (a network
+    trained on VP x_t at the timesteps of ``train_schedule``; ``schedule``: the sampler's, as for
+    :class:`NoisyClassLoss`)."""
+
+    def __init__(self, log_ratio: Callable, schedule=None, train_schedule=None):
+        super().__init__(schedule, train_schedule)
+        self.log_ratio = freeze(log_ratio) if isinstance(log_ratio, torch.nn.Module) else log_ratio
+
+    def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        x_in, tt = self._timesteps(x_t, t)
+        log_h = self.log_ratio(x_in, tt)
+        if log_h.shape not in ((len(x_t),), (len(x_t), 1)):
+            raise ValueError(f"log_ratio must return one value per sample ([{len(x_t)}] or [{len(x_t)}, 1]), got "
+                             f"shape {tuple(log_h.shape)}")  # fmt: skip
+        return -log_h.reshape(len(x_t)).to(x_t.dtype)
 
 
 class FeatureDistanceLoss:
