@@ -12,6 +12,7 @@ SCRIPTS = {
     "cond-ddpm": "lossguide.training.cond_ddpm",
     "flow": "lossguide.training.flow",
     "guide": "lossguide.training.guide",
+    "tgdp": "lossguide.training.tgdp",
 }
 
 if __name__ == "__main__":

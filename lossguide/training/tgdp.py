@@ -1,0 +1,244 @@
+"""Train the pieces of TGDP (Ouyang et al. 2024; :mod:`lossguide.transfer`) for a source model and N target samples.
+
+Stages (each resumable: a checkpoint every ``--ckpt-every`` iterations, written atomically; a finished stage is
+loaded, not retrained; every draw of a stage comes from its own generator, seeded by ``--seed`` and the stage):
+
+1. ``domain``: c(x0) = P(target | x0), binary cross-entropy on balanced batches (half source digits of the ``gen``
+   split, half the N target digits, both shifted by up to 2 pixels), so w(x0) = c/(1−c) estimates q(x0)/p(x0);
+2. ``noisy-domain`` (only with ``--cycle``): c'(x_t, t), the same on noised digits, for the cycle regulariser;
+3. ``ratio``: h_ψ(x_t, t) by L_guidance = E_{x0~p, t, ε} (h_ψ(x_t, t) − w(x0))² (its minimiser is
+   E_p[w(x0) | x_t] = q_t/p_t, Lemma 3.2), w normalised to mean 1 over the source digits (∇ log h is unchanged),
+   plus ``--cycle`` η₁ · E_{x'_t ~ q_t}(log h_ψ(x'_t, t) − log(c'/(1−c')))² (in log space: the target is a
+   function of x'_t, so the minimiser is the same as in ratio space, and q_t/p_t reaches e¹⁵ at low noise) and
+   ``--consistency`` η₂ · the target's denoising score matching with the guided score, in ε units:
+   E_{x0' ~ q} ‖ε_p(x'_t, t) − σ_t ∇ log h_ψ(x'_t, t) − ε‖² / D (the source model's ε_p, frozen; §3.3's regularisers).
+
+The target digits are :func:`lossguide.transfer.target_digits` (N digits of the ``gen`` split, stratified by
+class, restyled). ``--export DIR`` writes the set (:func:`lossguide.transfer.export`)::
+
+    python -m lossguide.training tgdp --n-target 100 --out runs/tgdp-100 --export runs/tgdp-100/set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lossguide import transfer
+from lossguide.data import load_mnist
+from lossguide.data.styles import STYLES
+from lossguide.schedule import NoiseSchedule
+from lossguide.training.classifiers import random_shift
+from lossguide.training.common import atomic_save, setup_logging
+from lossguide.training.ddpm import lr_at
+
+log = logging.getLogger("lossguide.training.tgdp")
+
+STAGES = ("domain", "noisy-domain", "ratio")
+LOGIT_CLAMP = 15.0  # |logit c| ≤ 15: w ∈ [3e-7, 3.3e6] before normalisation
+
+
+def run_stage(name: str, net: torch.nn.Module, loss_fn, iters: int, lr: float, gen: torch.Generator, out: Path,
+              every: int = 250, warmup: int = 50) -> dict:  # fmt: skip
+    """Adam with warm-up and cosine decay on ``loss_fn(net, gen) -> (loss, logs)`` for ``iters`` iterations;
+    resumes from ``out/<name>.pt``. Returns the stage's record (iterations, seconds, last logs)."""
+    ckpt = out / f"{name}.pt"
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    step, elapsed, logs = 0, 0.0, {}
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step, elapsed, logs = state["step"], state["elapsed"], state["logs"]
+        log.info("%s: resumed at iteration %d of %d", name, step, iters)
+    net.train()
+    t0 = time.time()
+    while step < iters:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, lr, warmup, iters, lr_min=lr / 100)
+        loss, logs = loss_fn(net, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            log.info("%s it %d/%d %s", name, step, iters, " ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+        if step % every == 0 or step == iters:
+            elapsed += time.time() - t0
+            t0 = time.time()
+            atomic_save({"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                         "elapsed": elapsed, "logs": logs}, ckpt)  # fmt: skip
+    net.eval()
+    return {"iters": iters, "seconds": round(elapsed, 1), **{k: round(v, 5) for k, v in logs.items()}}
+
+
+def _balanced(x_src, x_tgt, batch, gen):
+    i = torch.randint(0, len(x_src), (batch // 2,), generator=gen)
+    j = torch.randint(0, len(x_tgt), (batch - batch // 2,), generator=gen)
+    x = random_shift(torch.cat([x_src[i], x_tgt[j]]), gen)
+    y = torch.cat([torch.zeros(len(i)), torch.ones(len(j))])
+    return x, y
+
+
+def _noised(x0, alpha_bar, gen):
+    t = torch.randint(0, len(alpha_bar), (len(x0),), generator=gen)
+    ab = alpha_bar[t].view(-1, 1, 1, 1)
+    eps = torch.randn(x0.shape, generator=gen)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, eps, ab
+
+
+@torch.no_grad()
+def source_weights(domain: torch.nn.Module, x_src: torch.Tensor) -> torch.Tensor:
+    """w(x0) = c/(1−c) = exp(logit c) on the source digits, normalised to mean 1."""
+    logit = torch.cat([domain(x).view(-1) for x in x_src.split(500)]).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+    w = logit.double().exp()
+    return (w / w.mean()).float()
+
+
+@torch.no_grad()
+def domain_accuracy(domain: torch.nn.Module, style: str) -> float:
+    """Balanced accuracy of c on the held-out digits (never trained on): as they are (source) vs restyled."""
+    x, _ = load_mnist("heldout")
+    src = (domain(x).view(-1) < 0).float().mean()
+    tgt = (domain(STYLES[style](x)).view(-1) > 0).float().mean()
+    return float((src + tgt) / 2)
+
+
+def train(n_target: int, out: Path, seed: int = 0, target_seed: int | None = None, style: str = "thick",
+          source: str = "mnist-ddpm", iters_domain: int = 600, iters_ratio: int = 1500, cycle: float = 0.0,
+          consistency: float = 0.0, batch: int = 64, lr: float = 1e-3, every: int = 250) -> tuple:  # fmt: skip
+    """Every stage in turn; returns (log h_ψ module, c, metadata)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    target_seed = seed if target_seed is None else target_seed
+    x_src, _ = load_mnist("gen")
+    x_tgt, y_tgt = transfer.target_digits(n_target, target_seed, style)
+    alpha_bar = NoiseSchedule.linear().alpha_bar.float()
+    stage_gen = {s: torch.Generator().manual_seed(1000 * seed + k) for k, s in enumerate(STAGES)}
+    records = {}
+
+    torch.manual_seed(seed)  # parameter init only
+    domain = transfer.domain_net()
+
+    def domain_loss(net, gen):
+        x, y = _balanced(x_src, x_tgt, batch, gen)
+        loss = F.binary_cross_entropy_with_logits(net(x).view(-1), y)
+        return loss, {"bce": loss.item()}
+
+    records["domain"] = run_stage("domain", domain, domain_loss, iters_domain, lr, stage_gen["domain"], out, every)
+    records["domain"]["heldout_balanced_acc"] = round(domain_accuracy(domain, style), 4)
+    w = source_weights(domain, x_src)
+
+    noisy = None
+    if cycle > 0:
+        torch.manual_seed(seed + 1)
+        noisy = transfer.noisy_domain_net()
+
+        def noisy_loss(net, gen):
+            x, y = _balanced(x_src, x_tgt, batch, gen)
+            x_t, t, _, _ = _noised(x, alpha_bar, gen)
+            loss = F.binary_cross_entropy_with_logits(net(x_t, t).view(-1), y)
+            return loss, {"bce": loss.item()}
+
+        records["noisy-domain"] = run_stage("noisy-domain", noisy, noisy_loss, iters_domain, lr,
+                                            stage_gen["noisy-domain"], out, every)  # fmt: skip
+        noisy.requires_grad_(False)
+    eps_source = None
+    if consistency > 0:
+        from lossguide.models import load_denoiser
+
+        den = load_denoiser(source).denoiser
+        if den.prediction_type != "epsilon" or den.schedule.family != "vp":
+            raise ValueError(f"--consistency needs a VP ε-prediction source model; {source} is "
+                             f"{den.schedule.family} {den.prediction_type}")  # fmt: skip
+        eps_source = den.net  # the frozen source ε-network, net(x_t, t [B])
+    torch.manual_seed(seed + 2)
+    ratio = transfer.ratio_net()
+    h = transfer.LogRatio(ratio)
+    n_tgt = max(1, batch // 4)
+
+    def ratio_loss(net, gen):
+        i = torch.randint(0, len(x_src), (batch,), generator=gen)
+        x_t, t, _, _ = _noised(x_src[i], alpha_bar, gen)
+        loss = l_guid = ((h(x_t, t).exp() - w[i]) ** 2).mean()
+        logs = {"guidance": l_guid.item()}
+        if cycle > 0 or consistency > 0:
+            j = torch.randint(0, len(x_tgt), (n_tgt,), generator=gen)
+            xq_t, tq, eps, ab = _noised(x_tgt[j], alpha_bar, gen)
+        if cycle > 0:
+            with torch.no_grad():
+                log_r = noisy(xq_t, tq).view(-1).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+            l_cyc = ((h(xq_t, tq) - log_r) ** 2).mean()
+            loss = loss + cycle * l_cyc
+            logs["cycle"] = l_cyc.item()
+        if consistency > 0:
+            with torch.no_grad():
+                e_p = eps_source(xq_t, tq)
+            xq = xq_t.requires_grad_(True)
+            (grad,) = torch.autograd.grad(h(xq, tq).sum(), xq, create_graph=True)
+            l_con = ((e_p - (1 - ab).sqrt() * grad - eps) ** 2).mean()
+            loss = loss + consistency * l_con
+            logs["consistency"] = l_con.item()
+        return loss, logs
+
+    records["ratio"] = run_stage("ratio", ratio, ratio_loss, iters_ratio, lr, stage_gen["ratio"], out, every)
+    meta = {
+        "n_target": n_target, "target_seed": target_seed, "style": style, "seed": seed, "source": source,
+        "source_data": "MNIST-5k gen split (4000)", "target_classes": torch.bincount(y_tgt, minlength=10).tolist(),
+        "cycle": cycle, "consistency": consistency, "batch": batch, "lr": lr, "stages": records,
+        "weight_ess_fraction": round(float(w.sum() ** 2 / (w**2).sum() / len(w)), 5),
+        "weight_max": round(float(w.max()), 3),
+        "train_seconds": round(sum(r["seconds"] for r in records.values()), 1),
+    }  # fmt: skip
+    return h, domain, meta
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-target", type=int, required=True, help="N, the number of target digits")
+    ap.add_argument("--out", type=Path, default=None, help="checkpoint/log folder (default runs/tgdp-N-sSEED)")
+    ap.add_argument("--export", type=Path, default=None, help="folder for the trained set (fp16) and tgdp.json")
+    ap.add_argument("--seed", type=int, default=0, help="network initialisation and every training draw")
+    ap.add_argument("--target-seed", type=int, default=None, help="which N digits (default: --seed)")
+    ap.add_argument("--style", choices=sorted(STYLES), default="thick")
+    ap.add_argument("--source", default="mnist-ddpm", help="the source model (for --consistency)")
+    ap.add_argument("--iters-domain", type=int, default=600)
+    ap.add_argument("--iters-ratio", type=int, default=1500)
+    ap.add_argument("--cycle", type=float, default=0.0, help="η₁, the cycle regulariser's weight")
+    ap.add_argument("--consistency", type=float, default=0.0, help="η₂, the consistency regulariser's weight")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.n_target < 1 or args.n_target > 4000:
+        ap.error(f"--n-target must be in 1..4000 (the gen split's digits), got {args.n_target}")
+    if min(args.iters_domain, args.iters_ratio, args.batch) < 1 or min(args.cycle, args.consistency) < 0:
+        ap.error("iterations and --batch must be ≥ 1, --cycle and --consistency ≥ 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path(f"runs/tgdp-{args.n_target}-s{args.seed}")
+    setup_logging(out / "train.log")
+    h, domain, meta = train(args.n_target, out, args.seed, args.target_seed, args.style, args.source,
+                            args.iters_domain, args.iters_ratio, args.cycle, args.consistency, args.batch, args.lr,
+                            args.ckpt_every)  # fmt: skip
+    opts = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in
+                   ("seed", "target_seed", "style", "iters_domain", "iters_ratio", "cycle", "consistency")
+                   if getattr(args, k) != ap.get_default(k))  # fmt: skip
+    meta["command"] = f"python -m lossguide.training tgdp --n-target {args.n_target}{opts} --export {args.export}"
+    if args.export is not None:
+        transfer.export(args.export, h.net, domain, meta)
+        log.info("exported the TGDP set to %s", args.export)
+    log.info("done: %s", json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()
