@@ -6,6 +6,12 @@ same weights. The EMA weights are exported as a diffusers folder (``unet/``, ``s
 ``--block-channels`` and ``--norm-groups`` change the UNet's widths (same layout, data, schedule and seed): with a
 shorter ``--iters`` they make the smaller, earlier "bad" model that autoguidance guides with (``mnist-ddpm-bad``;
 its exact command is in the manifest).
+
+Transfer baselines (``lossguide experiment transfer``): ``--n-target N`` trains on N digits of the gen split chosen
+by :func:`lossguide.transfer.target_digits` (``--target-seed``), ``--style NAME`` restyles the training digits
+(:data:`lossguide.data.styles.STYLES`), and ``--init MODEL`` starts from an exported model (a shipped name or a
+diffusers folder: its architecture and weights, the EMA's too), i.e. fine-tuning; without ``--init`` the run
+trains from scratch.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lossguide.data import load_mnist
+from lossguide.data.styles import STYLES
 from lossguide.training.common import add_run_args, run_meta, atomic_save, checkpoint_state, EMA, finish, optimizer_step, parse_widths, resume, setup_logging
 
 log = logging.getLogger("lossguide.training.ddpm")
@@ -67,6 +74,17 @@ def build_unet(config: dict | None = None):
     return UNet2DModel(**(config or UNET_CONFIG))
 
 
+def init_unet(name_or_path: str):
+    """The UNet of an exported model (a shipped name or a diffusers folder), in fp32."""
+    from diffusers import UNet2DModel
+
+    from lossguide.models import _resolve
+
+    path, _ = _resolve(name_or_path)
+    folder = Path(path)
+    return UNet2DModel.from_pretrained(folder / "unet" if (folder / "unet").is_dir() else folder).float()
+
+
 def lr_at(step: int, lr: float, warmup: int, total: int, lr_min: float = 1e-5) -> float:
     """Linear warm-up, then cosine decay to ``lr_min``."""
     if step < warmup:
@@ -96,15 +114,36 @@ def main(argv=None) -> None:
     ap.add_argument("--block-channels", type=parse_widths, default=None,
                     help="UNet widths per level, e.g. 16,32,64 (default: the shipped 32,64,128)")  # fmt: skip
     ap.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: the shipped 16)")
+    ap.add_argument("--init", default=None, help="start from this model (shipped name or diffusers folder)")
+    ap.add_argument("--style", choices=sorted(STYLES), default=None, help="restyle the training digits")
+    ap.add_argument("--n-target", type=int, default=None, help="train on N digits of the gen split (transfer)")
+    ap.add_argument("--target-seed", type=int, default=0, help="which N digits (with --n-target)")
     args = ap.parse_args(argv)
-    config = unet_config(args.block_channels, args.norm_groups)
+    init = None
+    if args.init is not None:
+        if args.block_channels is not None or args.norm_groups is not None:
+            ap.error(f"--init takes the architecture from {args.init}; drop --block-channels/--norm-groups")
+        init = init_unet(args.init)
+        config = {k: (tuple(v) if isinstance(v, list) else v) for k, v in init.config.items() if k in UNET_CONFIG}
+    else:
+        config = unet_config(args.block_channels, args.norm_groups)
+    if args.n_target is not None and not 1 <= args.n_target <= 4000:
+        ap.error(f"--n-target must be in 1..4000 (the gen split's digits), got {args.n_target}")
     if args.threads:
         torch.set_num_threads(args.threads)
     setup_logging(args.out / "train.log")
 
-    x_data, _ = load_mnist("gen")
+    if args.n_target is not None:
+        from lossguide.transfer import target_digits
+
+        x_data, _ = target_digits(args.n_target, args.target_seed, args.style or "thick")
+    else:
+        x_data, _ = load_mnist("gen")
+        x_data = STYLES[args.style](x_data) if args.style else x_data
     torch.manual_seed(args.seed)  # parameter init only; every later draw uses `gen`
     model = build_unet(config)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -138,11 +177,14 @@ def main(argv=None) -> None:
                 checkpoint_state(model, ema, opt, gen, step, elapsed),
                 ckpt,
             )
-    options = ("batch", "lr", "warmup", "ema", "seed", "block_channels", "norm_groups")
+    options = ("batch", "lr", "warmup", "ema", "seed", "block_channels", "norm_groups", "init", "style", "n_target",
+               "target_seed")
     meta = {
         **run_meta(ap, args, "python -m lossguide.training ddpm", options, elapsed),
         "final_loss_ema": loss_avg,  # None when the run only exported a finished checkpoint
-        "data": "MNIST-5k gen split (4000)",
+        "data": (f"{args.n_target} digits of the MNIST-5k gen split (target_digits, seed {args.target_seed})"
+                 if args.n_target else "MNIST-5k gen split (4000)") + (f", style {args.style}" if args.style else ""),
+        "init": args.init,
         "block_out_channels": list(config["block_out_channels"]),
         "norm_num_groups": config["norm_num_groups"],
     }
