@@ -32,6 +32,7 @@ EXPERIMENTS: dict[str, str] = {
     "distill": "lossguide.experiments.distill:run",
     "optimization": "lossguide.experiments.optimization:run",
     "particles": "lossguide.experiments.particles:run",
+    "transfer": "lossguide.experiments.transfer:run",
 }
 
 
