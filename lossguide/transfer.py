@@ -30,9 +30,10 @@ FILES = {"ratio": "ratio.safetensors", "domain": "domain.safetensors"}
 META = "tgdp.json"
 
 
-def ratio_net() -> NoiseAwareCNN:
-    """h_ψ(x_t, t) as log h: the noise-aware CNN layout with one output."""
-    return NoiseAwareCNN(width=WIDTH, n_classes=1)
+def ratio_net(n_out: int = 1) -> NoiseAwareCNN:
+    """h_ψ(x_t, t) as log h: the noise-aware CNN layout with one output (10 for the conditional version, one
+    log h_y per class)."""
+    return NoiseAwareCNN(width=WIDTH, n_classes=n_out)
 
 
 def domain_net() -> GuideCNN:
@@ -46,14 +47,27 @@ def noisy_domain_net() -> NoiseAwareCNN:
 
 
 class LogRatio(torch.nn.Module):
-    """log h_ψ(x_t, t) ``[B]`` from a :func:`ratio_net`."""
+    """log h_ψ(x_t, t) ``[B]`` from a :func:`ratio_net`; for a conditional one, log h_y of ``target`` (one class for
+    every sample or one per sample; consecutive rows of a sample inherit its class, as in
+    :class:`lossguide.losses.NoisyClassLoss`)."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, target=None):
         super().__init__()
         self.net = net
+        self.target = None if target is None else torch.as_tensor(target).long().view(-1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x_t, t)[:, 0]
+        out = self.net(x_t, t)
+        if out.shape[1] == 1:
+            if self.target is not None:
+                raise ValueError("this TGDP set is unconditional (one output); drop the target class")
+            return out[:, 0]
+        if self.target is None:
+            raise ValueError(f"this TGDP set is conditional ({out.shape[1]} classes); pass the target class")
+        n, k = len(x_t), len(self.target)
+        if n % k:
+            raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")
+        return out.gather(1, self.target.to(out.device).repeat_interleave(n // k)[:, None])[:, 0]
 
 
 def tgdp_config(scale: float = 1.0) -> GuidanceConfig:
@@ -110,6 +124,25 @@ def export(folder: Path, ratio: torch.nn.Module, domain: torch.nn.Module, meta: 
     atomic_write_json(folder / META, meta)
 
 
+def manifest_entry(folder: Path, meta: dict) -> dict:
+    """The manifest record of an exported set under ``lossguide/models/weights`` (as the other shipped models'):
+    folder, kind, SHA-256 of every file, seed, source, N, style, the command and the training record."""
+    import hashlib
+
+    folder = Path(folder)
+    kind = "conditional " if meta.get("conditional") else ""
+    return {
+        "folder": folder.name,
+        "kind": f"TGDP {kind}transfer set (lossguide.transfer): ratio network h_psi(x_t, t) as log h (NoiseAwareCNN, "
+                f"width {WIDTH}) and domain classifier c(x0) (GuideCNN, width {WIDTH}, one logit), fp16, for "
+                f"{meta['source']} -> {meta['style']} digits from N={meta['n_target']} target digits",
+        "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()},
+        **{k: meta[k] for k in ("seed", "source", "n_target", "style", "command")},
+        "training": {k: meta[k] for k in ("stages", "weight_ess_fraction", "weight_max", "train_seconds",
+                                          "conditional", "cycle", "consistency", "batch", "lr")},
+    }  # fmt: skip
+
+
 def _folder(name_or_path) -> Path:
     from lossguide.models import WEIGHTS, ModelNotFoundError, manifest
 
@@ -124,14 +157,15 @@ def _folder(name_or_path) -> Path:
     return folder
 
 
-def load(name_or_path, device="cpu") -> tuple[LogRatio, torch.nn.Module, dict]:
-    """A trained set by shipped name or folder: (log h_ψ, the domain classifier c, its metadata), frozen, fp32."""
+def load(name_or_path, device="cpu", target=None) -> tuple[LogRatio, torch.nn.Module, dict]:
+    """A trained set by shipped name or folder: (log h_ψ, the domain classifier c, its metadata), frozen, fp32;
+    ``target``: the class(es) of a conditional set."""
     from safetensors.torch import load_file
 
     folder = _folder(name_or_path)
     meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
-    nets = {"ratio": ratio_net(), "domain": domain_net()}
+    nets = {"ratio": ratio_net(10 if meta.get("conditional") else 1), "domain": domain_net()}
     for key, net in nets.items():
         state = load_file(str(folder / FILES[key]))
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return freeze(LogRatio(nets["ratio"]).to(device)), freeze(nets["domain"].to(device)), meta
+    return freeze(LogRatio(nets["ratio"], target).to(device)), freeze(nets["domain"].to(device)), meta

@@ -191,3 +191,45 @@ def test_the_fine_tuning_baseline_starts_from_the_source_and_trains_on_the_targe
         with pytest.raises(SystemExit):
             ddpm.main([*bad, "--iters", "1", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad" / "ckpt.pt").exists()
+
+
+def test_the_conditional_ratio_samples_the_target_class_exactly():
+    """The conditional version: h_y = E_p[w(x0)·q(y|x0)/q(y) | x_t] = q_t(x_t, y)/(q(y) p_t(x_t)); with the mixture's
+    components as classes this is N_y,t(x_t)/p_t(x_t), and the guided source model samples class y of the target
+    exactly (VP DDIM-25, float64, bound 1e-8). LogRatio picks output y per sample from a multi-output network."""
+    p, _ = _source_target()
+
+    class Net(torch.nn.Module):
+        def forward(self, x, tau):
+            ab = float(VP.alpha_bar[int(tau[0])])
+            log_k = torch.stack([p.component(k).log_prob_t(x, ab) for k in range(3)], 1)
+            return log_k - p.log_prob_t(x, ab)[:, None]
+
+    for y in (0, 2):
+        loss = losses.DensityRatioLoss(transfer.LogRatio(Net(), target=y), VP)
+        guided = lg.sample(p.denoiser(VP), DDIM(VP, 25), transfer.tgdp_config(1.0), loss, shape=(2,),
+                           seeds=range(32), dtype=F64).x0  # fmt: skip
+        exact = lg.sample(p.component(y).denoiser(VP), DDIM(VP, 25), None, None, shape=(2,), seeds=range(32),
+                          dtype=F64).x0  # fmt: skip
+        assert (guided - exact).abs().max() < 1e-8
+    with pytest.raises(ValueError, match="conditional"):
+        transfer.LogRatio(Net())(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="unconditional"):
+        transfer.LogRatio(lambda x, t: x[:, :1], target=1).forward(torch.zeros(2, 2), None)
+
+
+def test_the_shipped_set_matches_its_manifest_entry():
+    """Every file of mnist-tgdp-thick-100 has the SHA-256 its manifest entry records, and the entry is what
+    transfer.manifest_entry writes for it (the training command's --manifest)."""
+    import hashlib
+    import json
+
+    from lossguide.models import WEIGHTS, manifest
+
+    entry = manifest()["mnist-tgdp-thick-100"]
+    folder = WEIGHTS / entry["folder"]
+    for name, digest in entry["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    meta = json.loads((folder / transfer.META).read_text())
+    assert transfer.manifest_entry(folder, meta) == entry
+    assert "--manifest" not in entry["command"] and entry["command"].startswith("python -m lossguide.training tgdp")

@@ -13,10 +13,17 @@ loaded, not retrained; every draw of a stage comes from its own generator, seede
    ``--consistency`` η₂ · the target's denoising score matching with the guided score, in ε units:
    E_{x0' ~ q} ‖ε_p(x'_t, t) − σ_t ∇ log h_ψ(x'_t, t) − ε‖² / D (the source model's ε_p, frozen; §3.3's regularisers).
 
-The target digits are :func:`lossguide.transfer.target_digits` (N digits of the ``gen`` split, stratified by
-class, restyled). ``--export DIR`` writes the set (:func:`lossguide.transfer.export`)::
+``--conditional`` (the conditional version, for class y of the target domain, on the unconditional source model):
+∇ log q_t(x_t | y) = ∇ log p_t(x_t) + ∇ log E_p[w(x0)·q(y | x0)/q(y) | x_t]; with a digit's label as q(y | x0) (the
+style keeps the class) and q(y) = 1/10, h_ψ has ten outputs, output y regressing 10·w(x0)·1[label(x0) = y] on the
+labelled source digits, and the consistency regulariser uses each target digit's own class.
 
-    python -m lossguide.training tgdp --n-target 100 --out runs/tgdp-100 --export runs/tgdp-100/set
+The target digits are :func:`lossguide.transfer.target_digits` (N digits of the ``gen`` split, stratified by
+class, restyled). ``--export DIR`` writes the set (:func:`lossguide.transfer.export`), ``--manifest FILE`` its
+entry; the shipped set::
+
+    python -m lossguide.training tgdp --n-target 100 --cycle 0.1 --consistency 1 --out runs/tgdp-100 \
+        --export lossguide/models/weights/mnist-tgdp-thick-100 --manifest lossguide/models/manifest.json
 """
 
 from __future__ import annotations
@@ -114,12 +121,17 @@ def domain_accuracy(domain: torch.nn.Module, style: str) -> float:
 
 def train(n_target: int, out: Path, seed: int = 0, target_seed: int | None = None, style: str = "thick",
           source: str = "mnist-ddpm", iters_domain: int = 600, iters_ratio: int = 1500, cycle: float = 0.0,
-          consistency: float = 0.0, batch: int = 64, lr: float = 1e-3, every: int = 250) -> tuple:  # fmt: skip
-    """Every stage in turn; returns (log h_ψ module, c, metadata)."""
+          consistency: float = 0.0, batch: int = 64, lr: float = 1e-3, every: int = 250,
+          conditional: bool = False) -> tuple:  # fmt: skip
+    """Every stage in turn; returns (log h_ψ module, c, metadata). ``conditional``: h_ψ has one output per class y,
+    regressing 10·w(x0)·1[label(x0) = y] (see :func:`main`)."""
+    if conditional and cycle > 0:
+        raise ValueError("the cycle regulariser has no conditional form here (its noisy classifier is unconditional); "
+                         "drop --cycle with --conditional")  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target_seed = seed if target_seed is None else target_seed
-    x_src, _ = load_mnist("gen")
+    x_src, y_src = load_mnist("gen")
     x_tgt, y_tgt = transfer.target_digits(n_target, target_seed, style)
     alpha_bar = NoiseSchedule.linear().alpha_bar.float()
     stage_gen = {s: torch.Generator().manual_seed(1000 * seed + k) for k, s in enumerate(STAGES)}
@@ -161,14 +173,24 @@ def train(n_target: int, out: Path, seed: int = 0, target_seed: int | None = Non
                              f"{den.schedule.family} {den.prediction_type}")  # fmt: skip
         eps_source = den.net  # the frozen source ε-network, net(x_t, t [B])
     torch.manual_seed(seed + 2)
-    ratio = transfer.ratio_net()
+    ratio = transfer.ratio_net(10 if conditional else 1)
     h = transfer.LogRatio(ratio)
+    n_cls = 10 if conditional else 1
+
+    def log_h(x, t, y=None):  # log h_y per sample (the one output when unconditional)
+        out = ratio(x, t)
+        return out[:, 0] if not conditional else out.gather(1, y[:, None])[:, 0]
+
     n_tgt = max(1, batch // 4)
 
     def ratio_loss(net, gen):
         i = torch.randint(0, len(x_src), (batch,), generator=gen)
         x_t, t, _, _ = _noised(x_src[i], alpha_bar, gen)
-        loss = l_guid = ((h(x_t, t).exp() - w[i]) ** 2).mean()
+        if conditional:  # E_p[w(x0)·q(y|x0)/q(y) | x_t] with q(y|x0) = 1[label(x0) = y], q(y) = 1/10
+            target = n_cls * w[i, None] * F.one_hot(y_src[i], n_cls)
+            loss = l_guid = ((ratio(x_t, t).exp() - target) ** 2).mean()
+        else:
+            loss = l_guid = ((h(x_t, t).exp() - w[i]) ** 2).mean()
         logs = {"guidance": l_guid.item()}
         if cycle > 0 or consistency > 0:
             j = torch.randint(0, len(x_tgt), (n_tgt,), generator=gen)
@@ -183,7 +205,7 @@ def train(n_target: int, out: Path, seed: int = 0, target_seed: int | None = Non
             with torch.no_grad():
                 e_p = eps_source(xq_t, tq)
             xq = xq_t.requires_grad_(True)
-            (grad,) = torch.autograd.grad(h(xq, tq).sum(), xq, create_graph=True)
+            (grad,) = torch.autograd.grad(log_h(xq, tq, y_tgt[j]).sum(), xq, create_graph=True)
             l_con = ((e_p - (1 - ab).sqrt() * grad - eps) ** 2).mean()
             loss = loss + consistency * l_con
             logs["consistency"] = l_con.item()
@@ -193,7 +215,8 @@ def train(n_target: int, out: Path, seed: int = 0, target_seed: int | None = Non
     meta = {
         "n_target": n_target, "target_seed": target_seed, "style": style, "seed": seed, "source": source,
         "source_data": "MNIST-5k gen split (4000)", "target_classes": torch.bincount(y_tgt, minlength=10).tolist(),
-        "cycle": cycle, "consistency": consistency, "batch": batch, "lr": lr, "stages": records,
+        "conditional": conditional, "cycle": cycle, "consistency": consistency, "batch": batch, "lr": lr,
+        "stages": records,
         "weight_ess_fraction": round(float(w.sum() ** 2 / (w**2).sum() / len(w)), 5),
         "weight_max": round(float(w.max()), 3),
         "train_seconds": round(sum(r["seconds"] for r in records.values()), 1),
@@ -206,6 +229,12 @@ def main(argv=None) -> None:
     ap.add_argument("--n-target", type=int, required=True, help="N, the number of target digits")
     ap.add_argument("--out", type=Path, default=None, help="checkpoint/log folder (default runs/tgdp-N-sSEED)")
     ap.add_argument("--export", type=Path, default=None, help="folder for the trained set (fp16) and tgdp.json")
+    ap.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        help="also write the set's entry (named as the --export folder) into this manifest.json",
+    )
     ap.add_argument("--seed", type=int, default=0, help="network initialisation and every training draw")
     ap.add_argument("--target-seed", type=int, default=None, help="which N digits (default: --seed)")
     ap.add_argument("--style", choices=sorted(STYLES), default="thick")
@@ -214,6 +243,11 @@ def main(argv=None) -> None:
     ap.add_argument("--iters-ratio", type=int, default=1500)
     ap.add_argument("--cycle", type=float, default=0.0, help="η₁, the cycle regulariser's weight")
     ap.add_argument("--consistency", type=float, default=0.0, help="η₂, the consistency regulariser's weight")
+    ap.add_argument(
+        "--conditional",
+        action="store_true",
+        help="one h_y per class: sample class y of the target domain (no --cycle)",
+    )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ckpt-every", type=int, default=250)
@@ -223,20 +257,31 @@ def main(argv=None) -> None:
         ap.error(f"--n-target must be in 1..4000 (the gen split's digits), got {args.n_target}")
     if min(args.iters_domain, args.iters_ratio, args.batch) < 1 or min(args.cycle, args.consistency) < 0:
         ap.error("iterations and --batch must be ≥ 1, --cycle and --consistency ≥ 0")
+    if args.manifest is not None and args.export is None:
+        ap.error("--manifest records an exported set; add --export DIR")
+    if args.conditional and args.cycle:
+        ap.error("--cycle has no conditional form here (its noisy classifier is unconditional); drop it")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path(f"runs/tgdp-{args.n_target}-s{args.seed}")
     setup_logging(out / "train.log")
     h, domain, meta = train(args.n_target, out, args.seed, args.target_seed, args.style, args.source,
                             args.iters_domain, args.iters_ratio, args.cycle, args.consistency, args.batch, args.lr,
-                            args.ckpt_every)  # fmt: skip
-    opts = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in
-                   ("seed", "target_seed", "style", "iters_domain", "iters_ratio", "cycle", "consistency")
+                            args.ckpt_every, args.conditional)  # fmt: skip
+    opts = "".join(f" --{k.replace('_', '-')}" + ("" if isinstance(getattr(args, k), bool) else f" {getattr(args, k)}")
+                   for k in
+                   ("seed", "target_seed", "style", "iters_domain", "iters_ratio", "cycle", "consistency",
+                    "conditional")
                    if getattr(args, k) != ap.get_default(k))  # fmt: skip
     meta["command"] = f"python -m lossguide.training tgdp --n-target {args.n_target}{opts} --export {args.export}"
     if args.export is not None:
         transfer.export(args.export, h.net, domain, meta)
         log.info("exported the TGDP set to %s", args.export)
+        if args.manifest is not None:
+            from lossguide.training.classifiers import update_manifest
+
+            update_manifest(args.manifest, args.export.name, transfer.manifest_entry(args.export, meta))
+            log.info("wrote the manifest entry %r in %s", args.export.name, args.manifest)
     log.info("done: %s", json.dumps(meta))
 
 
