@@ -36,9 +36,10 @@ def ratio_net(n_out: int = 1) -> NoiseAwareCNN:
     return NoiseAwareCNN(width=WIDTH, n_classes=n_out)
 
 
-def domain_net() -> GuideCNN:
-    """c(x0) as the logit of P(target | x0): the guide CNN layout with one output."""
-    return GuideCNN(width=WIDTH, n_classes=1)
+def domain_net(n_out: int = 1) -> GuideCNN:
+    """c(x0) as the logit of P(target | x0): the guide CNN layout with one output (10 for the conditional version's
+    joint c(x0, y), one logit per class)."""
+    return GuideCNN(width=WIDTH, n_classes=n_out)
 
 
 def noisy_domain_net() -> NoiseAwareCNN:
@@ -131,11 +132,12 @@ def manifest_entry(folder: Path, meta: dict) -> dict:
 
     folder = Path(folder)
     kind = "conditional " if meta.get("conditional") else ""
+    per_class = " per class" if kind else ""
     return {
         "folder": folder.name,
         "kind": f"TGDP {kind}transfer set (lossguide.transfer): ratio network h_psi(x_t, t) as log h (NoiseAwareCNN, "
-                f"width {WIDTH}) and domain classifier c(x0) (GuideCNN, width {WIDTH}, one logit), fp16, for "
-                f"{meta['source']} -> {meta['style']} digits from N={meta['n_target']} target digits",
+                f"width {WIDTH}) and domain classifier c(x0) (GuideCNN, width {WIDTH}, one logit{per_class}), fp16, "
+                f"for {meta['source']} -> {meta['style']} digits from N={meta['n_target']} target digits",
         "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()},
         **{k: meta[k] for k in ("seed", "source", "n_target", "style", "command")},
         "training": {k: meta[k] for k in ("stages", "weight_ess_fraction", "weight_max", "train_seconds",
@@ -164,7 +166,8 @@ def load(name_or_path, device="cpu", target=None) -> tuple[LogRatio, torch.nn.Mo
 
     folder = _folder(name_or_path)
     meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
-    nets = {"ratio": ratio_net(10 if meta.get("conditional") else 1), "domain": domain_net()}
+    n_out = 10 if meta.get("conditional") else 1
+    nets = {"ratio": ratio_net(n_out), "domain": domain_net(n_out)}
     for key, net in nets.items():
         state = load_file(str(folder / FILES[key]))
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

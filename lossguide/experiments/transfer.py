@@ -14,7 +14,11 @@ disjoint from everything any method trains on. Methods at each N:
 - ``finetune``: the source model fine-tuned on the N digits (``python -m lossguide.training ddpm --init mnist-ddpm
   --style thick --n-target N``, :data:`FINETUNE`);
 - ``scratch``: a UNet trained from scratch on the N digits (:data:`SCRATCH`: the smaller widths of
-  ``mnist-ddpm-bad``, as N ≤ 1,000 digits carry no more).
+  ``mnist-ddpm-bad``, as N ≤ 1,000 digits carry no more);
+- at the middle N, class y = seed mod 10: ``tgdp-cond``, the conditional version (:data:`TGDP_CONDITIONAL`);
+  ``tgdp+cg``, the unconditional set plus the shipped noise-aware classifier (Bayes' rule, :func:`class_samples`);
+  ``source+cg``, that classifier alone (at the shipped cg scale of the class task); scored by the judge's class
+  validity as well.
 
 Metrics on n evaluation samples (DDIM, η = 0): FID/KID on the judge's features against the 1,000 thickened held-out
 digits, beside the floor (FID of n real thick digits of the gen split against the same reference, 5 draws); ink (the
@@ -56,6 +60,8 @@ TUNE_SEED0 = 9000
 SCALES = (1.0, 2.0, 4.0)
 #: TGDP training: the regularisers' weights (η₁ cycle, η₂ consistency; :mod:`lossguide.training.tgdp`)
 TGDP = {"cycle": 0.1, "consistency": 1.0}
+#: the conditional version's (no cycle regulariser: :mod:`lossguide.training.tgdp`)
+TGDP_CONDITIONAL = {"conditional": True, "consistency": 1.0}
 FINETUNE = ["--init", "mnist-ddpm", "--iters", "300", "--lr", "2e-4", "--warmup", "20"]
 SCRATCH = ["--iters", "600", "--block-channels", "16,32,64", "--norm-groups", "8", "--ema", "0.995"]
 BATCH = 100
@@ -81,13 +87,17 @@ class Scorer:
         self.judge = self.kit.nets["judge"]
         self.real = metrics.features(self.judge, thicken(self.kit.real_x))
 
-    def score(self, x: torch.Tensor) -> dict:
+    def score(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        """FID/KID, ink and coverage; with ``targets``, the judge's validity (label = target) too."""
         x = x.clamp(-1, 1)
         f = metrics.features(self.judge, x)
         kid, kid_std = metrics.kernel_inception_distance(f, self.real, n_subsets=50, seed=0)
-        return {"n": len(x), "fid": metrics.frechet_distance(f, self.real), "kid_x1e3": 1e3 * kid,
-                "kid_std_x1e3": 1e3 * kid_std, "ink": ink(x),
-                **coverage(_labels(self.judge, x))}  # fmt: skip
+        labels = _labels(self.judge, x)
+        row = {"n": len(x), "fid": metrics.frechet_distance(f, self.real), "kid_x1e3": 1e3 * kid,
+               "kid_std_x1e3": 1e3 * kid_std, "ink": ink(x), **coverage(labels)}  # fmt: skip
+        if targets is not None:
+            row["validity"] = float((labels == targets).float().mean())
+        return row
 
     def floor(self, n: int, draws: int = 5) -> list[float]:
         from lossguide.data import load_mnist
@@ -119,13 +129,42 @@ def tgdp_samples(den, folder, seeds, steps: int, scale: float) -> tuple[torch.Te
     return generate(den, seeds, steps, transfer.tgdp_config(scale), losses.DensityRatioLoss(h, den.schedule))
 
 
+def class_samples(den, seeds, steps: int, folder=None, with_cg: bool = False) -> tuple[torch.Tensor, float]:
+    """Class y = seed mod 10 on every seed, by the ``cg`` step: the conditional TGDP set in ``folder``
+    (ℓ = −log h_y, scale 1), or the unconditional set in ``folder`` plus the shipped noise-aware classifier
+    (``with_cg``: ℓ = −log h − s·log p(y | x_t), Bayes' rule q_t(x_t | y) ∝ q_t(x_t)·q_t(y | x_t) with the
+    style-invariant label posterior q_t(y | x_t) ≈ p_t(y | x_t), s the shipped cg scale of the MNIST class task),
+    or (``folder`` None) the source model with that classifier alone at s."""
+    from lossguide import presets
+    from lossguide.harness.settings import step_value
+    from lossguide.models import load_classifier
+
+    s_cg = step_value("class", "cg")
+    t0, xs = time.perf_counter(), []
+    noise_aware = load_classifier("mnist-noise-aware") if folder is None or with_cg else None
+    for i in range(0, len(seeds), BATCH):
+        part = seeds[i : i + BATCH]
+        y = torch.tensor(part) % 10
+        cg = losses.NoisyClassLoss(noise_aware, y, den.schedule) if noise_aware is not None else None
+        if folder is None:
+            loss = cg
+        else:
+            ratio = losses.DensityRatioLoss(transfer.load(folder, target=None if with_cg else y)[0], den.schedule)
+            loss = (lambda x_t, t, r=ratio, c=cg: r(x_t, t) + s_cg * c(x_t, t)) if with_cg else ratio
+        cfg = presets.cg(s_cg) if folder is None else transfer.tgdp_config(1.0)
+        xs.append(sample(den, DDIM(den.schedule, steps), cfg, loss, shape=(1, 28, 28), seeds=part).x0.detach())
+    return torch.cat(xs), time.perf_counter() - t0
+
+
 def _train_tgdp(folder: Path, n: int, seed: int, regs: dict = TGDP) -> dict:
     from lossguide.training import tgdp
 
     if not (folder / "set" / transfer.META).is_file():
         h, domain, meta = tgdp.train(n, folder, seed=seed, **regs)
-        meta["command"] = (f"python -m lossguide.training tgdp --n-target {n} --seed {seed} --cycle {regs['cycle']} "
-                           f"--consistency {regs['consistency']} --export {folder / 'set'}")  # fmt: skip
+        flags = "".join(f" --{k} {v}" if not isinstance(v, bool) else f" --{k}" for k, v in regs.items() if v)
+        meta["command"] = (
+            f"python -m lossguide.training tgdp --n-target {n} --seed {seed}{flags} --export {folder / 'set'}"
+        )
         transfer.export(folder / "set", h.net, domain, meta)
     return json.loads((folder / "set" / transfer.META).read_text())
 
@@ -140,14 +179,14 @@ def _train_ddpm(folder: Path, args: list[str], n: int, seed: int) -> dict:
     return json.loads((model / "training.json").read_text())
 
 
-def _cell(out: Path, label: str, make, *args, **extra) -> dict:
+def _cell(out: Path, label: str, make, *args, targets=None, **extra) -> dict:
     """The numbers of cell ``label``: read from ``out/cells`` if a run already made them, else ``make(*args)``'s
-    (samples, seconds) scored, with ``extra``, and stored atomically."""
+    (samples, seconds) scored (against ``targets`` too if given), with ``extra``, and stored atomically."""
     path = out / "cells" / f"{label}.json"
     if path.is_file():
         return json.loads(path.read_text())
     x, wall = make(*args)
-    row = {**extra, **_SCORER.score(x), "sample_s_per_sample": wall / len(x)}
+    row = {**extra, **_SCORER.score(x, targets), "sample_s_per_sample": wall / len(x)}
     atomic_write_json(path, row)
     return row
 
@@ -198,6 +237,19 @@ def run(out, quick: bool = False) -> dict:
         meta = _train_tgdp(folder, n, 0, {"cycle": 0.0, "consistency": 0.0})
         rows.append(_cell(out, f"tgdp-noreg-N{n}-s0", tgdp_samples, source, folder / "set", seeds, steps, 1.0,
                           method="tgdp-noreg", N=n, seed=0, scale=1.0, train_s=meta["train_seconds"]))  # fmt: skip
+        # the conditional version at the middle N (class y = seed mod 10), beside the source with cg
+        folder = out / "train" / f"tgdp-cond-N{n}-s0"
+        meta = _train_tgdp(folder, n, 0, TGDP_CONDITIONAL)
+        y = torch.tensor(seeds) % 10
+        uncond = out / "train" / f"tgdp-N{n}-s0"
+        cond = [("tgdp-cond", folder / "set", False, meta["train_seconds"]),
+                ("tgdp+cg", uncond / "set", True, _train_tgdp(uncond, n, 0)["train_seconds"]),
+                ("source+cg", None, False, 0.0)]  # fmt: skip
+        for method, where, with_cg, train_s in cond:
+            label = f"{method}-N{n}-s0" if where is not None else "source+cg"
+            rows.append(_cell(out, label, class_samples, source, seeds, steps, where, with_cg, targets=y,
+                              method=method, N=n if where is not None else 0, seed=0, scale=1.0,
+                              train_s=train_s))  # fmt: skip
     floor = _SCORER.floor(cfg["n_eval"])
     summary = summarise(rows)
     write_csv(out / "results.csv", rows)
@@ -217,7 +269,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (method, n), rs in groups.items():
         row = {"method": method, "N": n, "seeds": len(rs)}
-        for k in ("fid", "kid_x1e3", "ink", "classes_covered", "class_tv", "train_s", "sample_s_per_sample"):
+        for k in ("fid", "kid_x1e3", "ink", "classes_covered", "class_tv", "validity", "train_s",
+                  "sample_s_per_sample"):  # fmt: skip
+            if k not in rs[0]:
+                continue
             v = [float(r[k]) for r in rs]
             row[k] = sum(v) / len(v)
             if len(v) > 1:
@@ -233,9 +288,9 @@ def _fid_text(r: dict) -> str:
 def _body(summary, floor, cfg, quick) -> list[str]:
     table = [{**r, "fid_text": _fid_text(r)} for r in summary]
     body = [md_table(table, ["method", "N", "seeds", "fid_text", "kid_x1e3", "ink", "classes_covered", "class_tv",
-                             "train_s", "sample_s_per_sample"],
+                             "validity", "train_s", "sample_s_per_sample"],
                      ["method", "N", "training seeds", "FID (mean [min, max] over seeds)", "KID×10³", "ink",
-                      "classes ≥5%", "class TV", "train s", "sample s"]),  # fmt: skip
+                      "classes ≥5%", "class TV", "class validity", "train s", "sample s"]),  # fmt: skip
             "",
             f"n = {cfg['n_eval']} samples per cell, DDIM-{cfg['steps']} (η = 0). Reference: the 1,000 held-out digits "
             f"thickened; ink 0.134 thin, 0.267 thick. Real thick digits score FID {min(floor):.2f}–{max(floor):.2f} "

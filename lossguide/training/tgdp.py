@@ -14,9 +14,12 @@ loaded, not retrained; every draw of a stage comes from its own generator, seede
    E_{x0' ~ q} ‖ε_p(x'_t, t) − σ_t ∇ log h_ψ(x'_t, t) − ε‖² / D (the source model's ε_p, frozen; §3.3's regularisers).
 
 ``--conditional`` (the conditional version, for class y of the target domain, on the unconditional source model):
-∇ log q_t(x_t | y) = ∇ log p_t(x_t) + ∇ log E_p[w(x0)·q(y | x0)/q(y) | x_t]; with a digit's label as q(y | x0) (the
-style keeps the class) and q(y) = 1/10, h_ψ has ten outputs, output y regressing 10·w(x0)·1[label(x0) = y] on the
-labelled source digits, and the consistency regulariser uses each target digit's own class.
+q(x0 | y)/p(x0) = w(x0, y)·p(y | x0)/q(y) with the joint ratio w(x0, y) = q(x0, y)/p(x0, y), so
+∇ log q_t(x_t | y) = ∇ log p_t(x_t) + ∇ log E_p[w(x0, y)·p(y | x0)/q(y) | x_t]. The domain classifier is joint,
+c(x0, y) (one logit per class, trained on labelled source and target digits), w is normalised within each class
+(E_p[w | y] = q(y)/p(y) = 1: both sets are class-balanced), a digit's label gives p(y | x0), q(y) = 1/10; h_ψ has ten
+outputs, output y regressing 10·w(x0, y)·1[label(x0) = y], and the consistency regulariser uses each target digit's
+own class.
 
 The target digits are :func:`lossguide.transfer.target_digits` (N digits of the ``gen`` split, stratified by
 class, restyled). ``--export DIR`` writes the set (:func:`lossguide.transfer.export`), ``--manifest FILE`` its
@@ -87,12 +90,18 @@ def run_stage(name: str, net: torch.nn.Module, loss_fn, iters: int, lr: float, g
     return {"iters": iters, "seconds": round(elapsed, 1), **{k: round(v, 5) for k, v in logs.items()}}
 
 
-def _balanced(x_src, x_tgt, batch, gen):
+def _balanced(x_src, x_tgt, batch, gen, labels=None):
+    """Half source, half target digits, shifted; (x, domain label 1 = target, class labels or None)."""
     i = torch.randint(0, len(x_src), (batch // 2,), generator=gen)
     j = torch.randint(0, len(x_tgt), (batch - batch // 2,), generator=gen)
     x = random_shift(torch.cat([x_src[i], x_tgt[j]]), gen)
-    y = torch.cat([torch.zeros(len(i)), torch.ones(len(j))])
-    return x, y
+    d = torch.cat([torch.zeros(len(i)), torch.ones(len(j))])
+    return x, d, None if labels is None else torch.cat([labels[0][i], labels[1][j]])
+
+
+def _logit(out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """The domain logit: the one output, or (the joint classifier c(x0, y) of the conditional version) output y."""
+    return out.view(-1) if y is None else out.gather(1, y[:, None])[:, 0]
 
 
 def _noised(x0, alpha_bar, gen):
@@ -103,19 +112,26 @@ def _noised(x0, alpha_bar, gen):
 
 
 @torch.no_grad()
-def source_weights(domain: torch.nn.Module, x_src: torch.Tensor) -> torch.Tensor:
-    """w(x0) = c/(1−c) = exp(logit c) on the source digits, normalised to mean 1."""
-    logit = torch.cat([domain(x).view(-1) for x in x_src.split(500)]).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
-    w = logit.double().exp()
-    return (w / w.mean()).float()
+def source_weights(domain: torch.nn.Module, x_src: torch.Tensor, y_src: torch.Tensor | None = None) -> torch.Tensor:
+    """w(x0) = c/(1−c) = exp(logit c) on the source digits, normalised to mean 1; with labels (the joint ratio
+    q(x0, y)/p(x0, y) of the conditional version), normalised to mean 1 within each class (E_p[w | y] = q(y)/p(y)
+    = 1 for the class-balanced source and target)."""
+    logit = torch.cat([_logit(domain(x), None if y_src is None else y_src[k : k + 500])
+                       for k, x in zip(range(0, len(x_src), 500), x_src.split(500), strict=True)])  # fmt: skip
+    w = logit.clamp(-LOGIT_CLAMP, LOGIT_CLAMP).double().exp()
+    if y_src is None:
+        return (w / w.mean()).float()
+    means = torch.zeros(10, dtype=w.dtype).index_add_(0, y_src, w) / torch.bincount(y_src, minlength=10)
+    return (w / means[y_src]).float()
 
 
 @torch.no_grad()
-def domain_accuracy(domain: torch.nn.Module, style: str) -> float:
+def domain_accuracy(domain: torch.nn.Module, style: str, conditional: bool = False) -> float:
     """Balanced accuracy of c on the held-out digits (never trained on): as they are (source) vs restyled."""
-    x, _ = load_mnist("heldout")
-    src = (domain(x).view(-1) < 0).float().mean()
-    tgt = (domain(STYLES[style](x)).view(-1) > 0).float().mean()
+    x, y = load_mnist("heldout")
+    y = y if conditional else None
+    src = (_logit(domain(x), y) < 0).float().mean()
+    tgt = (_logit(domain(STYLES[style](x)), y) > 0).float().mean()
     return float((src + tgt) / 2)
 
 
@@ -123,8 +139,8 @@ def train(n_target: int, out: Path, seed: int = 0, target_seed: int | None = Non
           source: str = "mnist-ddpm", iters_domain: int = 600, iters_ratio: int = 1500, cycle: float = 0.0,
           consistency: float = 0.0, batch: int = 64, lr: float = 1e-3, every: int = 250,
           conditional: bool = False) -> tuple:  # fmt: skip
-    """Every stage in turn; returns (log h_ψ module, c, metadata). ``conditional``: h_ψ has one output per class y,
-    regressing 10·w(x0)·1[label(x0) = y] (see :func:`main`)."""
+    """Every stage in turn; returns (log h_ψ module, c, metadata). ``conditional``: the joint domain classifier
+    c(x0, y) and h_ψ with one output per class y (the module docstring)."""
     if conditional and cycle > 0:
         raise ValueError("the cycle regulariser has no conditional form here (its noisy classifier is unconditional); "
                          "drop --cycle with --conditional")  # fmt: skip
@@ -138,16 +154,17 @@ def train(n_target: int, out: Path, seed: int = 0, target_seed: int | None = Non
     records = {}
 
     torch.manual_seed(seed)  # parameter init only
-    domain = transfer.domain_net()
+    domain = transfer.domain_net(10 if conditional else 1)
+    labels = (y_src, y_tgt) if conditional else None
 
     def domain_loss(net, gen):
-        x, y = _balanced(x_src, x_tgt, batch, gen)
-        loss = F.binary_cross_entropy_with_logits(net(x).view(-1), y)
+        x, d, y = _balanced(x_src, x_tgt, batch, gen, labels)
+        loss = F.binary_cross_entropy_with_logits(_logit(net(x), y), d)
         return loss, {"bce": loss.item()}
 
     records["domain"] = run_stage("domain", domain, domain_loss, iters_domain, lr, stage_gen["domain"], out, every)
-    records["domain"]["heldout_balanced_acc"] = round(domain_accuracy(domain, style), 4)
-    w = source_weights(domain, x_src)
+    records["domain"]["heldout_balanced_acc"] = round(domain_accuracy(domain, style, conditional), 4)
+    w = source_weights(domain, x_src, y_src if conditional else None)
 
     noisy = None
     if cycle > 0:
@@ -155,9 +172,9 @@ def train(n_target: int, out: Path, seed: int = 0, target_seed: int | None = Non
         noisy = transfer.noisy_domain_net()
 
         def noisy_loss(net, gen):
-            x, y = _balanced(x_src, x_tgt, batch, gen)
+            x, d, _ = _balanced(x_src, x_tgt, batch, gen)
             x_t, t, _, _ = _noised(x, alpha_bar, gen)
-            loss = F.binary_cross_entropy_with_logits(net(x_t, t).view(-1), y)
+            loss = F.binary_cross_entropy_with_logits(net(x_t, t).view(-1), d)
             return loss, {"bce": loss.item()}
 
         records["noisy-domain"] = run_stage("noisy-domain", noisy, noisy_loss, iters_domain, lr,
@@ -186,7 +203,7 @@ def train(n_target: int, out: Path, seed: int = 0, target_seed: int | None = Non
     def ratio_loss(net, gen):
         i = torch.randint(0, len(x_src), (batch,), generator=gen)
         x_t, t, _, _ = _noised(x_src[i], alpha_bar, gen)
-        if conditional:  # E_p[w(x0)·q(y|x0)/q(y) | x_t] with q(y|x0) = 1[label(x0) = y], q(y) = 1/10
+        if conditional:  # E_p[w(x0, y)·p(y|x0)/q(y) | x_t] with p(y|x0) = 1[label(x0) = y], q(y) = 1/10
             target = n_cls * w[i, None] * F.one_hot(y_src[i], n_cls)
             loss = l_guid = ((ratio(x_t, t).exp() - target) ** 2).mean()
         else:
