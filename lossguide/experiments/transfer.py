@@ -329,7 +329,10 @@ def _figure(summary: list[dict], floor: list[float], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     src = [r for r in summary if r["method"] == "source"]
     ns = sorted({r["N"] for r in summary if r["N"] > 0})
-    for method in dict.fromkeys(r["method"] for r in summary if r["N"] > 0):
+    main = ("tgdp", "tgdp-tuned", "finetune", "scratch")
+    for method in [
+        m for m in dict.fromkeys(r["method"] for r in summary if r["N"] > 0) if m in main or m.startswith("tgdp×")
+    ]:
         rs = sorted((r for r in summary if r["method"] == method), key=lambda r: r["N"])
         if rs:
             ax.errorbar([r["N"] for r in rs], [r["fid"] for r in rs], marker="o", label=method, capsize=3,
@@ -339,7 +342,8 @@ def _figure(summary: list[dict], floor: list[float], out: Path) -> None:
         ax.axhline(src[0]["fid"], color="k", ls="--", lw=1, label="source (unadapted)")
     ax.axhspan(min(floor), max(floor), color="0.85", label="real thick digits (floor)")
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("N target digits")
     ax.set_ylabel("FID vs thick held-out digits")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center right")
     save_fig(fig, out / "fid_vs_n.png")
