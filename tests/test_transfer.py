@@ -233,3 +233,29 @@ def test_the_shipped_set_matches_its_manifest_entry():
     meta = json.loads((folder / transfer.META).read_text())
     assert transfer.manifest_entry(folder, meta) == entry
     assert "--manifest" not in entry["command"] and entry["command"].startswith("python -m lossguide.training tgdp")
+
+
+@pytest.mark.parametrize("schedule,t", [(FlowSchedule(), 0.37), (SigmaSchedule(), 2.5), (VP, 420)])
+def test_the_ratio_network_sees_the_vp_point_in_every_family(schedule, t):
+    """A random (untrained) ratio network of the shipped architecture through DensityRatioLoss on a flow, VE and VP
+    schedule: ℓ(x_t, t) = −log h(x_t/k_t, τ) with k_t = √(α_t² + σ_t²) and τ the VP timestep nearest in log-SNR,
+    and its gradient carries the 1/k_t of the chain rule (against the hand-made value; float32, the network's
+    dtype: the values agree to rounding)."""
+    torch.manual_seed(0)
+    h = transfer.LogRatio(transfer.ratio_net())
+    loss = losses.DensityRatioLoss(h, schedule)
+    x = torch.randn(3, 1, 28, 28, requires_grad=True)
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    k = math.hypot(a, s)
+    ab = VP.alpha_bar
+    tau = int(((ab / (1 - ab)).log() - 2 * math.log(a / s)).abs().argmin())
+    assert schedule.family != "vp" or (tau == t and k == pytest.approx(1.0))
+    u = (x / k).detach().requires_grad_(True)
+    want = -h(u, torch.full((3,), tau))
+    (g_want,) = torch.autograd.grad(want.sum(), u)
+    got = loss(x, t)
+    (g_got,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+    scale = float((g_want / k).abs().max())
+    assert scale > 1e-6  # the network is not flat: the check has something to compare
+    torch.testing.assert_close(g_got, g_want / k, rtol=1e-4, atol=1e-4 * scale)
