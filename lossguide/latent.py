@@ -871,7 +871,7 @@ def _load_parts(family: str, name_or_path: str, dtype, text_encoders: bool, sche
     import json
     from pathlib import Path
 
-    from lossguide.models import ModelFolderError, ModelNotFoundError, _resolve, hide_hub_symlink_warning, parse_dtype
+    from lossguide.models import ModelFolderError, ModelNotFoundError, hide_hub_symlink_warning, parse_dtype, resolve
     from lossguide.net_losses import hf_dtype_kwargs
 
     diffusers, transformers = _libraries()
@@ -882,7 +882,7 @@ def _load_parts(family: str, name_or_path: str, dtype, text_encoders: bool, sche
     if not isinstance(getattr(diffusers, sched_name, None), type):
         raise ValueError(f"scheduler={sched_name!r} is not a diffusers scheduler class; pass one such as "
                          f"{_SCHEDULERS[family]!r}")  # fmt: skip
-    src, local_only = _resolve(name_or_path)
+    src, local_only = resolve(name_or_path)
     local = Path(src).exists()
     kw = dict(local_files_only=local_only)
     wanted = {**spec["parts"], "vae": ("diffusers", "AutoencoderKL"), "scheduler": ("diffusers", sched_name)}
@@ -1026,10 +1026,10 @@ def load_latent(name_or_path: str, device="cpu", dtype=None, **kw):
     :func:`load_stable_diffusion`, :func:`load_sdxl`, :func:`load_sd3` or :func:`load_flux`."""
     from pathlib import Path
 
-    from lossguide.models import ModelNotFoundError, _resolve
+    from lossguide.models import ModelNotFoundError, resolve
 
     _libraries()
-    src, local_only = _resolve(name_or_path)
+    src, local_only = resolve(name_or_path)
     index = _read_index(name_or_path, src, local_only)
     cls_name = index.get("_class_name")
     if not isinstance(cls_name, str):

@@ -115,13 +115,13 @@ class CLIP:
     @classmethod
     def from_pretrained(cls, name_or_path: str, device="cpu", dtype=torch.float32) -> CLIP:
         """Load ``CLIPModel`` and ``CLIPTokenizer`` from a local folder or hub id (clear error if missing)."""
-        from lossguide.models import ModelNotFoundError, _resolve
+        from lossguide.models import ModelNotFoundError, resolve
 
         try:
             from transformers import CLIPModel, CLIPTokenizer
         except ImportError as e:
             raise ImportError("CLIP losses need transformers: pip install 'lossguide[clip]'") from e
-        src, local_only = _resolve(name_or_path)
+        src, local_only = resolve(name_or_path)
         try:
             model = CLIPModel.from_pretrained(src, local_files_only=local_only, **hf_dtype_kwargs(dtype))
             tok = CLIPTokenizer.from_pretrained(src, local_files_only=local_only)

@@ -254,10 +254,10 @@ def load_network(spec: dict, r: dict, device) -> torch.nn.Module:
     if "transformers" in spec:
         import transformers
 
-        from lossguide.models import ModelNotFoundError, _resolve
+        from lossguide.models import ModelNotFoundError, resolve
 
         cls = getattr(transformers, spec.get("class", "AutoModel"))
-        src, local_only = _resolve(_local(r, spec["transformers"]))
+        src, local_only = resolve(_local(r, spec["transformers"]))
         try:
             net = cls.from_pretrained(src, local_files_only=local_only)
         except OSError as e:

@@ -55,11 +55,11 @@ def test_hub_probe_warns_nothing(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert models._resolve("owner/name") == ("owner/name", True)
+        assert models.resolve("owner/name") == ("owner/name", True)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
         monkeypatch.setattr(models, "HUB_HOST", ("127.0.0.1", 9))  # discard port: refused at once
         assert models._hub_reachable(timeout=0.5) is False
-        assert models._resolve("owner/name") == ("owner/name", True)
+        assert models.resolve("owner/name") == ("owner/name", True)
 
 
 @pytest.mark.parametrize(

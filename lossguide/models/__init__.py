@@ -159,7 +159,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return bool(ok)
 
 
-def _resolve(name_or_path: str) -> tuple[str, bool]:
+def resolve(name_or_path: str) -> tuple[str, bool]:
     """(source, local_files_only) for a registry name, a local folder or a hub id; raises a clear error."""
     if name_or_path in DENOISERS:
         folder = DENOISERS[name_or_path]
@@ -388,7 +388,7 @@ def load_denoiser(
     if flags:
         raise ValueError(f"flags are for original checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}); "
                          f"{name_or_path!r} is read as a diffusers model, which carries its own config")  # fmt: skip
-    src, local_only = _resolve(name_or_path)
+    src, local_only = resolve(name_or_path)
     kw = dict(local_files_only=local_only)
     with hide_hub_symlink_warning():
         unet, scheduler = _load_unet_and_scheduler(diffusers, name_or_path, src, local_only, dtype, kw)

@@ -78,9 +78,9 @@ def init_unet(name_or_path: str):
     """The UNet of an exported model (a shipped name or a diffusers folder), in fp32."""
     from diffusers import UNet2DModel
 
-    from lossguide.models import _resolve
+    from lossguide.models import resolve
 
-    path, _ = _resolve(name_or_path)
+    path, _ = resolve(name_or_path)
     folder = Path(path)
     return UNet2DModel.from_pretrained(folder / "unet" if (folder / "unet").is_dir() else folder).float()
 
