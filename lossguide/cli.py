@@ -42,7 +42,19 @@ def cmd_oracle(args) -> int:
             atomic_write_json(args.json, {"settings": settings, "trace": trace})
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(oracle_bench.METHODS)
-    rows = oracle_bench.run(n=args.n, steps=args.steps, methods=methods)
+    particles = {}
+    if args.particles is not None:
+        refused = {m: why for m in methods if (why := oracle_bench.particle_refusal(
+            oracle_bench.method_config(m, {}), args.steps)) is not None}  # fmt: skip
+        if refused and args.methods:
+            m, why = next(iter(refused.items()))
+            raise ValueError(f"--particles: {m} cannot be the proposal: {why.split(';')[0]}; drop it from --methods")
+        if refused:
+            print(f"--particles: skipping {', '.join(refused)} (no Gaussian proposal density: noise-aware or "
+                  "time-travelling)", file=sys.stderr)  # fmt: skip
+        methods = [m for m in methods if m not in refused]
+        particles = {"particles": args.particles, "potential": args.potential}
+    rows = oracle_bench.run(n=args.n, steps=args.steps, methods=methods, **particles)
     return _print_oracle(args, rows)
 
 
@@ -63,6 +75,12 @@ def _check_oracle_args(args) -> None:
     for flag, v in (("--n", args.n), ("--tune-n", args.tune_n)):
         if v < 1:
             raise ValueError(f"{flag} must be ≥ 1, got {v}")
+    if args.particles is not None and args.tune:
+        raise ValueError("--particles does not apply with --tune (the tuner runs single particles); drop one")
+    if args.particles is not None and args.particles < 1:
+        raise ValueError(f"--particles must be ≥ 1 (particles per seed), got {args.particles}")
+    if args.potential != "tds" and args.particles is None:
+        raise ValueError("--potential weighs particles; add --particles K, or drop it")
     if not 1 <= args.steps <= 1000:
         raise ValueError(f"--steps must be ≥ 1 and at most the oracle's 1000 training timesteps, got {args.steps}")
     if args.methods is not None and not any(m.strip() for m in args.methods.split(",")):
@@ -117,9 +135,11 @@ def _print_oracle(args, rows) -> int:
             "distance": "sliced 2-Wasserstein (256 directions) to 4096 exact posterior samples",
             "n": args.n,
             "steps": args.steps,
-            "sampler": "DDIM eta=0",
+            "sampler": "DDIM eta=0" if args.particles is None else "DDIM eta=1",
             "seeds": f"0..{args.n - 1}",
         }
+        if args.particles is not None:
+            meta.update(particles=args.particles, potential=args.potential, nfe="per seed: K × per particle")
         atomic_write_json(args.json, {"meta": meta, "rows": rows})
         print(f"wrote {args.json}")
     return 0
@@ -345,8 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sketch/inpaint/sr residual: ‖r‖² or ‖r‖ (l2, as the paper's code)")  # fmt: skip
     p.add_argument("--target", type=int, default=3, help="target digit class")
     p.add_argument("--reference", type=int, default=0, help="held-out reference digit (sketch/inpaint/sr)")
-    p.add_argument("--method", default="shen2024", type=_method_spec,
-                   help=f"a preset ({', '.join(PRESETS)}) with modifiers, e.g. freedom+polyak or shen2024-ra")
+    p.add_argument(
+        "--method",
+        default="shen2024",
+        type=_method_spec,
+        help=f"a preset ({', '.join(PRESETS)}) with modifiers, e.g. freedom+polyak or shen2024-ra",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -398,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true", help="grid-search each method's step on tuning seeds instead")
     p.add_argument("--tune-n", type=int, default=128, help="samples per tuning run")
     p.add_argument("--write-settings", action="store_true", help="with --tune: store the chosen settings")
+    p.add_argument("--particles", type=int, default=None,
+                   help="K particles per seed: each method is the proposal of lg.smc (DDIM eta=1)")  # fmt: skip
+    p.add_argument("--potential", choices=("tds", "fk"), default="tds", help="the particles' potential (--particles)")
     p.set_defaults(func=_one_thread(cmd_oracle))
 
     p = sub.add_parser(
@@ -412,9 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help=f"one of {', '.join(EXPERIMENTS)}, or all")
     p.add_argument("--out", type=_folder, default=Path("runs/experiments"), help="folder (NAME is appended)")
     p.add_argument("--quick", action="store_true", help="few samples (for tests); numbers are not meaningful")
-    p.add_argument("--loss", choices=("ce", "feature"), default="ce",
-                   help="class loss of the understanding experiments: the guide's cross-entropy (saturating) or "
-                   "the paper-style feature distance ‖f(x0_hat) − μ_y‖ (folder NAME-feature)")
+    p.add_argument(
+        "--loss",
+        choices=("ce", "feature"),
+        default="ce",
+        help="class loss of the understanding experiments: the guide's cross-entropy (saturating) or "
+        "the paper-style feature distance ‖f(x0_hat) − μ_y‖ (folder NAME-feature)",
+    )
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser(
@@ -434,8 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-tune", type=int, default=None, help="tuning seeds per candidate (default 32)")
     p.add_argument("--beam-rounds", type=int, default=None, help="beam-search rounds (default 2)")
     p.add_argument("--no-tune", action="store_true", help="use each method's default step parameter")
-    p.add_argument("--settings", type=Path, default=None,
-                   help="settings.json of an earlier bench run: evaluate with its step parameters, no tuning")
+    p.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="settings.json of an earlier bench run: evaluate with its step parameters, no tuning",
+    )
     p.add_argument("--ddim-eta", type=float, default=None, help="DDIM η (0 deterministic, 1 stochastic; default 0)")
     p.add_argument("--norm", default=None, choices=["squared", "l2"],
                    help="sketch/inpaint/sr (and class+sketch's sketch term) residual: ‖r‖² (default) or ‖r‖ "
@@ -445,8 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny grid for CI (numbers are not meaningful)")
     p.add_argument("--out", type=_folder, default=Path("runs/bench"), help="run folder")
     p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in a folder that holds another config (its shards and outputs are deleted)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in a folder that holds another config (its shards and outputs are deleted)",
+    )
     p.set_defaults(func=cmd_bench)
     for p in sub.choices.values():  # -v also after the subcommand; SUPPRESS keeps a -v given before it
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as lossguide -v")

@@ -49,25 +49,45 @@ def method_config(name: str, params: dict):
     return _method_config(name, oracle=True, **params)
 
 
-def run_one(task: OracleTask, name: str, params: dict, schedule, seeds, steps: int, posterior_x) -> dict:
-    row = run_config(task, name, method_config(name, params), schedule, seeds, steps, posterior_x)
+def run_one(task: OracleTask, name: str, params: dict, schedule, seeds, steps: int, posterior_x, **particles) -> dict:
+    row = run_config(task, name, method_config(name, params), schedule, seeds, steps, posterior_x, **particles)
     row["params"] = dict(params)
     return row
 
 
-def run_config(task: OracleTask, name: str, cfg, schedule, seeds, steps: int, posterior_x) -> dict:
-    """Sample ``seeds`` with guidance ``cfg`` on ``task`` and score them against ``posterior_x``."""
+def particle_refusal(cfg, steps: int) -> str | None:
+    """Why :func:`~lossguide.smc.smc` cannot take ``cfg`` as its proposal (None: it can)."""
+    from lossguide.guidance import GuidanceEngine
+    from lossguide.smc import _check_sampler
+
+    try:
+        _check_sampler(
+            GuidanceEngine(cfg, lambda x0: x0.sum(1)), DDIM(NoiseSchedule.linear(), steps, eta=PARTICLE_ETA)
+        )
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+#: DDIM η of ``--particles`` runs (the particle weights need the step's Gaussian density)
+PARTICLE_ETA = 1.0
+
+
+def run_config(task: OracleTask, name: str, cfg, schedule, seeds, steps: int, posterior_x,
+               particles: int | None = None, potential: str = "tds") -> dict:  # fmt: skip
+    """Sample ``seeds`` with guidance ``cfg`` on ``task`` and score them against ``posterior_x``; with ``particles``
+    K, ``cfg`` is the proposal of :func:`~lossguide.smc.smc` (K particles per seed, ``potential``, DDIM η = 1)."""
     loss = task.noisy_loss if cfg.loss_input == "x_t" else task.loss
     t0 = time.perf_counter()
-    res = sample(
-        task.prior.denoiser(schedule),
-        DDIM(schedule, steps),
-        cfg,
-        loss,
-        shape=(task.prior.dim,),
-        seeds=seeds,
-        dtype=torch.float64,
-    )
+    if particles is None:
+        res = sample(task.prior.denoiser(schedule), DDIM(schedule, steps), cfg, loss, shape=(task.prior.dim,),
+                     seeds=seeds, dtype=torch.float64)  # fmt: skip
+    else:
+        from lossguide.smc import smc
+
+        res = smc(task.prior.denoiser(schedule), DDIM(schedule, steps, eta=PARTICLE_ETA), cfg, loss,
+                  particles=particles, potential=potential, shape=(task.prior.dim,), seeds=seeds,
+                  dtype=torch.float64)  # fmt: skip
     wall = time.perf_counter() - t0
     x = res.x0
     finite = torch.isfinite(x).all(dim=1)
@@ -76,12 +96,14 @@ def run_config(task: OracleTask, name: str, cfg, schedule, seeds, steps: int, po
         "method": name,
         "sw_to_posterior": sliced_wasserstein(x[finite], posterior_x) if finite.all() else float("inf"),
         "loss": float(task.loss(x[finite]).mean()) if finite.any() else float("inf"),
-        "nfe": res.stats.nfe,
+        "nfe": res.stats.nfe * (particles or 1),
         "denoiser_grads": res.stats.denoiser_grads,
         "loss_grads": res.stats.loss_grads,
         "skipped_steps": int(res.stats.skipped.sum()),
         "wall_s": round(wall, 3),
     }
+    if particles is not None:
+        row.update(particles=particles, potential=potential)
     if task.name.startswith("class-"):
         target = int(task.name.split("-")[1])
         label = task.prior.component_log_posterior(x[finite], 1.0).argmax(1)
@@ -100,8 +122,9 @@ def save_settings(settings: dict) -> Path:
     return store.save({f"oracle-{kind}": v for kind, v in settings.items()})
 
 
-def run(n: int = 512, steps: int = 50, methods=METHODS, settings: dict | None = None) -> list[dict]:
-    """Evaluate ``methods`` on both tasks with ``n`` samples (seeds 0..n−1) at their stored settings."""
+def run(n: int = 512, steps: int = 50, methods=METHODS, settings: dict | None = None, **particles) -> list[dict]:
+    """Evaluate ``methods`` on both tasks with ``n`` samples (seeds 0..n−1) at their stored settings; ``particles``
+    (``particles=K, potential=...``): each method as the proposal of K particles per seed (:func:`run_config`)."""
     schedule = NoiseSchedule.linear()
     settings = load_settings() if settings is None else settings
     rows = []
@@ -110,7 +133,7 @@ def run(n: int = 512, steps: int = 50, methods=METHODS, settings: dict | None = 
         kind = task.name.split("-")[0]
         for name in methods:
             params = settings.get(kind, {}).get(name, {})
-            rows.append(run_one(task, name, params, schedule, range(n), steps, post))
+            rows.append(run_one(task, name, params, schedule, range(n), steps, post, **particles))
             log.info("%s %s %s", task.name, name, rows[-1]["sw_to_posterior"])
     return rows
 
