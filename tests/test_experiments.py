@@ -138,7 +138,13 @@ def test_loss_curves_feature_quick(kit, tmp_path):
 
     experiments.run("loss-curves", tmp_path / "f", quick=True, loss="feature")
     data = json.loads((tmp_path / "f" / "results.json").read_text())
-    assert "lossguide experiment loss-curves --quick --loss feature" in (tmp_path / "f" / "report.md").read_text()
+    report = (tmp_path / "f" / "report.md").read_text()
+    assert "lossguide experiment loss-curves --quick --loss feature" in report
+    # the text names the scale the run used (the class-feature setting), not the cross-entropy section's (issue 23)
+    from lossguide.experiments.mnist import config
+
+    assert f"FreeDoM (scale {config('freedom', 'class-feature').rho.scale:g}, the class-feature setting" in report
+    assert config("freedom", "class-feature").rho.scale != config("freedom", "class").rho.scale
     real = kit.class_loss("guide", kit.real_x, kit.real_y, "feature")
     ce = kit.class_loss("guide", kit.real_x, kit.real_y)
     assert abs(data["real_guide_loss_median"] - float(np.median(real.numpy()))) < 1e-6

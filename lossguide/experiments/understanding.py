@@ -121,7 +121,7 @@ def loss_curves(out, quick: bool = False, loss: str = "ce") -> dict:
         "failed samples as their target"
     )
     body = [
-        f"FreeDoM (scale {load_settings().get('class', {}).get('freedom', {}).get('scale', 1.0)}), "
+        f"FreeDoM (scale {cfg.rho.scale:g}, the {_task(loss)} setting it ran with), "
         f"DDIM-{steps}, seeds 0–{n - 1} (target = seed mod 10), guide = `mnist-guide`, success = the judge "
         f"(`mnist-judge`, never guides) labels the sample as its target.",
         "",
