@@ -37,11 +37,17 @@ class ClassLoss:
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(x0)
-        n, k = len(x0), len(self.target)
-        if n % k:
-            raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")
-        y = self.target.to(logits.device).repeat_interleave(n // k)
+        y = target_rows(self.target, len(x0), logits.device)
         return F.cross_entropy(logits.float(), y, reduction="none").to(x0.dtype)
+
+
+def target_rows(target: torch.Tensor, n: int, device=None) -> torch.Tensor:
+    """Class targets for n input rows: one class for all, or target b for the consecutive rows of sample b
+    (augmented copies); a one-line error where n is not a multiple of the targets."""
+    k = len(target)
+    if n % k:
+        raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")
+    return target.to(device).repeat_interleave(n // k)
 
 
 class _VPTimestepInput:
@@ -94,10 +100,7 @@ class NoisyClassLoss(_VPTimestepInput):
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         x_in, tt = self._timesteps(x_t, t)
         logits = self.classifier(x_in, tt)
-        n, k = len(x_t), len(self.target)
-        if n % k:
-            raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")
-        y = self.target.to(logits.device).repeat_interleave(n // k)
+        y = target_rows(self.target, len(x_t), logits.device)
         return F.cross_entropy(logits.float(), y, reduction="none").to(x_t.dtype)
 
 
@@ -144,10 +147,7 @@ class FeatureDistanceLoss:
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         f = self.features(x0).flatten(1)
-        n, k = len(x0), len(self.target)
-        if n % k:
-            raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")
-        mu = self.means.to(f)[self.target.to(f.device).repeat_interleave(n // k)]
+        mu = self.means.to(f)[target_rows(self.target, len(x0), f.device)]
         return _norm(f - mu, "l2")
 
 

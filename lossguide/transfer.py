@@ -65,10 +65,9 @@ class LogRatio(torch.nn.Module):
             return out[:, 0]
         if self.target is None:
             raise ValueError(f"this TGDP set is conditional ({out.shape[1]} classes); pass the target class")
-        n, k = len(x_t), len(self.target)
-        if n % k:
-            raise ValueError(f"{k} targets for {n} inputs; pass one target per sample or a single class")
-        return out.gather(1, self.target.to(out.device).repeat_interleave(n // k)[:, None])[:, 0]
+        from lossguide.losses import target_rows
+
+        return out.gather(1, target_rows(self.target, len(x_t), out.device)[:, None])[:, 0]
 
 
 def tgdp_config(scale: float = 1.0) -> GuidanceConfig:
