@@ -42,3 +42,18 @@ def test_coverage_counts_classes_and_tv():
     c = coverage(torch.tensor([0] * 50 + [1] * 50))
     assert c["classes_covered"] == 2 and abs(c["class_tv"] - 0.8) < 1e-12
     assert coverage(torch.arange(100) % 10)["class_tv"] < 1e-12
+
+
+def test_the_experiment_trains_a_set_through_the_training_command(tmp_path):
+    """_train_tgdp runs ``python -m lossguide.training tgdp`` (tiny iterations here): the set is exported, its record
+    holds the command with every flag the experiment passed, and a second call reuses the set."""
+    from lossguide.experiments.transfer import _train_tgdp
+
+    regs = {"conditional": True, "consistency": 1.0, "iters_domain": 3, "iters_ratio": 3}
+    meta = _train_tgdp(tmp_path / "t", 10, 1, regs)
+    assert meta["conditional"] and meta["n_target"] == 10 and meta["seed"] == 1
+    for flag in ("--conditional", "--consistency 1.0", "--iters-domain 3", "--iters-ratio 3", "--seed 1"):
+        assert flag in meta["command"], (flag, meta["command"])
+    stamp = (tmp_path / "t" / "set" / "ratio.safetensors").stat().st_mtime_ns
+    assert _train_tgdp(tmp_path / "t", 10, 1, regs) == meta
+    assert (tmp_path / "t" / "set" / "ratio.safetensors").stat().st_mtime_ns == stamp

@@ -45,6 +45,7 @@ from lossguide import losses, metrics, transfer
 from lossguide.data.styles import thicken
 from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
 from lossguide.io import atomic_write_json
+from lossguide.layout.evaluate import fid_floor, styled_features
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 
@@ -85,7 +86,7 @@ class Scorer:
 
         self.kit = MnistKit()
         self.judge = self.kit.nets["judge"]
-        self.real = metrics.features(self.judge, thicken(self.kit.real_x))
+        self.real = styled_features(self.kit, thicken)
 
     def score(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         """FID/KID, ink and coverage; with ``targets``, the judge's validity (label = target) too."""
@@ -98,17 +99,6 @@ class Scorer:
         if targets is not None:
             row["validity"] = float((labels == targets).float().mean())
         return row
-
-    def floor(self, n: int, draws: int = 5) -> list[float]:
-        from lossguide.data import load_mnist
-
-        x, _ = load_mnist("gen")
-        f = metrics.features(self.judge, thicken(x))
-        out = []
-        for s in range(draws):
-            idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(s))[:n]
-            out.append(metrics.frechet_distance(f[idx], self.real))
-        return out
 
 
 def _labels(judge, x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +132,7 @@ def class_samples(den, seeds, steps: int, folder=None, with_cg: bool = False) ->
     s_cg = step_value("class", "cg")
     t0, xs = time.perf_counter(), []
     noise_aware = load_classifier("mnist-noise-aware") if folder is None or with_cg else None
+    ratio_net = transfer.load(folder)[0].net if folder is not None else None
     for i in range(0, len(seeds), BATCH):
         part = seeds[i : i + BATCH]
         y = torch.tensor(part) % 10
@@ -149,23 +140,31 @@ def class_samples(den, seeds, steps: int, folder=None, with_cg: bool = False) ->
         if folder is None:
             loss = cg
         else:
-            ratio = losses.DensityRatioLoss(transfer.load(folder, target=None if with_cg else y)[0], den.schedule)
+            ratio = losses.DensityRatioLoss(transfer.LogRatio(ratio_net, None if with_cg else y), den.schedule)
             loss = (lambda x_t, t, r=ratio, c=cg: r(x_t, t) + s_cg * c(x_t, t)) if with_cg else ratio
         cfg = presets.cg(s_cg) if folder is None else transfer.tgdp_config(1.0)
         xs.append(sample(den, DDIM(den.schedule, steps), cfg, loss, shape=(1, 28, 28), seeds=part).x0.detach())
     return torch.cat(xs), time.perf_counter() - t0
 
 
+def set_stats(meta: dict) -> dict:
+    """A TGDP set's record: its domain classifier's balanced accuracy on held-out thin vs thick digits, and the
+    effective sample size (Σw)²/Σw² of w over the 4,000 source digits, in % of them."""
+    return {"domain_acc": meta["stages"]["domain"]["heldout_balanced_acc"],
+            "w_ess_pct": 100 * meta["weight_ess_fraction"]}  # fmt: skip
+
+
 def _train_tgdp(folder: Path, n: int, seed: int, regs: dict = TGDP) -> dict:
+    """The TGDP set of (N, seed) with regularisers ``regs``, trained by its command unless already there."""
     from lossguide.training import tgdp
 
     if not (folder / "set" / transfer.META).is_file():
-        h, domain, meta = tgdp.train(n, folder, seed=seed, **regs)
-        flags = "".join(f" --{k} {v}" if not isinstance(v, bool) else f" --{k}" for k, v in regs.items() if v)
-        meta["command"] = (
-            f"python -m lossguide.training tgdp --n-target {n} --seed {seed}{flags} --export {folder / 'set'}"
-        )
-        transfer.export(folder / "set", h.net, domain, meta)
+        flags = []
+        for k, v in regs.items():  # True: a switch; 0: the default, left out
+            if v:
+                flags += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+        tgdp.main(["--n-target", str(n), "--seed", str(seed), *flags, "--out", str(folder),
+                   "--export", str(folder / "set")])  # fmt: skip
     return json.loads((folder / "set" / transfer.META).read_text())
 
 
@@ -179,38 +178,41 @@ def _train_ddpm(folder: Path, args: list[str], n: int, seed: int) -> dict:
     return json.loads((model / "training.json").read_text())
 
 
-def _cell(out: Path, label: str, make, *args, targets=None, **extra) -> dict:
-    """The numbers of cell ``label``: read from ``out/cells`` if a run already made them, else ``make(*args)``'s
-    (samples, seconds) scored (against ``targets`` too if given), with ``extra``, and stored atomically."""
-    path = out / "cells" / f"{label}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    x, wall = make(*args)
-    row = {**extra, **_SCORER.score(x, targets), "sample_s_per_sample": wall / len(x)}
-    atomic_write_json(path, row)
-    return row
+class Cells:
+    """The experiment's cells: cell ``label``'s numbers are read from ``out/cells`` if a run already made them, else
+    ``make(*args)``'s (samples, seconds) are scored (against ``targets`` too if given), with ``extra``, and stored
+    atomically."""
 
+    def __init__(self, out: Path, scorer: Scorer):
+        self.out, self.scorer = out, scorer
 
-_SCORER: Scorer | None = None
+    def __call__(self, label: str, make, *args, targets=None, **extra) -> dict:
+        path = self.out / "cells" / f"{label}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        x, wall = make(*args)
+        row = {**extra, **self.scorer.score(x, targets), "sample_s_per_sample": wall / len(x)}
+        atomic_write_json(path, row)
+        return row
 
 
 def run(out, quick: bool = False) -> dict:
     from lossguide.models import load_denoiser
 
-    global _SCORER
     out = Path(out)
     cfg = QUICK if quick else FULL
-    _SCORER = _SCORER or Scorer()
+    scorer = Scorer()
+    cell = Cells(out, scorer)
     source = load_denoiser("mnist-ddpm").denoiser
     seeds = list(range(EVAL_SEED0, EVAL_SEED0 + cfg["n_eval"]))
     steps = cfg["steps"]
-    rows = [_cell(out, "source", generate, source, seeds, steps, method="source", N=0, seed=0, train_s=0.0)]
+    rows = [cell("source", generate, source, seeds, steps, method="source", N=0, seed=0, train_s=0.0)]
     if quick:
         meta = transfer.load(SHIPPED)[2]
         for s in (1.0, 2.0):
-            rows.append(_cell(out, f"tgdp-shipped-{s:g}", tgdp_samples, source, SHIPPED, seeds, steps, s,
-                              method="tgdp" if s == 1 else f"tgdp×{s:g}", N=100, seed=0, scale=s,
-                              train_s=meta.get("train_seconds", math.nan)))  # fmt: skip
+            rows.append({**cell(f"tgdp-shipped-{s:g}", tgdp_samples, source, SHIPPED, seeds, steps, s,
+                                method="tgdp" if s == 1 else f"tgdp×{s:g}", N=100, seed=0, scale=s,
+                                train_s=meta.get("train_seconds", math.nan)), **set_stats(meta)})  # fmt: skip
     else:
         tune = list(range(TUNE_SEED0, TUNE_SEED0 + cfg["n_tune"]))
         for n in cfg["ns"]:
@@ -218,39 +220,41 @@ def run(out, quick: bool = False) -> dict:
                 tag = f"N{n}-s{seed}"
                 folder = out / "train" / f"tgdp-{tag}"
                 meta = _train_tgdp(folder, n, seed)
-                fids = {s: _cell(out, f"tune-tgdp-{tag}-{s:g}", tgdp_samples, source, folder / "set", tune, steps, s,
+                fids = {s: cell(f"tune-tgdp-{tag}-{s:g}", tgdp_samples, source, folder / "set", tune, steps, s,
                                  scale=s)["fid"] for s in SCALES}  # fmt: skip
                 best = min(fids, key=fids.get)
                 for label, s in (("tgdp", 1.0), ("tgdp-tuned", best)):
-                    rows.append(_cell(out, f"{label}-{tag}", tgdp_samples, source, folder / "set", seeds, steps, s,
-                                      method=label, N=n, seed=seed, scale=s, train_s=meta["train_seconds"],
-                                      tune_fids={str(k): v for k, v in fids.items()}))  # fmt: skip
+                    rows.append({**cell(f"{label}-{tag}", tgdp_samples, source, folder / "set", seeds, steps, s,
+                                        method=label, N=n, seed=seed, scale=s, train_s=meta["train_seconds"],
+                                        tune_fids={str(k): v for k, v in fids.items()}),
+                                 **set_stats(meta)})  # fmt: skip
                 for method, args in (("finetune", FINETUNE), ("scratch", SCRATCH)):
                     folder = out / "train" / f"{method}-{tag}"
                     info = _train_ddpm(folder, args, n, seed)
                     den = load_denoiser(str(folder / "model")).denoiser
-                    rows.append(_cell(out, f"{method}-{tag}", generate, den, seeds, steps, method=method, N=n,
+                    rows.append(cell(f"{method}-{tag}", generate, den, seeds, steps, method=method, N=n,
                                       seed=seed, train_s=info.get("train_seconds", math.nan)))  # fmt: skip
         # the regularisers' ablation at the middle N: TGDP with L_guidance alone, Thm 3.1's scale
         n = cfg["ns"][len(cfg["ns"]) // 2]
         folder = out / "train" / f"tgdp-noreg-N{n}-s0"
         meta = _train_tgdp(folder, n, 0, {"cycle": 0.0, "consistency": 0.0})
-        rows.append(_cell(out, f"tgdp-noreg-N{n}-s0", tgdp_samples, source, folder / "set", seeds, steps, 1.0,
-                          method="tgdp-noreg", N=n, seed=0, scale=1.0, train_s=meta["train_seconds"]))  # fmt: skip
+        rows.append({**cell(f"tgdp-noreg-N{n}-s0", tgdp_samples, source, folder / "set", seeds, steps, 1.0,
+                            method="tgdp-noreg", N=n, seed=0, scale=1.0, train_s=meta["train_seconds"]),
+                     **set_stats(meta)})  # fmt: skip
         # the conditional version at the middle N (class y = seed mod 10), beside the source with cg
         folder = out / "train" / f"tgdp-cond-N{n}-s0"
         meta = _train_tgdp(folder, n, 0, TGDP_CONDITIONAL)
         y = torch.tensor(seeds) % 10
         uncond = out / "train" / f"tgdp-N{n}-s0"
-        cond = [("tgdp-cond", folder / "set", False, meta["train_seconds"]),
-                ("tgdp+cg", uncond / "set", True, _train_tgdp(uncond, n, 0)["train_seconds"]),
-                ("source+cg", None, False, 0.0)]  # fmt: skip
-        for method, where, with_cg, train_s in cond:
+        cond = [("tgdp-cond", folder / "set", False, meta),
+                ("tgdp+cg", uncond / "set", True, _train_tgdp(uncond, n, 0)),
+                ("source+cg", None, False, None)]  # fmt: skip
+        for method, where, with_cg, m in cond:
             label = f"{method}-N{n}-s0" if where is not None else "source+cg"
-            rows.append(_cell(out, label, class_samples, source, seeds, steps, where, with_cg, targets=y,
-                              method=method, N=n if where is not None else 0, seed=0, scale=1.0,
-                              train_s=train_s))  # fmt: skip
-    floor = _SCORER.floor(cfg["n_eval"])
+            rows.append({**cell(label, class_samples, source, seeds, steps, where, with_cg, targets=y,
+                                method=method, N=n if where is not None else 0, seed=0, scale=1.0,
+                                train_s=m["train_seconds"] if m else 0.0), **(set_stats(m) if m else {})})  # fmt: skip
+    floor = fid_floor(scorer.kit, cfg["n_eval"], style=thicken)
     summary = summarise(rows)
     write_csv(out / "results.csv", rows)
     _figure(summary, floor, out)
@@ -269,8 +273,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (method, n), rs in groups.items():
         row = {"method": method, "N": n, "seeds": len(rs)}
-        for k in ("fid", "kid_x1e3", "ink", "classes_covered", "class_tv", "validity", "train_s",
-                  "sample_s_per_sample"):  # fmt: skip
+        for k in ("fid", "kid_x1e3", "ink", "classes_covered", "class_tv", "validity", "domain_acc", "w_ess_pct",
+                  "train_s", "sample_s_per_sample"):  # fmt: skip
             if k not in rs[0]:
                 continue
             v = [float(r[k]) for r in rs]
@@ -288,9 +292,10 @@ def _fid_text(r: dict) -> str:
 def _body(summary, floor, cfg, quick) -> list[str]:
     table = [{**r, "fid_text": _fid_text(r)} for r in summary]
     body = [md_table(table, ["method", "N", "seeds", "fid_text", "kid_x1e3", "ink", "classes_covered", "class_tv",
-                             "validity", "train_s", "sample_s_per_sample"],
+                             "validity", "domain_acc", "w_ess_pct", "train_s", "sample_s_per_sample"],
                      ["method", "N", "training seeds", "FID (mean [min, max] over seeds)", "KID×10³", "ink",
-                      "classes ≥5%", "class TV", "class validity", "train s", "sample s"]),  # fmt: skip
+                      "classes ≥5%", "class TV", "class validity", "c accuracy", "w ESS %", "train s",
+                      "sample s"]),  # fmt: skip
             "",
             f"n = {cfg['n_eval']} samples per cell, DDIM-{cfg['steps']} (η = 0). Reference: the 1,000 held-out digits "
             f"thickened; ink 0.134 thin, 0.267 thick. Real thick digits score FID {min(floor):.2f}–{max(floor):.2f} "

@@ -52,18 +52,23 @@ def styled_features(kit, style) -> torch.Tensor:
     return cache[style]
 
 
-def fid_floor(kit, n: int, seeds=range(5)) -> list[float]:
+def fid_floor(kit, n: int, seeds=range(5), style=None) -> list[float]:
     """FIDs of n real digits of the ``gen`` split (which the held-out reference does not contain), drawn at random
     once per seed, against the 1,000 held-out digits: what FID reads for real digits at this sample size, the
-    floor under which FID differences are noise."""
+    floor under which FID differences are noise. With ``style`` (a transform such as
+    :func:`lossguide.data.styles.thicken`), both sets are in that style."""
     from lossguide.data import load_mnist
 
     x, _ = load_mnist("gen")
-    f = metrics.features(kit.nets["judge"], x.to(kit.device))
+    x = x.to(kit.device) if style is None else style(x.to(kit.device))
+    f = metrics.features(kit.nets["judge"], x)
     out = []
     for s in seeds:
         idx = torch.randperm(len(f), generator=torch.Generator().manual_seed(int(s)))[:n]
-        out.append(kit.feature_fid_kid(f[idx])["fid"])
+        if style is None:
+            out.append(kit.feature_fid_kid(f[idx])["fid"])
+        else:
+            out.append(metrics.frechet_distance(f[idx], styled_features(kit, style)))
     return out
 
 
