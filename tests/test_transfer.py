@@ -135,11 +135,15 @@ def test_a_stage_resumes_bit_identically(tmp_path):
     assert not torch.equal(full.weight, make().weight)
 
 
-def test_training_rejects_bad_arguments():
+def test_training_rejects_bad_arguments(capsys):
     from lossguide.training import tgdp
 
-    with pytest.raises(SystemExit):
-        tgdp.main(["--n-target", "0"])
+    for argv, match in ((["--n-target", "0"], "--n-target must be in 1..4000"),
+                        (["--n-target", "10", "--conditional", "--cycle", "0.1"], "--cycle has no conditional form"),
+                        (["--n-target", "10", "--manifest", "m.json"], "add --export DIR")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            tgdp.main(argv)
+        assert match in capsys.readouterr().err
     with pytest.raises(lg.models.ModelNotFoundError, match="no TGDP set"):
         transfer.load("no-such-set")
 
