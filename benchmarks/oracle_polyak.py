@@ -10,11 +10,12 @@ import argparse
 
 import torch
 
-from lossguide import oracle_bench, presets
+from lossguide import presets
 from lossguide.augment import GaussianJitter
-from lossguide.experiments.report import md_table
+from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.io import atomic_write_json
 from lossguide.schedule import NoiseSchedule
+from lossguide.writers import md_table
 
 ETAS = (0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -27,8 +28,8 @@ def main() -> None:
     torch.set_num_threads(1)
     schedule = NoiseSchedule.linear()
     rows = []
-    for task in oracle_bench.oracle_tasks(schedule):
-        post = oracle_bench.posterior_samples(task)
+    for task in oracle_task.oracle_tasks(schedule):
+        post = oracle_task.posterior_samples(task)
         floor = 0.0 if task.name.startswith("class") else 1.0  # ℓ* = m/2 for m = 2 measurements
         variants = {"paper ‖ε‖": dict(), "classical ℓ": dict(polyak_gap="loss"),
                     f"classical ℓ − {floor:g}": dict(polyak_gap="loss", loss_floor=floor)}  # fmt: skip
@@ -37,7 +38,7 @@ def main() -> None:
                 continue
             for eta in ETAS:
                 cfg = presets.shen2024(eta=eta, augment=GaussianJitter(0.05), **kw)
-                r = oracle_bench.run_config(task, "shen2024", cfg, schedule, range(args.n), 50, post)
+                r = oracle_task.run_config(task, "shen2024", cfg, schedule, range(args.n), 50, post)
                 rows.append({"task": task.name, "gap": label, "eta": eta, "sw": r["sw_to_posterior"],
                              "validity": r.get("validity", "")})  # fmt: skip
                 print(rows[-1], flush=True)

@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lossguide.experiments.report import md_table
 from lossguide.io import atomic_write_text
+from lossguide.writers import md_table
 
 L = "lossguide bench"
 R = "--tasks class,class-feature,sketch,inpaint,sr,oracle-class,oracle-linear "

@@ -30,6 +30,7 @@ def _fmt_table(rows: list[dict], cols: list[str]) -> str:
 
 def cmd_oracle(args) -> int:
     from lossguide import oracle_bench
+    from lossguide.harness.tasks import oracle as oracle_task
     from lossguide.io import atomic_write_json
 
     _check_oracle_args(args)
@@ -37,15 +38,15 @@ def cmd_oracle(args) -> int:
         settings, trace = oracle_bench.tune(n=args.tune_n, steps=args.steps)
         print(json.dumps(settings, indent=2))
         if args.write_settings:
-            print(f"wrote {oracle_bench.save_settings(settings)}")
+            print(f"wrote {oracle_task.save_settings(settings)}")
         if args.json:
             atomic_write_json(args.json, {"settings": settings, "trace": trace})
         return 0
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(oracle_bench.METHODS)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(oracle_task.METHODS)
     particles = {}
     if args.particles is not None:
-        refused = {m: why for m in methods if (why := oracle_bench.particle_refusal(
-            oracle_bench.method_config(m, {}), args.steps)) is not None}  # fmt: skip
+        refused = {m: why for m in methods if (why := oracle_task.particle_refusal(
+            oracle_task.method_config(m, {}), args.steps)) is not None}  # fmt: skip
         if refused and args.methods:
             m, why = next(iter(refused.items()))
             raise ValueError(f"--particles: {m} cannot be the proposal: {why.split(';')[0]}; drop it from --methods")
@@ -54,7 +55,7 @@ def cmd_oracle(args) -> int:
                   "time-travelling)", file=sys.stderr)  # fmt: skip
         methods = [m for m in methods if m not in refused]
         particles = {"particles": args.particles, "potential": args.potential}
-    rows = oracle_bench.run(n=args.n, steps=args.steps, methods=methods, **particles)
+    rows = oracle_task.evaluate(n=args.n, steps=args.steps, methods=methods, **particles)
     return _print_oracle(args, rows)
 
 

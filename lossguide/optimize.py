@@ -8,7 +8,7 @@ added to the score, with g = ∇f at an earlier sample z and the target y = gᵀ
 linearised objective of the denoiser's estimate should gain δ). Because the gradient runs through E[x0 | x_t], its
 Jacobian confines G_loss to the data's subspace when the data lie on one (Theorem 1), which ∇f added to the score
 (naive gradient guidance) does not. In the engine G_loss is the ``ggdm`` preset: ε̂ = ε + β_t·σ_t·∇_{x_t}ℓ(x0_hat)
-with ℓ = (y − gᵀx0)² (:class:`LookAheadLoss`) and β_t the rule :class:`LookAheadStep`; naive guidance is
+with ℓ = (y − gᵀx0)² (:class:`LookAheadLoss`) and β_t the rule :class:`~lossguide.steps.LookAheadStep`; naive guidance is
 ``naive_grad``.
 
 Algorithm 1 repeats it: each round queries g_k = ∇f at the previous round's samples and samples again with
@@ -26,7 +26,6 @@ chains); fine-tuning uses the samples the gradient was queried at, before the ro
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,45 +35,9 @@ from lossguide.guidance import GuidanceConfig, GuidanceStats
 from lossguide.rng import make_generators
 from lossguide.samplers import Sampler
 from lossguide.sampling import sample
-from lossguide.steps import StepContext, StepRule, _check_number, per_sample_norm
+from lossguide.steps import _check_number
 
 QUERIES = ("mean", "sample")
-
-
-@dataclass
-class LookAheadStep(StepRule):
-    """β_t of Guo et al. (2024), Lemma 1 (their ``cond_score_v2``): step = scale·(ᾱ/2)/(ᾱ·σ_y² + (1−ᾱ)·‖∇_x̃ r‖²).
-
-    r = y − gᵀx0_hat is the look-ahead residual, ∇_x̃ its gradient in the VP coordinates x̃ = x_t/k_t (k_t² = α_t² +
-    σ_t²: x̃ = √ᾱ·x0 + √(1−ᾱ)·ε), and σ_y = ``sigma`` the noise of the reward model y = gᵀx0 + N(0, σ_y²). On VP
-    (k = 1) this is the paper's α_t²/2/(α_t²σ² + h(t)‖∇(gᵀE[x0|x_t])‖²) literally; written in ᾱ it means the same on
-    every family. With the exact denoiser of Gaussian data with identity latent covariance, ε̂ = ε + step·σ_t·∇ℓ
-    is then the exact conditional score ∇ log p_t(x_t | y) at scale 1 (a Gaussian likelihood of y), on every family.
-
-    The rule reads ‖∇r‖² from the loss ℓ = r² it is given: ‖∇_{x_t}ℓ‖²/(4ℓ) = ‖∇_{x_t}r‖² (0 where ℓ = 0, where the
-    gradient vanishes too); any loss ℓ ≥ 0 is so read as a squared residual. A negative loss has no such reading:
-    its step is NaN, which the engine skips and counts (``stats.skipped``).
-    """
-
-    scale: float = 1.0
-    sigma: float = 0.1
-
-    def __post_init__(self):
-        _check_number("LookAheadStep scale", self.scale)
-        _check_number("LookAheadStep sigma", self.sigma, positive=True)
-        if self.scale < 0:
-            raise ValueError(f"LookAheadStep scale must be ≥ 0, got {self.scale!r}")
-
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        ab = ctx.alpha_bar
-        L = ctx.loss.detach().double()
-        if ab == 0:  # pure noise (rectified flow's t = 1): p(y | x_t) does not depend on x_t, β_t = 0
-            return torch.where(L >= 0, torch.zeros_like(L), torch.full_like(L, math.nan))
-        k2 = ctx.alpha**2 + ctx.sigma**2
-        g2 = per_sample_norm(ctx.grad.detach()).to(L.device) ** 2
-        r2 = torch.where(L > 0, g2 / (4 * L.clamp_min(1e-300)), torch.zeros_like(L))  # ‖∇_{x_t} r‖²
-        beta = self.scale * (ab / 2) / (ab * self.sigma**2 + (1 - ab) * k2 * r2)
-        return torch.where(L >= 0, beta, torch.full_like(beta, math.nan))
 
 
 class LookAheadLoss:

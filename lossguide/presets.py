@@ -21,8 +21,7 @@ from collections.abc import Callable
 from lossguide.dreamguider import DreamguiderStep
 from lossguide.figd import FisherStep
 from lossguide.guidance import GuidanceConfig
-from lossguide.optimize import LookAheadStep
-from lossguide.steps import AlphaBarPower, Constant, LossNormalized, Polyak, TFGSchedule
+from lossguide.steps import AlphaBarPower, Constant, LookAheadStep, LossNormalized, Polyak, TFGSchedule
 from lossguide.validate import CHOICES, Range, check_params
 
 log = logging.getLogger(__name__)
@@ -253,7 +252,7 @@ def figd(scale: float = 0.1, data_var: float = 1.0) -> GuidanceConfig:
 def ggdm(scale: float = 1.0, sigma: float | None = 0.1) -> GuidanceConfig:
     """G_loss of Guo et al. (2024, arXiv 2404.14743, Definition 1 and Lemma 1; code GGDMOptim): the loss gradient
     through the denoiser added to the score, ε̂ = ε + β_t·σ_t·∇_{x_t}ℓ(x0_hat(x_t)), with Lemma 1's
-    β_t = scale·(ᾱ/2)/(ᾱσ² + (1−ᾱ)‖∇_x̃ r‖²) for ℓ = r² (:class:`~lossguide.optimize.LookAheadStep`).
+    β_t = scale·(ᾱ/2)/(ᾱσ² + (1−ᾱ)‖∇_x̃ r‖²) for ℓ = r² (:class:`~lossguide.steps.LookAheadStep`).
 
     The paper's ℓ is the look-ahead loss (y − gᵀx0)² (:class:`~lossguide.optimize.LookAheadLoss`, built each round by
     :func:`lossguide.optimize`); σ = ``sigma`` is its reward noise (0.1 in the released code). ``sigma=None`` is a

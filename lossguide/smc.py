@@ -345,7 +345,9 @@ def _seeds(seeds) -> list[int]:
     return out
 
 
-def _check_sampler(engine: GuidanceEngine, sampler: Sampler) -> None:
+def check_sampler(engine: GuidanceEngine, sampler: Sampler) -> None:
+    """A one-line ValueError where ``sampler`` or the engine's method cannot carry weighted particles (a stateful or
+    deterministic sampler, time travel, a noise-aware loss); None where :func:`smc` can run them."""
     cfg = engine.config
     name = type(getattr(sampler, "scheduler", sampler)).__name__
     if sampler.stateful:
@@ -442,7 +444,7 @@ def smc(
     if why:
         raise ValueError(f"{why}; build {type(sampler).__name__} on denoiser.schedule (or the model's own scheduler)")
     _check_channels(denoiser, shape, None)
-    _check_sampler(engine, sampler)
+    check_sampler(engine, sampler)
     sampler.reset()
 
     B, n_steps = len(seeds), len(sampler)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lossguide as lg
-from lossguide import models, oracle_bench, presets
+from lossguide import models, presets
+from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.steps import Constant, TFGSchedule
 
 
@@ -23,7 +24,7 @@ def test_tfg_ties_mu_to_rho_unless_set():
     assert presets.tfg(rho=0.1, mu=0).mu is None
     assert presets.get("tfg", rho=0.03).mu.scale == 0.03
     # the benchmarks tie them themselves and keep doing so
-    assert oracle_bench.method_config("tfg", {"rho": 0.01}).mu.scale == 0.01
+    assert oracle_task.method_config("tfg", {"rho": 0.01}).mu.scale == 0.01
     from lossguide.harness.methods import method_config
 
     assert method_config("tfg", 0.02).mu.scale == 0.02

@@ -11,8 +11,9 @@ import torch
 
 import lossguide as lg
 from lossguide.experiments.optimization import match_gain
-from lossguide.optimize import LookAheadLoss, LookAheadStep, on_x_t, optimize, refit_prior
+from lossguide.optimize import LookAheadLoss, on_x_t, optimize, refit_prior
 from lossguide.schedule import FlowSchedule, NoiseSchedule, SigmaSchedule
+from lossguide.steps import LookAheadStep
 from lossguide.subspace import (
     LinearObjective,
     QuadraticObjective,

@@ -73,7 +73,7 @@ def test_cg_with_the_exact_noise_aware_classifier_reproduces_the_target(prior, s
 
 def test_every_preset_moves_toward_the_exact_posterior():
     """The oracle command's claim, at 256 samples: every guided preset beats `none`; cg is the closest."""
-    from lossguide.oracle_bench import run
+    from lossguide.harness.tasks.oracle import evaluate as run
 
     rows = run(n=256)
     for task in {r["task"] for r in rows}:

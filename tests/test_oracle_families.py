@@ -122,10 +122,9 @@ def test_exact_classifier_guidance_on_flow_samples_the_target_component(prior):
 
 from functools import cache  # noqa: E402
 
-from lossguide.harness.tasks.oracle import oracle_tasks, posterior_samples  # noqa: E402
+from lossguide.harness.tasks.oracle import load_settings, method_config, oracle_tasks, posterior_samples  # noqa: E402  # noqa: E402
 from lossguide.metrics import sliced_wasserstein  # noqa: E402
 from lossguide.oracle import default_mixture  # noqa: E402
-from lossguide.oracle_bench import load_settings, method_config  # noqa: E402
 from lossguide.presets import PRESETS  # noqa: E402
 from lossguide.samplers import DDIM, EDMEuler, EDMHeun, FlowEuler  # noqa: E402
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from lossguide import oracle_bench
 from lossguide.cli import main
+from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.harness.tasks.oracle import oracle_tasks, posterior_samples
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
@@ -19,8 +19,8 @@ def test_one_particle_is_the_guided_sampler_at_eta_one():
     schedule = NoiseSchedule.linear()
     task = oracle_tasks(schedule)[1]
     post = posterior_samples(task)
-    cfg = oracle_bench.method_config("freedom", {"scale": 0.03}).replace(window=(1e-3, 1.0))
-    row = oracle_bench.run_config(task, "freedom", cfg, schedule, range(16), 8, post, particles=1)
+    cfg = oracle_task.method_config("freedom", {"scale": 0.03}).replace(window=(1e-3, 1.0))
+    row = oracle_task.run_config(task, "freedom", cfg, schedule, range(16), 8, post, particles=1)
     x = sample(task.prior.denoiser(schedule), DDIM(schedule, 8, eta=1.0), cfg, task.loss, shape=(task.prior.dim,),
                seeds=range(16), dtype=torch.float64).x0  # fmt: skip
     from lossguide.metrics import sliced_wasserstein

@@ -6,7 +6,8 @@ import math
 import pytest
 
 import lossguide as lg
-from lossguide import models, oracle_bench
+from lossguide import models
+from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.harness.tasks.oracle import oracle_tasks, posterior_samples
 from lossguide.schedule import NoiseSchedule
 
@@ -18,8 +19,8 @@ def test_tfg_defaults_beat_none_on_the_oracle():
     schedule = NoiseSchedule.linear()
     for task in oracle_tasks(schedule):
         post = posterior_samples(task)
-        none = oracle_bench.run_one(task, "none", {}, schedule, range(256), 50, post)
-        tfg = oracle_bench.run_one(task, "tfg", {}, schedule, range(256), 50, post)
+        none = oracle_task.run_one(task, "none", {}, schedule, range(256), 50, post)
+        tfg = oracle_task.run_one(task, "tfg", {}, schedule, range(256), 50, post)
         assert tfg["skipped_steps"] == 0 and math.isfinite(tfg["sw_to_posterior"]), task.name
         assert tfg["sw_to_posterior"] < 0.85 * none["sw_to_posterior"], (task.name, tfg, none)
 

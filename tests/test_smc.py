@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lossguide import oracle_bench
+from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.harness.tasks.oracle import oracle_tasks, posterior_samples
 from lossguide.metrics import sliced_wasserstein
 from lossguide.oracle import GaussianMixture, linear_measurement_loss, linear_task
@@ -302,7 +302,7 @@ def test_oracle_tds_sw_decreases_with_k(tasks):
     task, sets = tasks["linear"], [range(s, s + 256) for s in (0, 256, 512)]
     sw = {K: sum(_oracle_sw(task, "tds", K, s) for s in sets) / len(sets) for K in (1, 4, 16, 64)}
     assert sw[4] < sw[1] and sw[16] < sw[4] and sw[64] < sw[16] and sw[64] < 0.6 * sw[1], sw
-    best = oracle_bench.load_settings()["linear"]["shen2024"]
-    ref = sum(oracle_bench.run_one(task, "shen2024", best, NoiseSchedule.linear(), s, 50, posterior_samples(task))
+    best = oracle_task.load_settings()["linear"]["shen2024"]
+    ref = sum(oracle_task.run_one(task, "shen2024", best, NoiseSchedule.linear(), s, 50, posterior_samples(task))
               ["sw_to_posterior"] for s in sets) / len(sets)  # fmt: skip
     assert sw[64] < ref, (sw, ref)

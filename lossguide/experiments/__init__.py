@@ -13,7 +13,8 @@ writes experiment NAME into ``--out``/NAME (``NAME-feature`` with ``--loss featu
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lossguide.io import atomic_write_text
@@ -26,7 +27,7 @@ EXPERIMENTS: dict[str, str] = {
     "ablation": "lossguide.experiments.understanding:ablation",
     "ra-cost": "lossguide.experiments.understanding:ra_cost",
     "oracle": "lossguide.experiments.oracle_exp:run",
-    "motion": "lossguide.motion.experiment:run",
+    "motion": "lossguide.experiments.motion:run",
     "autoguidance": "lossguide.experiments.autoguidance:run",
     "layout": "lossguide.experiments.layout:run",
     "distill": "lossguide.experiments.distill:run",
@@ -81,3 +82,21 @@ def run(name: str, out: Path, quick: bool = False, loss: str = "ce") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     claim(out, folder_name(name, loss))
     return fn(out, quick=quick, **({"loss": loss} if name in LOSS_AWARE else {}))
+
+
+def command_line(name: str, quick: bool, loss: str = "ce") -> str:
+    """The command that reruns experiment ``name`` (with ``--quick``, ``--loss``), as reports print it."""
+    return f"lossguide experiment {name}" + (" --quick" if quick else "") + (f" --loss {loss}" if loss != "ce" else "")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread inside the block (tiny tensors: one thread is fastest), the caller's count after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

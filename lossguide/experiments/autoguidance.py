@@ -26,9 +26,10 @@ import torch
 
 from lossguide import metrics, presets
 from lossguide.autoguidance import AutoGuided, autoguidance
-from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
+from lossguide.experiments import command_line
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
+from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from lossguide.experiments.report import command_line, md_table, write_csv, write_report
+from lossguide.experiments import command_line
+from lossguide.writers import md_table, write_csv, write_report
 
 log = logging.getLogger(__name__)
 

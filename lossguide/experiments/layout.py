@@ -35,12 +35,13 @@ import torch
 
 from lossguide import metrics, presets
 from lossguide.data.canvas import BLANK, LEFT_BOX, RIGHT_BOX
-from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
+from lossguide.experiments import command_line
 from lossguide.harness.tuning import TUNE_SEED0
 from lossguide.layout.evaluate import fid_floor, halves, judge_halves
 from lossguide.layout.losses import ink_fraction
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
+from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
 
 log = logging.getLogger(__name__)
 

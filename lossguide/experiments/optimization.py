@@ -29,12 +29,13 @@ import time
 import torch
 
 from lossguide import presets
-from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
+from lossguide.experiments import command_line
 from lossguide.optimize import LookAheadLoss, on_x_t, optimize, refit_prior
 from lossguide.samplers import DDIM, EDMEuler, FlowEuler
 from lossguide.sampling import sample
 from lossguide.schedule import FlowSchedule, NoiseSchedule, SigmaSchedule
 from lossguide.subspace import LinearObjective, QuadraticObjective, default_subspace, off_subspace_direction
+from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,15 @@ import math
 
 import torch
 
-from lossguide import oracle_bench
 from lossguide.augment import policy
-from lossguide.experiments.report import command_line, md_table, one_thread, pyplot, save_fig, write_csv, write_report
+from lossguide.experiments import command_line, one_thread
 from lossguide.harness.methods import method_config
+from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.harness.tasks.oracle import posterior_samples
 from lossguide.oracle import default_mixture
 from lossguide.rng import make_generators
 from lossguide.schedule import NoiseSchedule
+from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +185,15 @@ def run(out, quick: bool = False) -> dict:
 
 def _run(out, quick: bool) -> dict:
     n, steps = (64, 20) if quick else (512, 50)
-    rows = oracle_bench.run(n=n, steps=steps)
+    rows = oracle_task.evaluate(n=n, steps=steps)
     schedule = NoiseSchedule.linear()
-    settings = oracle_bench.load_settings()
+    settings = oracle_task.load_settings()
     tech_rows = []
-    for task in oracle_bench.oracle_tasks(schedule):
+    for task in oracle_task.oracle_tasks(schedule):
         kind = task.name.split("-")[0]
         post = posterior_samples(task)
         for label, cfg in technique_variants(settings, kind).items():
-            row = oracle_bench.run_config(task, label, cfg, schedule, range(n), steps, post)
+            row = oracle_task.run_config(task, label, cfg, schedule, range(n), steps, post)
             tech_rows.append(row)
     rows_g, rows_a = smoothing_check(quick)
     write_csv(out / "results.csv", rows + tech_rows)
@@ -216,7 +217,7 @@ def _run(out, quick: bool) -> dict:
         return next(r["sw_to_posterior"] for r in rows if r["task"].startswith(task_prefix) and r["method"] == method)
 
     beats = all(sw(t, "cg") < sw(t, "none") for t in ("class", "linear"))
-    guided_beat = all(sw(t, m) < sw(t, "none") for t in ("class", "linear") for m in oracle_bench.METHODS
+    guided_beat = all(sw(t, m) < sw(t, "none") for t in ("class", "linear") for m in oracle_task.METHODS
                       if m not in ("none",))  # fmt: skip
     bound_ok = all(r["lipschitz_max"] <= r["paper_bound_2C_over_sigma"] * 1.05 for r in rows_g if r["sigma"] > 0)
     stein_ok = all(r["lipschitz_max"] <= r["bound_C_E|Z²−1|/(2σ²)"] * 1.05 for r in rows_g if r["sigma"] > 0)

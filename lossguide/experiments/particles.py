@@ -10,14 +10,15 @@ import time
 
 import torch
 
-from lossguide import oracle_bench
-from lossguide.experiments.report import command_line, md_table, one_thread, pyplot, save_fig, write_csv, write_report
+from lossguide.experiments import command_line, one_thread
+from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.harness.tasks.oracle import POSTERIOR_SEED, oracle_tasks, posterior_samples
 from lossguide.metrics import sliced_wasserstein
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 from lossguide.schedule import NoiseSchedule
 from lossguide.smc import particle_method
+from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def best_of_row(task, N: int, seeds, steps: int, post) -> dict:
 
 
 def single_row(task, name: str, params: dict, seeds, steps: int, post) -> dict:
-    """A single-particle preset at its stored oracle settings, DDIM-``steps`` η = 0 (:func:`oracle_bench.run_one`)."""
-    r = oracle_bench.run_one(task, name, params, NoiseSchedule.linear(), seeds, steps, post)
+    """A single-particle preset at its stored oracle settings, DDIM-``steps`` η = 0 (:func:`oracle_task.run_one`)."""
+    r = oracle_task.run_one(task, name, params, NoiseSchedule.linear(), seeds, steps, post)
     return {"task": task.name, "method": name, "K": 1, "n_seeds": len(seeds), "sw_to_posterior": r["sw_to_posterior"],
             "loss": r["loss"], "nfe_per_seed": r["nfe"], "wall_ms_per_seed": 1e3 * r["wall_s"] / len(seeds),
             "params": dict(params)}  # fmt: skip
@@ -118,7 +119,7 @@ def _run(out, quick: bool) -> dict:
     n, steps, ks = (32, 10, QUICK_KS) if quick else (256, 50, KS)
     seeds = list(range(n))
     schedule = NoiseSchedule.linear()
-    settings = oracle_bench.load_settings()
+    settings = oracle_task.load_settings()
     rows: list[dict] = []
     summary: dict = {}
     for task in oracle_tasks(schedule):
@@ -177,7 +178,7 @@ def _run(out, quick: bool) -> dict:
         f"- **best-of-N**: N = K unguided DDIM-{steps} η = {ETA} candidates per seed (candidate j of seed s has seed "
         f"s + j·{CANDIDATE_STRIDE:,}), the one of lowest ℓ(x0) kept.",
         f"- **single-particle presets** {', '.join(SINGLE)} at their stored oracle settings "
-        f"(`oracle_bench.load_settings()`), DDIM-{steps} η = 0 (`oracle_bench.run_one`); cg is the exact "
+        f"(`oracle_task.load_settings()`), DDIM-{steps} η = 0 (`oracle_task.run_one`); cg is the exact "
         "noise-aware classifier, not training-free.",
         f"- **floor**: SW of n = {n} exact posterior samples to the reference, mean over {FLOOR_DRAWS} draws "
         f"(seeds {FLOOR_SEED0}–{FLOOR_SEED0 + FLOOR_DRAWS - 1}); min–max in the CSV/JSON.",

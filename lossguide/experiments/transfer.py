@@ -43,11 +43,12 @@ import torch
 
 from lossguide import losses, metrics, transfer
 from lossguide.data.styles import thicken
-from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
+from lossguide.experiments import command_line
 from lossguide.io import atomic_write_json
 from lossguide.layout.evaluate import fid_floor, styled_features
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
+from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
 
 log = logging.getLogger(__name__)
 

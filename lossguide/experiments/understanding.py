@@ -18,12 +18,13 @@ import torch
 
 from lossguide import presets
 from lossguide.augment import policy
+from lossguide.experiments import command_line
 from lossguide.experiments.mnist import MnistKit, config, load_settings
-from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
 from lossguide.guidance import GuidanceEngine, GuidanceStats
 from lossguide.metrics import classify
 from lossguide.rng import make_generators, randn
 from lossguide.samplers import DDIM
+from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
 
 log = logging.getLogger(__name__)
 

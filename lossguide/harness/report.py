@@ -6,17 +6,25 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-from lossguide.experiments.report import md_table, pyplot, save_fig, write_csv
 from lossguide.harness.tasks import ORACLE_TASKS, applicable
 from lossguide.harness.tuning import TUNE_SEED0
 from lossguide.io import atomic_write_json, atomic_write_text
+from lossguide.writers import md_table, pyplot, save_fig, write_csv
 
-if TYPE_CHECKING:
-    from lossguide.harness.bench import Bench
+
+class Bench(Protocol):
+    """What the writers read of a :class:`~lossguide.harness.bench.Bench` (a protocol: report sits below bench)."""
+
+    out: Path
+    cfg: Any
+
+    def step_value(self, settings: dict, task: str, method: str): ...
+
+    def shards(self, phase: str, task: str, method: str, value, steps: int, seeds: list[int]) -> list: ...
 
 TIMING_KEYS = ("wall_s_per_sample", "peak_mem_mb")
 TABLE_COLS = {

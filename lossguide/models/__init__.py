@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lossguide.denoiser import Denoiser, freeze, from_diffusers
+from lossguide.models.folder import ModelFolderError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +45,6 @@ HUB_HOST = ("huggingface.co", 443)
 
 class ModelNotFoundError(FileNotFoundError):
     """A model name, folder or hub id that cannot be loaded here; the message says what to pass instead."""
-
-
-class ModelFolderError(ValueError):
-    """A model folder's file with a missing or wrong key; the message names the file, the key and the fix."""
-
-
-def read_json(path: Path, fix: str) -> dict:
-    """The JSON object in ``path``; a one-line :class:`ModelFolderError` (ending in ``fix``) if it is not one."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except UnicodeDecodeError as e:
-        raise ModelFolderError(f"{path} is not a text file ({e.reason}); {fix}") from e
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from e
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path} holds a JSON {type(data).__name__}, not an object of keys; {fix}")
-    return data
 
 
 def refit_hint(folder: Path, script: str = "the script that wrote it") -> str:

@@ -168,11 +168,11 @@ OPTIONAL = {(None, "prediction_type"), (None, "inner_prediction_type"), ("flow_s
 
 def read_wrapper(path, again: str = f"or export the folder again with `{EXPORT}`"):
     """The checked wrapper description in ``path`` (a ``flow_wrapper.json``): a one-line
-    :class:`~lossguide.models.ModelFolderError` names the file, the missing or wrong key and the fix (``again``
+    :class:`~lossguide.models.folder.ModelFolderError` names the file, the missing or wrong key and the fix (``again``
     says how to write the folder anew)."""
     import json
 
-    from lossguide.models import ModelFolderError, read_json
+    from lossguide.models.folder import ModelFolderError, read_json
 
     desc = read_json(path, f"fix the file as {describe.__module__}.describe writes it, {again}")
 

@@ -28,7 +28,18 @@ import torch.nn.functional as F
 
 from lossguide.data import load_mnist
 from lossguide.data.styles import STYLES
-from lossguide.training.common import add_run_args, run_meta, atomic_save, checkpoint_state, EMA, finish, optimizer_step, parse_widths, resume, setup_logging
+from lossguide.training.common import (
+    EMA,
+    add_run_args,
+    atomic_save,
+    checkpoint_state,
+    finish,
+    optimizer_step,
+    parse_widths,
+    resume,
+    run_meta,
+    setup_logging,
+)
 
 log = logging.getLogger("lossguide.training.ddpm")
 

@@ -32,7 +32,15 @@ from lossguide.motion.data import (
     velocity_to_positions,
 )
 from lossguide.motion.model import WEIGHTS, MotionNetConfig, MotionTransformer, make_schedule, save_model
-from lossguide.training.common import add_run_args, atomic_save, checkpoint_state, EMA, optimizer_step, resume, setup_logging
+from lossguide.training.common import (
+    EMA,
+    add_run_args,
+    atomic_save,
+    checkpoint_state,
+    optimizer_step,
+    resume,
+    setup_logging,
+)
 from lossguide.training.ddpm import lr_at
 
 log = logging.getLogger("lossguide.training.motion")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lossguide.experiments.report import command_line, md_table, pyplot, save_fig, write_csv, write_report
+from lossguide.experiments import command_line
 from lossguide.harness import settings
 from lossguide.harness.methods import method_config, tuned_param
 from lossguide.harness.tuning import grid_search, tune_seeds
@@ -29,6 +29,7 @@ from lossguide.motion.model import MotionModel, load_model
 from lossguide.motion.stats import compare, data_reference, summarize, window_stats
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
+from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Run-folder writers for experiments and benchmarks: Markdown tables, figures, CSV/JSON, all atomic."""
+"""Report writers for every app (experiments, bench, benchmarks): Markdown tables, figures, CSV/JSON, all atomic."""
 
 from __future__ import annotations
 
@@ -6,24 +6,9 @@ import csv
 import io
 import shlex
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch on one thread inside the block (tiny tensors: one thread is fastest), the caller's count after."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def fmt(v, digits: int = 4) -> str:
@@ -75,10 +60,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def command_line(name: str, quick: bool, loss: str = "ce") -> str:
-    return f"lossguide experiment {name}" + (" --quick" if quick else "") + (f" --loss {loss}" if loss != "ce" else "")
 
 
 def write_report(out: Path, title: str, command: str, body: list[str], data: dict) -> None:
