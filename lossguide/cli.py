@@ -339,6 +339,13 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _defaults(fn) -> dict:
+    """The keyword defaults of ``fn`` (the oracle flags take theirs from the functions they call)."""
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="lossguide", description="Training-free loss-based diffusion guidance.")
     from lossguide import __version__
@@ -347,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"lossguide {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     from lossguide.presets import PRESETS
-    from lossguide.run_sample import LOSSES
+    from lossguide.run_sample import LOSSES, SampleConfig
+    from lossguide.runfolder import format_seeds
+
+    S = SampleConfig()  # the sample flags' defaults are the config's
 
     p = sub.add_parser(
         "sample",
@@ -356,19 +366,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample digits with training-free guidance and write PNGs, grid.png, config.yaml and "
         "metrics.json to --out. Rerunning the same command resumes; finished seeds are skipped.",
     )
-    p.add_argument("--model", default="mnist-ddpm", help="shipped name, diffusers folder or hub id")
-    p.add_argument("--guide", default="mnist-guide", help="classifier that guides (shipped name)")
-    p.add_argument("--judge", default="mnist-judge", help="classifier that evaluates (never guides)")
-    p.add_argument("--loss", default="class-feature", choices=LOSSES,
+    p.add_argument("--model", default=S.model, help="shipped name, diffusers folder or hub id")
+    p.add_argument("--guide", default=S.guide, help="classifier that guides (shipped name)")
+    p.add_argument("--judge", default=S.judge, help="classifier that evaluates (never guides)")
+    p.add_argument("--loss", default=S.loss, choices=LOSSES,
                    help="guidance loss: class-feature is ‖guide features − target class mean‖ (the default), class "
                    "the guide's cross-entropy (saturating: pair it with --set polyak_gap=loss)")  # fmt: skip
-    p.add_argument("--norm", default="squared", choices=["squared", "l2"],
+    p.add_argument("--norm", default=S.norm, choices=["squared", "l2"],
                    help="sketch/inpaint/sr residual: ‖r‖² or ‖r‖ (l2, as the paper's code)")  # fmt: skip
-    p.add_argument("--target", type=int, default=3, help="target digit class")
-    p.add_argument("--reference", type=int, default=0, help="held-out reference digit (sketch/inpaint/sr)")
+    p.add_argument("--target", type=int, default=S.target, help="target digit class")
+    p.add_argument("--reference", type=int, default=S.reference, help="held-out reference digit (sketch/inpaint/sr)")
     p.add_argument(
         "--method",
-        default="shen2024",
+        default=S.method,
         type=_method_spec,
         help=f"a preset ({', '.join(PRESETS)}) with modifiers, e.g. freedom+polyak or shen2024-ra",
     )
@@ -380,14 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset parameter, e.g. --set eta=0.02 --set n_aug=10 (repeatable); shen2024's defaults (eta=0.03, "
         "|T| = 10 digit augmentations, time travel s = 3 in t/T ∈ [0.3, 0.8]) were chosen on the shipped model",
     )
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 DDPM-like)")
-    p.add_argument("--seeds", default="0-15", help="seeds, e.g. 0-15 or 0-7,100")
-    p.add_argument("--batch", type=int, default=16, help="rows per batch; a short batch is padded to it, so a seed's "
-                   "numbers depend on --batch but not on which seeds share its batch")  # fmt: skip
+    p.add_argument("--steps", type=int, default=S.steps, help="DDIM steps")
+    p.add_argument("--ddim-eta", type=float, default=S.ddim_eta, help="DDIM η (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--seeds", default=format_seeds(S.seeds), help="seeds, e.g. 0-15 or 0-7,100")
+    p.add_argument("--batch", type=int, default=S.batch, help="rows per batch; a short batch is padded to it, so a "
+                   "seed's numbers depend on --batch but not on which seeds share its batch")  # fmt: skip
     p.add_argument("--out", type=_folder, default=Path("runs/sample"), help="run folder")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+    p.add_argument("--device", default=S.device, help="torch device")
+    p.add_argument("--dtype", default=S.dtype, choices=["float32", "float64"],
                    help="models and sampler state; float64 makes a seed's numbers the same at any --batch (float32 "
                    "kernels round differently for another batch size, and guidance amplifies it)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a run folder with a different config")
@@ -402,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sample)
 
+    from lossguide.harness.tasks.oracle import evaluate
+    from lossguide.oracle_bench import tune
+
+    O, T = _defaults(evaluate), _defaults(tune)  # the oracle flags' defaults are the functions'
+    if O["steps"] != T["steps"]:
+        raise AssertionError("lossguide oracle's --steps serves evaluate and tune: give them one default")
     p = sub.add_parser(
         "oracle",
         formatter_class=_Help,
@@ -417,11 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also write the rows as JSON (default file: oracle.json)",
     )
-    p.add_argument("--n", type=int, default=512, help="samples per method (seeds 0..n-1)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--n", type=int, default=O["n"], help="samples per method (seeds 0..n-1)")
+    p.add_argument("--steps", type=int, default=O["steps"], help="DDIM steps")
     p.add_argument("--methods", default=None, help="comma-separated subset of the presets")
     p.add_argument("--tune", action="store_true", help="grid-search each method's step on tuning seeds instead")
-    p.add_argument("--tune-n", type=int, default=128, help="samples per tuning run")
+    p.add_argument("--tune-n", type=int, default=T["n"], help="samples per tuning run")
     p.add_argument("--write-settings", action="store_true", help="with --tune: store the chosen settings")
     p.add_argument("--particles", type=int, default=None,
                    help="K particles per seed: each method is the proposal of lg.smc (DDIM eta=1)")  # fmt: skip
@@ -449,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_experiment)
 
+    from lossguide.harness.bench import BenchConfig
+
+    B = BenchConfig()  # the bench flags' defaults (None: keep the config's) are stated from the config
     p = sub.add_parser(
         "bench",
         formatter_class=_Help,
@@ -458,13 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(rerun the same command); shard over processes with torchrun --nproc_per_node N -m lossguide.cli bench.",
     )
     p.add_argument("--tasks", default=None, help="comma-separated: class, class-feature, sketch, inpaint, sr, "
-                   "class+sketch, oracle-class, oracle-linear (default: class)")  # fmt: skip
+                   f"class+sketch, oracle-class, oracle-linear (default: {','.join(B.tasks)})")  # fmt: skip
     p.add_argument("--methods", default=None, help="presets, optionally with +ra/+polyak/+tt (or shen2024-ra, "
                    "-polyak, -tt), e.g. freedom+polyak (default: every preset)")  # fmt: skip
-    p.add_argument("--steps", default=None, help="DDIM budgets, e.g. 20,50,100 (default: 50)")
-    p.add_argument("--n-eval", type=int, default=None, help="evaluation seeds 0..n-1 (default 100)")
-    p.add_argument("--n-tune", type=int, default=None, help="tuning seeds per candidate (default 32)")
-    p.add_argument("--beam-rounds", type=int, default=None, help="beam-search rounds (default 2)")
+    p.add_argument("--steps", default=None,
+                   help=f"DDIM budgets, e.g. 20,50,100 (default: {','.join(map(str, B.steps))})")  # fmt: skip
+    p.add_argument("--n-eval", type=int, default=None, help=f"evaluation seeds 0..n-1 (default {B.n_eval})")
+    p.add_argument("--n-tune", type=int, default=None, help=f"tuning seeds per candidate (default {B.n_tune})")
+    p.add_argument("--beam-rounds", type=int, default=None, help=f"beam-search rounds (default {B.beam_rounds})")
     p.add_argument("--no-tune", action="store_true", help="use each method's default step parameter")
     p.add_argument(
         "--settings",
@@ -472,12 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="settings.json of an earlier bench run: evaluate with its step parameters, no tuning",
     )
-    p.add_argument("--ddim-eta", type=float, default=None, help="DDIM η (0 deterministic, 1 stochastic; default 0)")
+    p.add_argument("--ddim-eta", type=float, default=None,
+                   help=f"DDIM η (0 deterministic, 1 stochastic; default {B.ddim_eta:g})")  # fmt: skip
     p.add_argument("--norm", default=None, choices=["squared", "l2"],
-                   help="sketch/inpaint/sr (and class+sketch's sketch term) residual: ‖r‖² (default) or ‖r‖ "
-                   "(l2, the paper's code)")  # fmt: skip
+                   help="sketch/inpaint/sr (and class+sketch's sketch term) residual: ‖r‖² (squared) or ‖r‖ "
+                   f"(l2, the paper's code); default {B.norm}")  # fmt: skip
     p.add_argument("--best-of", type=int, default=None, help="keep the lowest-loss of N candidates per seed")
-    p.add_argument("--batch", type=int, default=None, help="seeds per shard and batch (default 50)")
+    p.add_argument("--batch", type=int, default=None, help=f"seeds per shard and batch (default {B.batch})")
     p.add_argument("--quick", action="store_true", help="a tiny grid for CI (numbers are not meaningful)")
     p.add_argument("--out", type=_folder, default=Path("runs/bench"), help="run folder")
     p.add_argument("--device", default="cpu", help="torch device")

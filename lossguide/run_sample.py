@@ -20,13 +20,15 @@ import torch
 from lossguide import losses
 from lossguide.guidance import check_window, resolve_augment
 from lossguide.harness.methods import method_config, parse_method
+from lossguide.harness.tasks import MNIST_TASKS, NORM_TASKS
+from lossguide.harness.tasks.mnist import task_loss
 from lossguide.runfolder import RunFolder, fixed_batches, grid, parse_seeds, png_bytes, seeds_from, to_uint8  # noqa: F401
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("class-feature", "class", "sketch", "inpaint", "sr", "class+sketch")
+LOSSES = MNIST_TASKS
 MNIST_SHAPE = (1, 28, 28)  # what the guide, the judge and the reference digits take
 MNIST_METRICS = ("judge_validity", "guide_validity", "mean_guide_loss", "mean_judge_confidence", "noise_like")
 
@@ -81,25 +83,9 @@ def _num(s: str):
 
 
 def build_loss(cfg: SampleConfig, guide, reference: torch.Tensor | None, means: torch.Tensor | None = None):
-    """The guidance loss of ``cfg.loss``: the guide's feature distance to the target class mean (the default),
-    class cross-entropy, sketch, inpainting, ×4 SR or class+sketch."""
-    if cfg.loss == "class-feature":
-        return losses.FeatureDistanceLoss(guide.features, means, cfg.target)
-    if cfg.loss == "class":
-        return losses.ClassLoss(guide, cfg.target)
-    if cfg.loss == "sketch":
-        return losses.SketchLoss(reference, norm=cfg.norm)
-    if cfg.loss == "inpaint":
-        mask = torch.ones_like(reference)
-        mask[..., reference.shape[-2] // 2 :, :] = 0  # the lower half is unknown
-        return losses.InpaintLoss(reference, mask, norm=cfg.norm)
-    if cfg.loss == "sr":
-        return losses.SuperResLoss(reference, factor=4, norm=cfg.norm)
-    if cfg.loss == "class+sketch":
-        return losses.WeightedSum(
-            [(1.0, losses.ClassLoss(guide, cfg.target)), (0.1, losses.SketchLoss(reference, norm=cfg.norm))]
-        )
-    raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    """The guidance loss of ``cfg.loss`` toward ``cfg.target``: the MNIST task's
+    (:func:`~lossguide.harness.tasks.mnist.task_loss`, the one the bench uses)."""
+    return task_loss(cfg.loss, guide, cfg.target, reference, means=means, norm=cfg.norm)
 
 
 def reference_digit(target: int, index: int) -> torch.Tensor:
@@ -124,7 +110,7 @@ def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:
 
 #: SampleConfig fields that no recipe has: a file with one of them is a sample config (whatever its other keys)
 SAMPLE_ONLY = ("guide", "judge", "norm", "target", "reference", "steps", "ddim_eta")
-REF_LOSSES = ("sketch", "inpaint", "sr", "class+sketch")  # the losses that use --reference and --norm
+REF_LOSSES = NORM_TASKS  # the losses that use --reference and --norm
 DTYPES = ("float32", "float64")
 
 
@@ -255,7 +241,7 @@ def run(
             return finalize(cfg, folder)
     guide = _image_classifier("--guide", cfg.guide, load_classifier(cfg.guide, device=cfg.device))
     judge = _image_classifier("--judge", cfg.judge, load_classifier(cfg.judge, device=cfg.device).to(dtype))
-    needs_ref = cfg.loss in ("sketch", "inpaint", "sr", "class+sketch")
+    needs_ref = cfg.loss in REF_LOSSES
     reference = reference_digit(cfg.target, cfg.reference).to(cfg.device, dtype) if needs_ref else None
     means = class_means(cfg.guide, device=cfg.device, net=guide).to(dtype) if cfg.loss == "class-feature" else None
     guide = guide.to(dtype)  # after μ_y, which the float32 guide computes on its training split

@@ -311,6 +311,17 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def format_seeds(seeds: list[int]) -> str:
+    """The shortest spec :func:`parse_seeds` reads back as ``seeds`` (runs of consecutive seeds as ``a-b``)."""
+    runs: list[list[int]] = []
+    for s in seeds:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 #: the largest seed (a torch.Generator takes 64-bit seeds; bench adds multiples of 10⁶ for best-of-N candidates)
 MAX_SEED = 2**63 - 1
 

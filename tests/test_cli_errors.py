@@ -269,9 +269,15 @@ def test_oracle_flags_are_checked_before_the_run(capsys, flags, message):
 
 
 def test_oracle_json_that_cannot_be_written_fails_before_the_run(tmp_path, capsys, monkeypatch):
+    import inspect
+
     from lossguide.harness.tasks import oracle as oracle_task
 
-    monkeypatch.setattr(oracle_task, "evaluate", lambda **k: pytest.fail("ran before checking --json"))
+    def refuse(**k):
+        pytest.fail("ran before checking --json")
+
+    refuse.__signature__ = inspect.signature(oracle_task.evaluate)  # the parser reads the oracle flags' defaults
+    monkeypatch.setattr(oracle_task, "evaluate", refuse)
     (tmp_path / "f").write_text("x")
     assert main(["oracle", "--json", str(tmp_path)]) == 2
     assert f"--json {tmp_path} is a folder" in _one_line(capsys, "oracle")

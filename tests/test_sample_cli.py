@@ -378,3 +378,24 @@ def test_a_config_without_seeds_is_replaced(tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text() == "method: b\n"
     with pytest.raises(ValueError, match="holds a run with a different config"):
         RunFolder(tmp_path / "run").open("method: c\n")
+
+
+def test_the_sample_flags_defaults_are_the_config_s(tmp_path, monkeypatch):
+    """`lossguide sample` with no flags runs exactly SampleConfig() (the CLI states no default of its own)."""
+    got = {}
+
+    def fake_run(cfg, out, **kw):
+        got["cfg"] = cfg
+        return {"not_applicable": True, "n_samples": 0, "nfe": 0, "wall_s_per_sample": 0.0}
+
+    monkeypatch.setattr(run_sample, "run", fake_run)
+    assert main(["sample", "--out", str(tmp_path / "run")]) == 0
+    assert got["cfg"] == SampleConfig()
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1, 2], [3, 5, 6, 7, 100], [9, 4, 5, 1]])
+def test_format_seeds_is_read_back_by_parse_seeds(seeds):
+    from lossguide.runfolder import format_seeds
+
+    spec = format_seeds(seeds)
+    assert parse_seeds(spec) == seeds and len(spec) <= len(",".join(map(str, seeds)))

@@ -16,8 +16,8 @@ from lossguide.augment import GaussianJitter
 from lossguide.guidance import GuidanceConfig
 from lossguide.steps import Polyak
 
-METHODS = ("none", "dps", "freedom", "ugd", "lgd_mc", "mpgd", "tfg", "shen2024", "cg", "dreamguider", "figd", "ggdm",
-           "naive_grad")  # fmt: skip
+#: every preset is a method (a new preset in :data:`lossguide.presets.PRESETS` needs only its tuner start below)
+METHODS = tuple(presets.PRESETS)
 MODIFIERS = ("+ra", "+polyak", "+tt", "+lossgap", "-ra", "-polyak", "-tt")
 #: method → (step parameter, MNIST start, oracle start) of the tuners; a Polyak step (``+polyak``) starts at
 #: shen2024's η, ``shen2024-polyak`` at FreeDoM's scale

@@ -16,7 +16,7 @@ import torch
 
 from lossguide import losses, metrics
 from lossguide.guidance import GuidanceConfig
-from lossguide.harness.tasks import CLASS_TASKS
+from lossguide.harness.tasks import CLASS_TASKS, MNIST_TASKS
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 
@@ -24,6 +24,30 @@ from lossguide.sampling import sample
 def targets_for(seeds: Sequence[int]) -> list[int]:
     """Target class of each seed: ``seed mod 10``."""
     return [int(s) % 10 for s in seeds]
+
+
+def task_loss(kind: str, guide, target, reference: torch.Tensor | None = None, means: torch.Tensor | None = None,
+              norm: str = "squared"):  # fmt: skip
+    """The guidance loss of MNIST task ``kind`` (one definition for sample, bench and experiments): the guide's
+    feature distance ‖f(x0) − μ_y‖ (``class-feature``, ``means`` = μ), its cross-entropy (``class``), the residual to
+    ``reference`` of a sketch, the upper half (``inpaint``) or a ×4 downsampling (``sr``) in ``norm``, or
+    cross-entropy + 0.1 · sketch (``class+sketch``). ``target`` is one class or one per sample, ``reference``
+    [1 or B, 1, 28, 28]."""
+    if kind == "class-feature":
+        return losses.FeatureDistanceLoss(guide.features, means, target)
+    if kind == "class":
+        return losses.ClassLoss(guide, target)
+    if kind not in MNIST_TASKS:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(MNIST_TASKS)}")
+    if kind == "sketch":
+        return losses.SketchLoss(reference, norm=norm)
+    if kind == "inpaint":
+        mask = torch.ones_like(reference[:1])
+        mask[..., reference.shape[-2] // 2 :, :] = 0  # the lower half is unknown
+        return losses.InpaintLoss(reference, mask, norm=norm)
+    if kind == "sr":
+        return losses.SuperResLoss(reference, factor=4, norm=norm)
+    return losses.WeightedSum([(1.0, losses.ClassLoss(guide, target)), (0.1, losses.SketchLoss(reference, norm=norm))])
 
 
 @dataclass
@@ -205,18 +229,11 @@ class MnistTask:
             if self.kind not in CLASS_TASKS:
                 raise ValueError("cg guides with the noise-aware classifier: it applies to the class tasks only")
             return self.kit.loss("noise-aware", t)
+        guide = self.kit.nets["guide"]
         if self.kind in CLASS_TASKS:
-            return self.kit.loss("guide", t, "feature" if self.kind == "class-feature" else "ce")
-        ref, _ = self.reference(seeds)
-        if self.kind == "sketch":
-            return losses.SketchLoss(ref, norm=self.norm)
-        if self.kind == "inpaint":
-            mask = torch.ones_like(ref[:1])
-            mask[..., ref.shape[-2] // 2 :, :] = 0  # the lower half is unknown
-            return losses.InpaintLoss(ref, mask, norm=self.norm)
-        if self.kind == "sr":
-            return losses.SuperResLoss(ref, factor=4, norm=self.norm)
-        return losses.WeightedSum([(1.0, self.kit.loss("guide", t)), (0.1, losses.SketchLoss(ref, norm=self.norm))])
+            means = self.kit.class_means("guide") if self.kind == "class-feature" else None
+            return task_loss(self.kind, guide, t, means=means)
+        return task_loss(self.kind, guide, t, self.reference(seeds)[0], norm=self.norm)
 
     def denoiser(self):
         return self.kit.model.denoiser
