@@ -35,7 +35,8 @@ def cmd_oracle(args) -> int:
 
     _check_oracle_args(args)
     if args.tune:
-        settings, trace = oracle_bench.tune(n=args.tune_n, steps=args.steps)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        settings, trace = oracle_bench.tune(n=args.tune_n, steps=args.steps, methods=methods)
         print(json.dumps(settings, indent=2))
         if args.write_settings:
             print(f"wrote {oracle_task.save_settings(settings)}")
@@ -64,10 +65,8 @@ def _check_oracle_args(args) -> None:
     defaults = vars(build_parser().parse_args(["oracle"]))
     given = {k for k in ("n", "tune_n", "methods") if getattr(args, k) != defaults[k]}
     if args.tune:
-        for flag, k in (("--methods", "methods"), ("--n", "n")):
-            if k in given:
-                instead = "; --tune-n sets the samples per tuning run" if k == "n" else ""
-                raise ValueError(f"{flag} does not apply with --tune (it tunes every method of the grid){instead}")
+        if "n" in given:
+            raise ValueError("--n does not apply with --tune; --tune-n sets the samples per tuning run")
     else:
         if args.write_settings:
             raise ValueError("--write-settings stores the settings --tune chooses; add --tune, or drop it")
@@ -436,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=O["n"], help="samples per method (seeds 0..n-1)")
     p.add_argument("--steps", type=int, default=O["steps"], help="DDIM steps")
     p.add_argument("--methods", default=None, help="comma-separated subset of the presets")
-    p.add_argument("--tune", action="store_true", help="grid-search each method's step on tuning seeds instead")
+    p.add_argument("--tune", action="store_true",
+                   help="grid-search each method's step (with --methods: those) on tuning seeds instead")  # fmt: skip
     p.add_argument("--tune-n", type=int, default=T["n"], help="samples per tuning run")
     p.add_argument("--write-settings", action="store_true", help="with --tune: store the chosen settings")
     p.add_argument("--particles", type=int, default=None,

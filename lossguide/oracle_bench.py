@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from lossguide.harness.methods import tuned_param
 from lossguide.harness.tasks.oracle import oracle_tasks, posterior_samples, run_one
-from lossguide.harness.tuning import grid_search, tune_seeds
+from lossguide.harness.tuning import tune_each, tune_seeds
 from lossguide.schedule import NoiseSchedule
 
 #: the multiplicative grid of each method's step parameter (:func:`~lossguide.harness.methods.tuned_param`)
@@ -24,14 +24,20 @@ GRIDS: dict[str, list[float]] = {
     "mpgd": [0.001, 0.003, 0.01, 0.03, 0.1],
     "tfg": [0.003, 0.01, 0.03, 0.1],
     "shen2024": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+    "naive_grad": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
 }
 #: parameters held fixed while the grid runs: the paper's Polyak gap ‖ε‖ diverges on the class task's saturating
 #: cross-entropy at every η (``benchmarks/oracle_polyak.py``), so there shen2024 takes the classical gap ℓ
 FIXED: dict[str, dict[str, dict]] = {"class": {"shen2024": {"polyak_gap": "loss"}}}
 
 
-def tune(n: int = 128, steps: int = 50) -> tuple[dict, list[dict]]:
-    """Grid search of each method's step parameter on tuning seeds; returns (settings, trace)."""
+def tune(n: int = 128, steps: int = 50, methods: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """Grid search of the step parameter of each method of :data:`GRIDS` (or of ``methods``) on tuning seeds;
+    returns (settings by task kind, trace)."""
+    bad = [m for m in methods or () if m not in GRIDS]
+    if bad:
+        raise ValueError(f"--tune has no grid for {bad[0]!r}; it tunes {', '.join(GRIDS)}")
+    grids = GRIDS if methods is None else {m: GRIDS[m] for m in methods}
     schedule = NoiseSchedule.linear()
     seeds = tune_seeds("oracle", n)
     settings: dict = {}
@@ -39,14 +45,16 @@ def tune(n: int = 128, steps: int = 50) -> tuple[dict, list[dict]]:
     for task in oracle_tasks(schedule):
         post = posterior_samples(task)
         kind = task.name.split("-")[0]
-        settings[kind] = {}
-        for name, values in GRIDS.items():
-            param, fixed = tuned_param(name, oracle=True)[0], FIXED.get(kind, {}).get(name, {})
+        fixed = FIXED.get(kind, {})
 
-            def score(v, task=task, name=name, param=param, fixed=fixed, post=post):
-                row = run_one(task, name, {**fixed, param: v}, schedule, seeds, steps, post)
-                trace.append(row)
-                return -row["sw_to_posterior"]
+        def score(name, v, task=task, post=post, fixed=fixed):
+            row = run_one(task, name, {**fixed.get(name, {}), tuned_param(name, oracle=True)[0]: v}, schedule,
+                          seeds, steps, post)  # fmt: skip
+            trace.append(row)
+            return -row["sw_to_posterior"]
 
-            settings[kind][name] = {**fixed, param: grid_search(score, values)[0]}
+        best = tune_each(grids, score)
+        settings[kind] = {
+            name: {**fixed.get(name, {}), tuned_param(name, oracle=True)[0]: v} for name, v in best.items()
+        }
     return settings, trace

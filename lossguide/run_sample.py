@@ -20,8 +20,8 @@ import torch
 from lossguide import losses
 from lossguide.guidance import check_window, resolve_augment
 from lossguide.harness.methods import method_config, parse_method
-from lossguide.harness.tasks import MNIST_TASKS, NORM_TASKS
-from lossguide.harness.tasks.mnist import task_loss
+from lossguide.harness.tasks import MNIST_TASKS, NORM_TASKS, applicable, method_loss
+from lossguide.harness.tasks import mnist as mnist_task
 from lossguide.runfolder import RunFolder, fixed_batches, grid, parse_seeds, png_bytes, seeds_from, to_uint8  # noqa: F401
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
@@ -85,7 +85,7 @@ def _num(s: str):
 def build_loss(cfg: SampleConfig, guide, reference: torch.Tensor | None, means: torch.Tensor | None = None):
     """The guidance loss of ``cfg.loss`` toward ``cfg.target``: the MNIST task's
     (:func:`~lossguide.harness.tasks.mnist.task_loss`, the one the bench uses)."""
-    return task_loss(cfg.loss, guide, cfg.target, reference, means=means, norm=cfg.norm)
+    return mnist_task.task_loss(cfg.loss, guide, cfg.target, reference, means=means, norm=cfg.norm)
 
 
 def reference_digit(target: int, index: int) -> torch.Tensor:
@@ -246,12 +246,12 @@ def run(
     means = class_means(cfg.guide, device=cfg.device, net=guide).to(dtype) if cfg.loss == "class-feature" else None
     guide = guide.to(dtype)  # after μ_y, which the float32 guide computes on its training split
     task_loss = build_loss(cfg, guide, reference, means)  # what is reported as the guide loss, for every method
-    loss = task_loss
-    if base == "cg":  # classifier guidance steers with the noise-aware classifier of the target class
-        if cfg.loss not in ("class", "class-feature"):
-            raise ValueError("--method cg guides with the noise-aware classifier: use it with a class loss")
-        loss = losses.NoisyClassLoss(load_classifier("mnist-noise-aware", device=cfg.device).to(dtype), cfg.target,
-                                     schedule=model.denoiser.schedule)  # a flow model's t read as VP (x_t/k, τ)
+    if not applicable(cfg.loss, cfg.method):
+        raise ValueError(f"--method {cfg.method} guides with the noise-aware classifier: use it with a class loss")
+    noise_aware = lambda: losses.NoisyClassLoss(  # noqa: E731  (cg; a flow model's t is read as VP: x_t/k, τ)
+        load_classifier("mnist-noise-aware", device=cfg.device).to(dtype), cfg.target, schedule=model.denoiser.schedule
+    )
+    loss = method_loss(guidance, task_loss, noise_aware)  # the task's rule: cg, naive_grad, or the loss itself
     sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
     check_window(guidance, sampler)  # a window without a guided step fails before the first write
 

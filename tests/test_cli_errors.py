@@ -256,7 +256,7 @@ def test_a_bad_bench_settings_file_is_named(tmp_path, capsys, text, message):
     [
         (["--write-settings"], "--write-settings stores the settings --tune chooses"),  # was ignored
         (["--tune-n", "5"], "--tune-n applies with --tune only"),
-        (["--tune", "--methods", "dps"], "--methods does not apply with --tune"),  # was a full tuning run
+        (["--tune", "--methods", "cg"], "--tune has no grid for 'cg'; it tunes dps,"),  # --methods picks grids
         (["--n", "0"], "--n must be ≥ 1, got 0"),  # was "torch.cat(): expected a non-empty list of Tensors"
         (["--steps", "0"], "--steps must be ≥ 1"),
         (["--methods", ","], "--methods ',' names no method"),

@@ -18,9 +18,9 @@ Variants, all under classifier-free guidance at w = :data:`W_CFG` and DDIM-25 (�
   the other way (λ_t = λ·t/T);
 - ``both``: the two together.
 
-Each variant is tuned on its own on seeds :data:`TUNE_SEED0` + 0..19 (disjoint from the evaluation seeds 0–99) by
-the mean over samples of [right half judged a] × ink share in the right half; ``both`` searches its own joint grid
-(4 loss scales × 5 strengths), reported in full. ``--quick``: 4 evaluation and 2 tuning seeds, DDIM-6, 2-point grids
+Each variant is tuned on its own on seeds ``tune_seeds("experiments", 20)`` (disjoint from the evaluation seeds 0–99)
+by the mean over samples of [right half judged a] × ink share in the right half; ``both`` searches its own joint
+grid (4 loss scales × 5 strengths), reported in full. ``--quick``: 4 evaluation and 2 tuning seeds, DDIM-6, 2-point grids
 (a smoke run of every code path; its numbers mean nothing).
 """
 
@@ -36,7 +36,7 @@ import torch
 from lossguide import metrics, presets
 from lossguide.data.canvas import BLANK, LEFT_BOX, RIGHT_BOX
 from lossguide.experiments import command_line
-from lossguide.harness.tuning import TUNE_SEED0
+from lossguide.harness.tuning import tune_each, tune_seeds
 from lossguide.layout.evaluate import fid_floor, halves, judge_halves
 from lossguide.layout.losses import ink_fraction
 from lossguide.samplers import DDIM
@@ -119,27 +119,22 @@ def score(kit, x: torch.Tensor, seeds: Sequence[int], fid: bool = False) -> dict
 
 def tune(kit, model, cfg: dict, w: float) -> tuple[dict, list[dict]]:
     """The tuned (scale, strength) of each variant on the tuning seeds, and every grid point's record."""
-    seeds = list(range(TUNE_SEED0["experiments"], TUNE_SEED0["experiments"] + cfg["tune_n"]))
+    seeds = list(tune_seeds("experiments", cfg["tune_n"]))
     records = []
 
-    def run(variant, scale, strength):
+    def run(variant, point):
+        scale, strength = point
         gen = generate(model, seeds, cfg["steps"], w, scale, strength)
         rec = {"variant": variant, "scale": scale, "strength": strength, **score(kit, gen["x"], seeds)}
         rec.pop("per_sample")
         records.append(rec)
         log.info("tune %s scale=%g strength=%g: objective %.3f", variant, scale, strength, rec["objective"])
-        return rec
+        return rec["objective"]
 
+    grids = {"loss": [(s, 0.0) for s in cfg["scales"]], "modulation": [(0.0, m) for m in cfg["strengths"]],
+             "both": [(s, m) for s in cfg["both_scales"] for m in cfg["both_strengths"]]}  # fmt: skip
     best = {"none": {"scale": 0.0, "strength": 0.0}}
-    for variant, grid in (("loss", [(s, 0.0) for s in cfg["scales"]]),
-                          ("modulation", [(0.0, m) for m in cfg["strengths"]])):  # fmt: skip
-        recs = [run(variant, s, m) for s, m in grid]
-        top = max(recs, key=lambda r: r["objective"])
-        best[variant] = {"scale": top["scale"], "strength": top["strength"]}
-    grid = [(s, m) for s in cfg["both_scales"] for m in cfg["both_strengths"]]
-    recs = [run("both", s, m) for s, m in grid]
-    top = max(recs, key=lambda r: r["objective"])
-    best["both"] = {"scale": top["scale"], "strength": top["strength"]}
+    best |= {variant: {"scale": s, "strength": m} for variant, (s, m) in tune_each(grids, run).items()}
     return best, records
 
 

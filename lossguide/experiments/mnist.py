@@ -16,7 +16,7 @@ from lossguide.guidance import GuidanceConfig
 from lossguide.harness import settings
 from lossguide.harness.methods import method_config, tuned_param
 from lossguide.harness.tasks.mnist import Generated, MnistKit, targets_for
-from lossguide.harness.tuning import grid_search, tune_seeds
+from lossguide.harness.tuning import tune_each, tune_seeds
 
 __all__ = ["Generated", "MnistKit", "targets_for", "TUNE_GRIDS", "load_settings", "config", "tune_all"]
 
@@ -47,16 +47,14 @@ def tune_all(kit: MnistKit, names: Sequence[str], n: int = 40, steps: int = 50) 
     store = load_settings()
     trace: list[dict] = []
     seeds = tune_seeds("experiments", n)
-    for name in names:
-        param, grid = tuned_param(name)[0], TUNE_GRIDS[name]
+    def score(name, v):
+        param = tuned_param(name)[0]
+        row = kit.evaluate(kit.generate(config(name, **{param: v}), seeds, steps), fid=False)
+        row.update({"method": name, "param": param, "value": v})
+        trace.append(row)
+        log.info("tune %s %s=%g: validity %.3f loss %.3f", name, param, v, row["judge_validity"], row["guide_loss"])
+        return row["judge_validity"], -row["guide_loss"]
 
-        def score(v, name=name, param=param):
-            row = kit.evaluate(kit.generate(config(name, **{param: v}), seeds, steps), fid=False)
-            row.update({"method": name, "param": param, "value": v})
-            trace.append(row)
-            log.info("tune %s %s=%g: validity %.3f loss %.3f", name, param, v, row["judge_validity"],
-                     row["guide_loss"])  # fmt: skip
-            return row["judge_validity"], -row["guide_loss"]
-
-        store.setdefault("class", {})[name] = {param: grid_search(score, grid)[0]}
+    best = tune_each({name: TUNE_GRIDS[name] for name in names}, score)
+    store.setdefault("class", {}).update({name: {tuned_param(name)[0]: v} for name, v in best.items()})
     return store, trace

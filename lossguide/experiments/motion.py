@@ -20,7 +20,7 @@ import torch
 from lossguide.experiments import command_line
 from lossguide.harness import settings
 from lossguide.harness.methods import method_config, tuned_param
-from lossguide.harness.tuning import grid_search, tune_seeds
+from lossguide.harness.tuning import tune_each, tune_seeds
 from lossguide.io import atomic_write_bytes
 from lossguide.motion.augment import MotionAugment
 from lossguide.motion.data import BONES, FPS, POINTS, forward_kinematics
@@ -129,22 +129,18 @@ def tune(model: MotionModel, labels, steps: int) -> tuple[dict, list[dict]]:
     within REALISM_GUARD × unguided's (the smallest grid value if none does)."""
     base = run_method(model, "none", None, SCENARIOS, TUNE_SEEDS, steps)
     skate0 = float(base["metrics"]["skating"].mean())
-    chosen, rows = {}, []
-    for label in labels:
-        param = param_name(label)
-        if param is None:
-            continue
+    rows = []
 
-        def score(v, label=label, param=param):
-            m = run_method(model, label, v, SCENARIOS, TUNE_SEEDS, steps)["metrics"]
-            total = float((m["target_mse"] + m["avoid"]).mean())
-            skate = float(m["skating"].mean())
-            ok = skate <= REALISM_GUARD * skate0 and math.isfinite(total)
-            rows.append({"method": label, param: v, "loss": total, "skating": skate, "within_guard": ok})
-            return -total if ok else -math.inf
+    def score(label, v):
+        m = run_method(model, label, v, SCENARIOS, TUNE_SEEDS, steps)["metrics"]
+        total = float((m["target_mse"] + m["avoid"]).mean())
+        skate = float(m["skating"].mean())
+        ok = skate <= REALISM_GUARD * skate0 and math.isfinite(total)
+        rows.append({"method": label, param_name(label): v, "loss": total, "skating": skate, "within_guard": ok})
+        return -total if ok else -math.inf
 
-        chosen[label] = grid_search(score, METHODS[label][1])[0]
-        log.info("tuned %s: %s=%s", label, param, chosen[label])
+    chosen = tune_each({label: METHODS[label][1] for label in labels if param_name(label) is not None}, score)
+    log.info("tuned %s", chosen)
     return chosen, rows
 
 

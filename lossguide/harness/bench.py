@@ -34,7 +34,7 @@ import torch
 from lossguide.harness import settings as store
 from lossguide.harness.methods import METHODS, method_config, tuned_param
 from lossguide.harness.report import write_outputs
-from lossguide.harness.tasks import CLASS_TASKS, NORM_TASKS, ORACLE_TASKS, TASKS, applicable
+from lossguide.harness.tasks import CLASS_TASKS, NORM_TASKS, ORACLE_TASKS, TASKS, applicable, method_loss
 from lossguide.harness.tasks.mnist import MnistKit, MnistTask
 from lossguide.harness.tasks.oracle import OracleTaskAdapter
 from lossguide.harness.tuning import beam_search, tune_seeds
@@ -219,12 +219,13 @@ class Bench:
         if str(device).startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         denoiser = task.denoiser()
+        rows = [s for s in seeds for _ in range(n_cand)]
         t0 = time.perf_counter()
         res = sample(
             denoiser,
             DDIM(denoiser.schedule, sh.steps, eta=self.cfg.ddim_eta),
             cfg,
-            task.loss([s for s in seeds for _ in range(n_cand)], cfg.loss_input == "x_t") if cfg.enabled else None,
+            method_loss(cfg, task.loss(rows), lambda: task.loss(rows, noise_aware=True)) if cfg.enabled else None,
             shape=task.shape,
             seeds=cand_seeds,
             dtype=dtype,

@@ -8,7 +8,7 @@ tuned values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 #: first tuning seed of each command: ``lossguide bench``; the MNIST experiments (``experiments.mnist.tune_all``,
 #: the shipped class settings); ``lossguide oracle --tune``; ``lossguide experiment motion`` (plus 100,000 per
@@ -25,6 +25,12 @@ def grid_search(evaluate: Callable, values: Sequence[float]) -> tuple[float, lis
     """The value with the highest ``evaluate(v)`` (the first of equals) and every score, in the order of ``values``."""
     scores = [evaluate(v) for v in values]
     return values[max(range(len(values)), key=lambda i: scores[i])], scores
+
+
+def tune_each(grids: Mapping[str, Sequence], score: Callable[[str, object], object]) -> dict:
+    """The one tuning loop of the grid tuners: ``{name: the best value of grids[name]}`` by :func:`grid_search` of
+    ``score(name, value)``, names in order (``lossguide oracle --tune``, the MNIST, motion and layout experiments)."""
+    return {name: grid_search(lambda v, name=name: score(name, v), values)[0] for name, values in grids.items()}
 
 
 def _key(v: float) -> float:

@@ -8,6 +8,7 @@ in :mod:`~lossguide.harness.tasks.oracle`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -36,8 +37,30 @@ class Task(Protocol):
     def objective(self, summary: dict, fid_ceiling: float | None = None) -> float: ...
 
 
+#: the methods whose loss of (x_t, t) is a trained noise-aware classifier (the class and oracle tasks have one);
+#: any other method that reads x_t (``naive_grad``) gets the task's clean loss evaluated at x_t
+NOISE_AWARE_METHODS = ("cg",)
+
+
+def _base(name: str) -> str:
+    return re.split(r"[+-]", name, maxsplit=1)[0]
+
+
 def applicable(task: str, method: str) -> bool:
     """Whether ``method`` runs on ``task`` (cg needs the noise-aware classifier: class and oracle tasks)."""
     from lossguide.harness.methods import parse_method
 
-    return parse_method(method)[0] != "cg" or task in (*CLASS_TASKS, *ORACLE_TASKS)
+    return parse_method(method)[0] not in NOISE_AWARE_METHODS or task in (*CLASS_TASKS, *ORACLE_TASKS)
+
+
+def method_loss(cfg, clean: Callable, noise_aware: Callable[[], Callable]) -> Callable:
+    """The loss a task hands guidance ``cfg`` (one rule for sample, bench and the oracle): its clean loss ℓ(x0)
+    where the method guides through x0_hat, ``noise_aware()`` (the task's noise-aware classifier, built only when
+    asked) for :data:`NOISE_AWARE_METHODS`, else ℓ read at x_t (:func:`~lossguide.optimize.on_x_t`: naive_grad)."""
+    if cfg.loss_input != "x_t":
+        return clean
+    if _base(cfg.name) in NOISE_AWARE_METHODS:
+        return noise_aware()
+    from lossguide.optimize import on_x_t
+
+    return on_x_t(clean)

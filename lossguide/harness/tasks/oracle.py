@@ -18,6 +18,7 @@ from lossguide.augment import GaussianJitter
 from lossguide.harness import settings as store
 from lossguide.harness.methods import METHODS, ORACLE_JITTER
 from lossguide.harness.methods import method_config as _method_config
+from lossguide.harness.tasks import method_loss
 from lossguide.oracle import OracleTask, class_task, default_mixture, linear_task
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
@@ -121,7 +122,7 @@ def run_config(task: OracleTask, name: str, cfg, schedule, seeds, steps: int, po
                particles: int | None = None, potential: str = "tds") -> dict:  # fmt: skip
     """Sample ``seeds`` with guidance ``cfg`` on ``task`` and score them against ``posterior_x``; with ``particles``
     K, ``cfg`` is the proposal of :func:`~lossguide.smc.smc` (K particles per seed, ``potential``, DDIM η = 1)."""
-    loss = task.noisy_loss if cfg.loss_input == "x_t" else task.loss
+    loss = method_loss(cfg, task.loss, lambda: task.noisy_loss)
     t0 = time.perf_counter()
     if particles is None:
         res = sample(task.prior.denoiser(schedule), DDIM(schedule, steps), cfg, loss, shape=(task.prior.dim,),
@@ -159,8 +160,10 @@ def load_settings() -> dict:
 
 
 def save_settings(settings: dict) -> Path:
-    """Store ``settings`` (by task kind, as :func:`load_settings` returns them) as the shipped oracle sections."""
-    return store.save({f"oracle-{kind}": v for kind, v in settings.items()})
+    """Store ``settings`` (by task kind, as :func:`load_settings` returns them) in the shipped oracle sections: the
+    methods given replace their entries, the others keep theirs."""
+    shipped = load_settings()
+    return store.save({f"oracle-{kind}": {**shipped.get(kind, {}), **v} for kind, v in settings.items()})
 
 
 def evaluate(n: int = 512, steps: int = 50, methods=METHODS, settings: dict | None = None, **particles) -> list[dict]:
