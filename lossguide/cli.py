@@ -357,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lossguide.runfolder import format_seeds
 
     S = SampleConfig()  # the sample flags' defaults are the config's
+    P = _defaults(PRESETS["shen2024"])  # the help quotes the preset's signature
 
     p = sub.add_parser(
         "sample",
@@ -386,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="preset parameter, e.g. --set eta=0.02 --set n_aug=10 (repeatable); shen2024's defaults (eta=0.03, "
-        "|T| = 10 digit augmentations, time travel s = 3 in t/T ∈ [0.3, 0.8]) were chosen on the shipped model",
+        help="preset parameter, e.g. --set eta=0.02 --set n_aug=10 (repeatable); shen2024's defaults (eta="
+        f"{P['eta']:g}, |T| = {P['n_aug']} digit augmentations, time travel s = {P['n_recur']} in t/T ∈ "
+        f"[{P['recur_window'][0]:g}, {P['recur_window'][1]:g}]) were chosen on the shipped model",
     )
     p.add_argument("--steps", type=int, default=S.steps, help="DDIM steps")
     p.add_argument("--ddim-eta", type=float, default=S.ddim_eta, help="DDIM η (0 deterministic, 1 DDPM-like)")

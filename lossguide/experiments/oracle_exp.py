@@ -11,6 +11,7 @@ import torch
 from lossguide.augment import policy
 from lossguide.experiments import command_line, one_thread
 from lossguide.harness.methods import method_config
+from lossguide.harness.settings import step_or_start
 from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.harness.tasks.oracle import posterior_samples
 from lossguide.oracle import default_mixture
@@ -24,9 +25,8 @@ log = logging.getLogger(__name__)
 def technique_variants(settings: dict, kind: str) -> dict:
     """FreeDoM with each technique switched on, and the paper's method with each switched off (oracle: the
     augmentation is Gaussian jitter, std 0.05)."""
-    s = settings.get(kind, {})
-    scale = s.get("freedom", {}).get("scale", 0.01)
-    eta = s.get("shen2024", {}).get("eta", 0.01)
+    store = {kind: settings.get(kind, {})}
+    scale, eta = (step_or_start(kind, m, store, oracle=True) for m in ("freedom", "shen2024"))
     specs = {"freedom": ("freedom", scale), "freedom + RA": ("freedom+ra", scale),
              "freedom + Polyak": ("freedom+polyak", eta), "freedom + time travel": ("freedom+tt", scale),
              "shen2024 (all three)": ("shen2024", eta), "shen2024 − RA": ("shen2024-ra", eta),

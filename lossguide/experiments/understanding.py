@@ -21,6 +21,7 @@ from lossguide.augment import policy
 from lossguide.experiments import command_line
 from lossguide.experiments.mnist import MnistKit, config, load_settings
 from lossguide.guidance import GuidanceEngine, GuidanceStats
+from lossguide.harness.settings import step_or_start
 from lossguide.metrics import classify
 from lossguide.rng import make_generators, randn
 from lossguide.samplers import DDIM
@@ -427,7 +428,7 @@ def ablation(out, quick: bool = False, loss: str = "ce") -> dict:
     n, budgets, n_aug = (10, (5,), 2) if quick else (60, (50, 100), 10)
     seeds = list(range(n))
     full = config("shen2024", _task(loss), n_aug=n_aug)
-    freedom_scale = load_settings().get(_task(loss), {}).get("freedom", {}).get("scale", 1.0)
+    freedom_scale = step_or_start(_task(loss), "freedom")
     variants = {
         "full (RA + Polyak + time travel)": full,
         "− augmentation": presets.with_techniques(full, n_aug=0),

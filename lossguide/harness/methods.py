@@ -8,6 +8,7 @@ starting from :data:`DEFAULTS`.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import replace as dc_replace
 
@@ -19,21 +20,22 @@ from lossguide.steps import Polyak
 #: every preset is a method (a new preset in :data:`lossguide.presets.PRESETS` needs only its tuner start below)
 METHODS = tuple(presets.PRESETS)
 MODIFIERS = ("+ra", "+polyak", "+tt", "+lossgap", "-ra", "-polyak", "-tt")
-#: method → (step parameter, MNIST start, oracle start) of the tuners; a Polyak step (``+polyak``) starts at
+#: method → (step parameter, MNIST start, oracle start) of the tuners; an MNIST start of None is the preset's own
+#: default (its signature: shen2024's η is written once, in presets.py); a Polyak step (``+polyak``) starts at
 #: shen2024's η, ``shen2024-polyak`` at FreeDoM's scale
-DEFAULTS: dict[str, tuple[str, float, float]] = {
-    "dps": ("scale", 1.0, 0.03),
+DEFAULTS: dict[str, tuple[str, float | None, float]] = {
+    "dps": ("scale", None, 0.03),
     "freedom": ("scale", 3.0, 0.01),
-    "ugd": ("scale", 1.0, 0.03),
-    "lgd_mc": ("scale", 1.0, 0.03),
-    "mpgd": ("scale", 1.0, 0.01),
+    "ugd": ("scale", None, 0.03),
+    "lgd_mc": ("scale", None, 0.03),
+    "mpgd": ("scale", None, 0.01),
     "tfg": ("rho", 1.0, 0.003),
-    "shen2024": ("eta", 0.03, 0.3),
+    "shen2024": ("eta", None, 0.3),
     "cg": ("scale", 30.0, 1.0),
-    "dreamguider": ("scale", 1.0, 1.0),  # its empirical scale: 1 is the paper's "no tuning" claim
-    "figd": ("scale", 0.1, 0.1),  # the oracle's tuned value (both tasks), its preset default
-    "ggdm": ("scale", 1.0, 1.0),  # Lemma 1's β_t at scale 1 (Guo et al. 2024)
-    "naive_grad": ("scale", 1.0, 1.0),
+    "dreamguider": ("scale", None, 1.0),  # its empirical scale: 1 is the paper's "no tuning" claim
+    "figd": ("scale", None, 0.1),  # the oracle's tuned value (both tasks), its preset default
+    "ggdm": ("scale", None, 1.0),  # Lemma 1's β_t at scale 1 (Guo et al. 2024)
+    "naive_grad": ("scale", None, 1.0),
 }
 LOSSGAP_ETA0 = 0.1  # the classical gap η·ℓ/‖g‖² (+lossgap): dimensionless, one start for every task
 ORACLE_JITTER = 0.05  # the oracle's augmentation (vectors): Gaussian jitter of this std
@@ -58,14 +60,20 @@ def tuned_param(spec: str, oracle: bool = False) -> tuple[str, float] | None:
     base, mods = parse_method(spec)
     if base == "none":
         return None
-    col = 2 if oracle else 1
     if "+lossgap" in mods and ("+polyak" in mods or (base == "shen2024" and "-polyak" not in mods)):
         return "eta", LOSSGAP_ETA0
     if "+polyak" in mods:
-        return "eta", DEFAULTS["shen2024"][col]
+        return "eta", _start("shen2024", oracle)
     if base == "shen2024" and "-polyak" in mods:
-        return "scale", DEFAULTS["freedom"][col]
-    return DEFAULTS[base][0], DEFAULTS[base][col]
+        return "scale", _start("freedom", oracle)
+    return DEFAULTS[base][0], _start(base, oracle)
+
+
+def _start(base: str, oracle: bool) -> float:
+    name, mnist, on_oracle = DEFAULTS[base]
+    if oracle:
+        return on_oracle
+    return inspect.signature(presets.PRESETS[base]).parameters[name].default if mnist is None else mnist
 
 
 def method_config(spec: str, value: float | None = None, oracle: bool = False, **params) -> GuidanceConfig:

@@ -40,6 +40,13 @@ def step_value(task: str, method: str, store: dict | None = None, oracle: bool =
     return kw.get(p[0])
 
 
+def step_or_start(task: str, method: str, store: dict | None = None, oracle: bool = False) -> float:
+    """``method``'s stored step value on ``task``, else its tuner start (:data:`~lossguide.harness.methods.DEFAULTS`):
+    the one fallback of the apps that read a step parameter (only the step parameter is read)."""
+    v = params(task, method, store, oracle).get(tuned_param(method, oracle)[0])
+    return tuned_param(method, oracle)[1] if v is None else v
+
+
 def save(sections: dict, path: str | Path | None = None) -> Path:
     """Replace ``sections`` (task → method → parameters) in the store at ``path`` (the shipped one when None)."""
     path = SHIPPED if path is None else Path(path)
