@@ -11,8 +11,9 @@ import lossguide as lg
 from lossguide import presets
 from lossguide.augment import GaussianJitter
 from lossguide.autoguidance import AutoGuided, autoguidance, same_schedule
-from lossguide.oracle import GaussianMixture, class_task
 from lossguide.harness.settings import load as load_settings
+from lossguide.harness.tasks import method_loss
+from lossguide.oracle import GaussianMixture, class_task
 from lossguide.schedule import NoiseSchedule
 
 INFLATE = 2.25
@@ -166,7 +167,7 @@ def test_every_preset_guides_the_autoguided_prior(pair, prior, schedule, name):
     task = class_task(prior, schedule)
     target = int(task.name.split("-")[1])
     cfg = presets.get(name, **ORACLE_CLASS.get(name, {}))
-    loss = task.noisy_loss if cfg.loss_input == "x_t" else task.loss
+    loss = method_loss(cfg, task.loss, lambda: task.noisy_loss)  # the task decides: cg noise-aware, naive_grad ℓ(x_t)
     ag = autoguidance(good, bad, 2.0)
     res = _run(ag, lg.DDIM(schedule, 25), range(64), cfg if cfg.enabled else None, loss if cfg.enabled else None)
     assert torch.isfinite(res.x0).all()
