@@ -46,14 +46,11 @@ def cmd_oracle(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(oracle_task.METHODS)
     particles = {}
     if args.particles is not None:
-        refused = {m: why for m in methods if (why := oracle_task.particle_refusal(
-            oracle_task.method_config(m, {}), args.steps)) is not None}  # fmt: skip
+        refused = _not_proposals(methods, lambda m: oracle_task.method_config(m, {}), args.steps)
         if refused and args.methods:
             m, why = next(iter(refused.items()))
             raise ValueError(f"--particles: {m} cannot be the proposal: {why.split(';')[0]}; drop it from --methods")
-        if refused:
-            print(f"--particles: skipping {', '.join(refused)} (no Gaussian proposal density: noise-aware or "
-                  "time-travelling)", file=sys.stderr)  # fmt: skip
+        _say_skipped(refused)
         methods = [m for m in methods if m not in refused]
         particles = {"particles": args.particles, "potential": args.potential}
     rows = oracle_task.evaluate(n=args.n, steps=args.steps, methods=methods, **particles)
@@ -185,7 +182,7 @@ def cmd_sample(args) -> int:
             model=args.model, guide=args.guide, judge=args.judge, loss=args.loss, norm=args.norm, target=args.target,
             reference=args.reference, method=args.method, params=run_sample.parse_params(args.set),
             steps=args.steps, ddim_eta=args.ddim_eta, seeds=run_sample.parse_seeds(args.seeds), batch=args.batch,
-            device=args.device, dtype=args.dtype,
+            device=args.device, dtype=args.dtype, particles=args.particles, potential=args.potential,
         )  # fmt: skip
     _check_sample_models(cfg)
     m = run_sample.run(cfg, args.out, progress=not args.quiet, overwrite=args.overwrite, expect_guidance=expect)
@@ -203,7 +200,7 @@ def cmd_sample(args) -> int:
 
 
 _SAMPLE_FLAGS = ("model", "guide", "judge", "loss", "norm", "target", "reference", "method", "set", "steps",
-                 "ddim_eta", "seeds", "batch", "device", "dtype")  # fmt: skip
+                 "ddim_eta", "seeds", "batch", "device", "dtype", "particles", "potential")  # fmt: skip
 
 
 def _check_config_flags(args) -> None:
@@ -297,9 +294,14 @@ def cmd_bench(args) -> int:
         cfg.settings_file = str(args.settings)
     if args.norm is not None:
         cfg.norm = args.norm
+    cfg.particles, cfg.potential, refused = args.particles, args.potential, []
+    if args.particles is not None and args.methods is None:  # the default list: the methods that can propose
+        refused = _not_proposals(cfg.methods, lambda m: bench.method_config(m, None), min(cfg.steps))
+        cfg.methods = [m for m in cfg.methods if m not in refused]
     check_device(args.device)
     cfg.device = args.device
     cfg.validate()
+    _say_skipped(refused)
     b = bench.Bench(cfg, args.out)
     try:
         b.fixed_settings()  # a --settings file that lacks a cell is refused before anything is written
@@ -311,6 +313,19 @@ def cmd_bench(args) -> int:
         print((args.out / "tables.md").read_text())
         print(f"{len(rows)} cells -> {args.out}")
     return 0
+
+
+def _not_proposals(methods, config, steps: int) -> dict[str, str]:
+    """The methods of ``methods`` that :func:`~lossguide.smc.smc` cannot take as proposals, with smc's reason."""
+    from lossguide.smc import proposal_refusal
+
+    return {m: why for m in methods if (why := proposal_refusal(config(m), steps)) is not None}
+
+
+def _say_skipped(refused) -> None:
+    if refused:
+        print(f"--particles: skipping {', '.join(refused)} (no Gaussian proposal density: noise-aware or "
+              "time-travelling)", file=sys.stderr)  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -380,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default=S.method,
         type=_method_spec,
-        help=f"a preset ({', '.join(PRESETS)}) with modifiers, e.g. freedom+polyak or shen2024-ra",
+        help=f"a preset ({', '.join(PRESETS)}) with modifiers, e.g. freedom+polyak or shen2024-ra; with --particles "
+        "also a particle method: tds (twisted diffusion sampler) or fk (Feynman-Kac steering)",
     )
     p.add_argument(
         "--set",
@@ -396,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=format_seeds(S.seeds), help="seeds, e.g. 0-15 or 0-7,100")
     p.add_argument("--batch", type=int, default=S.batch, help="rows per batch; a short batch is padded to it, so a "
                    "seed's numbers depend on --batch but not on which seeds share its batch")  # fmt: skip
+    p.add_argument("--particles", type=int, default=S.particles, metavar="K",
+                   help="K weighted particles per seed (lossguide.smc; needs --ddim-eta > 0): the method is their "
+                   "proposal, each seed's sample the drawn particle; NFE per seed = K × per particle")  # fmt: skip
+    p.add_argument("--potential", choices=("tds", "fk"), default=S.potential,
+                   help="the particles' potential (default: tds, or a particle method's own)")  # fmt: skip
     p.add_argument("--out", type=_folder, default=Path("runs/sample"), help="run folder")
     p.add_argument("--device", default=S.device, help="torch device")
     p.add_argument("--dtype", default=S.dtype, choices=["float32", "float64"],
@@ -500,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sketch/inpaint/sr (and class+sketch's sketch term) residual: ‖r‖² (squared) or ‖r‖ "
                    f"(l2, the paper's code); default {B.norm}")  # fmt: skip
     p.add_argument("--best-of", type=int, default=None, help="keep the lowest-loss of N candidates per seed")
+    p.add_argument("--particles", type=int, default=None, metavar="K",
+                   help="K weighted particles per seed (lossguide.smc; needs --ddim-eta > 0), each method their "
+                   "proposal; NFE per seed = K × per particle; tuning runs with the particles too")  # fmt: skip
+    p.add_argument("--potential", choices=("tds", "fk"), default=None,
+                   help="the particles' potential (default tds)")  # fmt: skip
     p.add_argument("--batch", type=int, default=None, help=f"seeds per shard and batch (default {B.batch})")
     p.add_argument("--quick", action="store_true", help="a tiny grid for CI (numbers are not meaningful)")
     p.add_argument("--out", type=_folder, default=Path("runs/bench"), help="run folder")
@@ -525,8 +551,13 @@ def yaml_errors() -> tuple[type[BaseException], ...]:
 
 
 def _method_spec(spec: str) -> str:
-    """A method spec of :mod:`lossguide.harness.methods`' grammar, checked while parsing."""
+    """A method spec of :mod:`lossguide.harness.methods`' grammar or a particle method (tds, fk), checked while
+    parsing."""
     from lossguide.harness.methods import parse_method
+    from lossguide.smc import PARTICLE_METHODS
+
+    if spec in PARTICLE_METHODS:
+        return spec
 
     try:
         parse_method(spec)

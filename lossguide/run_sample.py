@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from lossguide import losses
-from lossguide.guidance import check_window, resolve_augment
+from lossguide.guidance import GuidanceEngine, check_window, resolve_augment
 from lossguide.harness.methods import method_config, parse_method
 from lossguide.harness.tasks import MNIST_TASKS, NORM_TASKS, applicable, method_loss
 from lossguide.harness.tasks import mnist as mnist_task
 from lossguide.runfolder import RunFolder, fixed_batches, grid, parse_seeds, png_bytes, seeds_from, to_uint8  # noqa: F401
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
+from lossguide.smc import PARTICLE_METHODS, POTENTIALS, check_sampler, particle_method, smc
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class SampleConfig:
     batch: int = 16
     device: str = "cpu"
     dtype: str = "float32"  # of the models and the sampler state: float64 makes a seed's numbers batch-size-free
+    particles: int | None = None  # K weighted particles per seed (lossguide.smc), the method as their proposal
+    potential: str | None = None  # the particles' potential (smc.POTENTIALS; None: tds, or a particle method's own)
 
     def resolved_params(self) -> dict:
         """The preset's parameters as given (its defaults fill the rest and are written to config.yaml)."""
@@ -103,6 +106,8 @@ def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:
     import yaml
 
     d = asdict(cfg)
+    if cfg.particles is None:  # a single-particle run writes the config.yaml it always wrote
+        del d["particles"], d["potential"]
     d["params"] = cfg.resolved_params()
     d["guidance"] = guidance_dict
     return yaml.safe_dump(json.loads(json.dumps(d, default=list)), sort_keys=False)
@@ -173,6 +178,7 @@ def check_config(cfg: SampleConfig) -> None:
     if bad or len(set(seeds)) != len(seeds):
         what = f"bad seed {bad[0]!r}" if bad else "a seed named twice"
         raise ValueError(f"--seeds must be distinct integers ≥ 0 ({what}); e.g. 0-15 or 0-7,100")
+    _check_particles(cfg)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.loss not in LOSSES:
@@ -191,6 +197,38 @@ def check_config(cfg: SampleConfig) -> None:
                              f"use ({uses}); drop --reference")  # fmt: skip
 
 
+def _check_particles(cfg: SampleConfig) -> None:
+    """--particles, --potential and the particle methods (tds, fk): one-line errors naming the fix."""
+    K = cfg.particles
+    if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < 1):
+        raise ValueError(f"--particles must be an integer ≥ 1, got {K!r}")
+    if cfg.potential is not None and cfg.potential not in POTENTIALS:
+        raise ValueError(f"--potential must be one of {', '.join(POTENTIALS)}, got {cfg.potential!r}")
+    if cfg.method in PARTICLE_METHODS and K is None:
+        raise ValueError(f"--method {cfg.method} is a particle method (lossguide.smc): add --particles K, e.g. 16")
+    if K is None:
+        if cfg.potential is not None:
+            raise ValueError(f"--potential {cfg.potential} weighs particles: add --particles K, or drop it")
+        return
+    own = PARTICLE_METHODS.get(cfg.method, {}).get("potential")
+    if own is not None and cfg.potential not in (None, own):
+        raise ValueError(f"--method {cfg.method} brings its own potential ({own}); drop --potential, or use "
+                         f"--method none with --potential {cfg.potential}")  # fmt: skip
+    if not cfg.ddim_eta > 0:
+        raise ValueError(f"--particles weighs each step by its Gaussian density, but DDIM η = {cfg.ddim_eta:g} is "
+                         "deterministic; add --ddim-eta 1")  # fmt: skip
+
+
+def _guidance(cfg: SampleConfig):
+    """(the method's guidance config, the particles' potential or None): a method spec such as freedom+polyak, or a
+    particle method of :data:`lossguide.smc.PARTICLE_METHODS` (its proposal and potential)."""
+    if cfg.method in PARTICLE_METHODS:
+        m = particle_method(cfg.method, **cfg.resolved_params())
+        return m.guidance, m.potential
+    guidance = method_config(cfg.method, **cfg.resolved_params())  # a preset or a spec such as freedom+polyak
+    return guidance, (None if cfg.particles is None else POTENTIALS[cfg.potential or "tds"]())
+
+
 def _plain(d):
     return json.loads(json.dumps(d, default=list))
 
@@ -205,8 +243,8 @@ def run(
     from lossguide.models import class_means, load_classifier, load_denoiser
 
     check_config(cfg)
-    guidance = method_config(cfg.method, **cfg.resolved_params())  # a preset or a spec such as freedom+polyak
-    base = parse_method(cfg.method)[0]
+    guidance, potential = _guidance(cfg)
+    base = cfg.method if cfg.method in PARTICLE_METHODS else parse_method(cfg.method)[0]
     dtype = getattr(torch, cfg.dtype)
     model = load_denoiser(cfg.model, device=cfg.device, dtype=dtype)
     T = getattr(model.denoiser.schedule, "num_train_timesteps", None)
@@ -246,7 +284,7 @@ def run(
     means = class_means(cfg.guide, device=cfg.device, net=guide).to(dtype) if cfg.loss == "class-feature" else None
     guide = guide.to(dtype)  # after μ_y, which the float32 guide computes on its training split
     task_loss = build_loss(cfg, guide, reference, means)  # what is reported as the guide loss, for every method
-    if not applicable(cfg.loss, cfg.method):
+    if potential is None and not applicable(cfg.loss, cfg.method):
         raise ValueError(f"--method {cfg.method} guides with the noise-aware classifier: use it with a class loss")
     noise_aware = lambda: losses.NoisyClassLoss(  # noqa: E731  (cg; a flow model's t is read as VP: x_t/k, τ)
         load_classifier("mnist-noise-aware", device=cfg.device).to(dtype), cfg.target, schedule=model.denoiser.schedule
@@ -254,10 +292,12 @@ def run(
     loss = method_loss(guidance, task_loss, noise_aware)  # the task's rule: cg, naive_grad, or the loss itself
     sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
     check_window(guidance, sampler)  # a window without a guided step fails before the first write
+    if potential is not None:
+        check_sampler(GuidanceEngine(guidance, loss), sampler)  # time travel, cg: refused before the first write
 
     config_text = _config_yaml(cfg, guidance.to_dict())
     with RunFolder(out, overwrite=overwrite).open(config_text) as folder:  # the first write
-        _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress)
+        _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress, potential)
         return finalize(cfg, folder)
 
 
@@ -282,8 +322,10 @@ def _image_classifier(flag: str, name: str, net: torch.nn.Module) -> torch.nn.Mo
     return net
 
 
-def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress) -> None:
-    """The seeds not done yet, in batches of exactly ``cfg.batch`` rows; each seed's PNG and record."""
+def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress, potential=None):
+    """The seeds not done yet, in batches of exactly ``cfg.batch`` rows; each seed's PNG and record. With
+    ``potential``, each seed is the drawn particle of ``cfg.particles`` (:func:`~lossguide.smc.smc`)."""
+
     from lossguide.data import load_mnist
     from lossguide.metrics import noise_like
 
@@ -293,17 +335,12 @@ def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide,
         if n < len(seeds):
             log.info("padding %d seeds to a batch of --batch %d rows (the padding is dropped)", n, len(seeds))
         t0 = time.perf_counter()
-        res = sample(
-            model.denoiser,
-            sampler,
-            guidance,
-            loss,
-            shape=model.sample_shape,
-            seeds=seeds,
-            device=cfg.device,
-            dtype=getattr(torch, cfg.dtype),
-            progress=progress,
-        )
+        kw = {"shape": model.sample_shape, "seeds": seeds, "device": cfg.device, "dtype": getattr(torch, cfg.dtype)}
+        if potential is None:
+            res = sample(model.denoiser, sampler, guidance, loss, progress=progress, **kw)
+        else:
+            res = smc(model.denoiser, sampler, guidance, loss, particles=cfg.particles, potential=potential, **kw)
+        K = cfg.particles or 1
         wall = time.perf_counter() - t0
         x = res.x0.clamp(-1, 1)
         if res.stats.loss_grads:
@@ -329,8 +366,9 @@ def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide,
                 "zero_grad_steps": int(res.stats.zero_grad[k]),
                 "overflow_steps": int(res.stats.overflow[k]),
                 **({"noise_like": bool(noise[k])} if judge is not None else {}),
-                "nfe": res.stats.nfe,
-                "denoiser_grads": res.stats.denoiser_grads,
+                "nfe": res.stats.nfe * K,  # a seed's cost: K particles
+                "denoiser_grads": res.stats.denoiser_grads * K,
+                **({"particles": K, "final_ess": float(res.stats.ess[-1][k])} if potential is not None else {}),
                 "wall_s_per_sample": wall / n,  # the padding's time included: it is what the seeds cost
             })  # fmt: skip
             folder.write_seed(s, png_bytes(to_uint8(x[k])), rec)

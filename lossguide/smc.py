@@ -251,7 +251,12 @@ def particle_method(name: str, **params) -> ParticleMethod:
                              f"are: {', '.join(allowed)}")  # fmt: skip
         guidance = fn(**prop)
     else:
-        guidance = presets.get(proposal, **prop)
+        try:
+            guidance = presets.get(proposal, **prop)
+        except ValueError as e:  # name the particle method's own parameters beside its proposal's
+            own = ", ".join([*spec["potential_params"], "proposal"])
+            raise ValueError(f"particle method {name!r} (proposal {proposal!r}): {e}; {name} itself takes "
+                             f"{own}") from None  # fmt: skip
     return ParticleMethod(name=name, guidance=guidance, potential=POTENTIALS[spec["potential"]](**pot),
                           params={"proposal": proposal, **prop, **pot})  # fmt: skip
 
@@ -357,7 +362,7 @@ def check_sampler(engine: GuidanceEngine, sampler: Sampler) -> None:
         return
     if cfg.loss_input == "x_t":
         raise ValueError(
-            f"smc's twist is exp(−loss(x0_hat)), but '{cfg.name}' calls a noise-aware loss(x_t, t); "
+            f"smc's twist is exp(−loss(x0_hat)), but '{cfg.name}' reads its loss at x_t, loss(x_t, t); "
             "pass loss(x0) -> [B] and a proposal that guides through x0_hat (ugd, dps, freedom, ...)"
         )
     if any(engine.recurrences(sampler, i) > 1 for i in range(len(sampler))):
@@ -370,6 +375,24 @@ def check_sampler(engine: GuidanceEngine, sampler: Sampler) -> None:
             f"smc weighs the guided proposal '{cfg.name}' by its Gaussian step density, but {what}; use "
             "DDPM(schedule) or DDIM(schedule, n, eta=1.0), or guidance=None (FK with the plain sampler)"
         )
+
+
+def proposal_refusal(guidance: GuidanceConfig, steps: int = 50) -> str | None:
+    """Why :func:`smc` cannot take ``guidance`` as its proposal on a stochastic DDIM of ``steps`` steps (time travel, a
+    noise-aware loss): :func:`check_sampler`'s one-line message, or None where it can."""
+    from lossguide.augment import GaussianJitter
+    from lossguide.schedule import NoiseSchedule
+
+    if guidance.loss_input == "x_t":  # the method's own loss form, so the refusal is smc's, not the engine's
+        loss = lambda x_t, t: x_t.flatten(1).sum(1)  # noqa: E731
+    else:
+        loss = lambda x0: x0.flatten(1).sum(1)  # noqa: E731
+    engine = GuidanceEngine(guidance, loss, augment=GaussianJitter(0.1))  # any augmentation: only its presence
+    try:
+        check_sampler(engine, DDIM(NoiseSchedule.linear(), steps, eta=1.0))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def smc(

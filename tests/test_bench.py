@@ -168,6 +168,12 @@ def test_a_damaged_or_foreign_shard_is_computed_again(tmp_path):
     (["--tasks", "sketch", "--methods", "cg"], r"no method of --methods cg applies to --tasks sketch .*0 cells"),
     (["--tasks", "oracle-linear", "--norm", "l2"], r"--norm l2 has no effect on --tasks oracle-linear: .*drop it"),
     (["--no-tune", "--settings", "s.json"], r"--no-tune and --settings both replace tuning .*pass one of them"),
+    (["--particles", "2"], r"DDIM η = 0 is deterministic; add --ddim-eta 1"),
+    (["--particles", "0", "--ddim-eta", "1"], r"--particles must be an integer ≥ 1 .*got 0"),
+    (["--potential", "fk"], r"--potential fk weighs particles: add --particles K, or drop it"),
+    (["--particles", "2", "--ddim-eta", "1", "--best-of", "2"], r"--best-of and --particles .*pass one of them"),
+    (["--particles", "2", "--ddim-eta", "1", "--methods", "none,shen2024"],
+     r"--particles: shen2024 cannot be the proposal: 'shen2024' time-travels .*drop it from --methods"),
 ])  # fmt: skip
 def test_bench_settings_without_effect_are_refused(extra, message, tmp_path, capsys, monkeypatch):
     from lossguide.cli import main
@@ -199,3 +205,45 @@ def test_a_diverged_cell_scores_inf_fid_and_ranks_last():
     assert [r["judge_label"] == -1 for r in recs] == [False, True, False, False] and recs[1]["noise_like"]
     s = task.summary(recs)
     assert s["diverged"] == 0.25 and s["fid"] == math.inf and task.objective(s, 10.0) == -math.inf
+
+
+# -- issue 25: --particles on bench -------------------------------------------------------------------------
+PARTICLE_TINY = ["bench", "--tasks", "oracle-linear", "--steps", "3", "--n-eval", "4", "--batch", "2", "--no-tune",
+                 "--ddim-eta", "1"]  # fmt: skip
+
+
+def _particle_rows(out: Path, *extra) -> dict:
+    from lossguide.cli import main
+
+    assert main([*PARTICLE_TINY, "--out", str(out), *extra]) == 0
+    return {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+
+
+def test_bench_particles_one_fk_particle_is_the_plain_run_and_k_multiplies_nfe(tmp_path):
+    """fk's potential over the unguided prior with K = 1 never resamples: the cell is the plain cell (same seeds,
+    DDIM η = 1); K = 4 costs 4 × the NFE, draws other samples, and its shards and config name the particles."""
+    plain = _particle_rows(tmp_path / "plain", "--methods", "none")["none"]
+    one = _particle_rows(tmp_path / "one", "--methods", "none", "--particles", "1", "--potential", "fk")["none"]
+    four = _particle_rows(tmp_path / "four", "--methods", "none", "--particles", "4", "--potential", "fk")["none"]
+    assert one["sw_to_posterior"] == pytest.approx(plain["sw_to_posterior"], rel=1e-12)
+    assert one["nfe"] == plain["nfe"] == 3 and four["nfe"] == 4 * one["nfe"]
+    assert four["sw_to_posterior"] != pytest.approx(one["sw_to_posterior"], rel=1e-6)
+    shards = list((tmp_path / "four" / "shards").rglob("*.json"))
+    assert shards and all(json.loads(p.read_text())["settings"]["particles"] == 4 for p in shards)
+    config = json.loads((tmp_path / "four" / "config.json").read_text())
+    assert config["particles"] == 4 and config["potential"] == "fk"
+    assert "particles" not in json.loads((tmp_path / "plain" / "config.json").read_text())  # old runs resume
+
+
+def test_bench_particles_skip_the_default_methods_that_cannot_propose(tmp_path, capsys):
+    """Without --methods, --particles runs every preset with a Gaussian proposal density and names the rest."""
+    from lossguide.harness.methods import METHODS
+    from lossguide.smc import proposal_refusal
+
+    rows = _particle_rows(tmp_path / "all", "--particles", "2", "--n-eval", "2")
+    refused = {m for m in METHODS if proposal_refusal(method_config(m, None), 3)}
+    assert refused == {"cg", "shen2024", "naive_grad"}  # noise-aware, time-travelling, ℓ read at x_t
+    assert set(rows) == set(METHODS) - refused
+    assert all(r["nfe"] % 2 == 0 for r in rows.values())
+    err = capsys.readouterr().err
+    assert "--particles: skipping" in err and all(m in err for m in refused)

@@ -351,6 +351,15 @@ def test_a_damaged_seed_is_redone(damage, tmp_path, caplog):
     (["--seeds", "18446744073709551616"], r"seed 18446744073709551616 .* above the largest seed, 2\*\*63 − 1"),
     (["--judge", "mnist-noise-aware"], r"--judge mnist-noise-aware does not map digits .* pass an image classifier"),
     (["--guide", "mnist-noise-aware"], r"--guide mnist-noise-aware does not map digits"),
+    (["--method", "tds"], r"--method tds is a particle method .* add --particles K"),
+    (["--particles", "0", "--ddim-eta", "1"], r"--particles must be an integer ≥ 1, got 0"),
+    (["--potential", "fk"], r"--potential fk weighs particles: add --particles K"),
+    (["--particles", "2"], r"DDIM η = 0 is deterministic; add --ddim-eta 1"),
+    (["--method", "fk", "--particles", "2", "--ddim-eta", "1", "--potential", "tds"], r"own potential \(fk\)"),
+    (["--method", "shen2024", "--particles", "2", "--ddim-eta", "1"], r"'shen2024' time-travels .* set n_recur=1"),
+    (["--method", "cg", "--particles", "2", "--ddim-eta", "1"], r"'cg' reads its loss at x_t"),
+    (["--method", "fk", "--particles", "2", "--ddim-eta", "1", "--set", "bogus=1"],
+     r"particle method 'fk' \(proposal 'none'\): .*no parameter 'bogus'.*fk itself takes lam, proposal"),
 ])  # fmt: skip
 def test_bad_seeds_out_and_classifiers_fail_before_the_first_write(flags, message, tmp_path, capsys, monkeypatch):
     import re
@@ -399,3 +408,41 @@ def test_format_seeds_is_read_back_by_parse_seeds(seeds):
 
     spec = format_seeds(seeds)
     assert parse_seeds(spec) == seeds and len(spec) <= len(",".join(map(str, seeds)))
+
+
+# -- issue 25: --particles on sample ---------------------------------------------------------------------------
+PARTICLES = dict(steps=3, ddim_eta=1.0, dtype="float64")
+
+
+@shipped
+def test_particles_on_sample_are_per_seed_and_count_k_times_the_work(tmp_path):
+    """--method tds --particles 3 (float64): seed 6 alone equals seed 6 beside seed 5 (its K particles, weights and
+    draw are its own), and a seed's NFE is 3 × one particle's."""
+    cfg = dict(method="tds", particles=3, **PARTICLES)
+    pair = run(SampleConfig(seeds=[5, 6], batch=2, **cfg), tmp_path / "pair", progress=False)["per_sample"]
+    alone = run(SampleConfig(seeds=[6], batch=1, **cfg), tmp_path / "alone", progress=False)["per_sample"]
+    one = run(SampleConfig(seeds=[6], batch=1, **{**cfg, "particles": 1}), tmp_path / "one", progress=False)
+    assert alone[0]["guide_loss"] == pytest.approx(pair[1]["guide_loss"], rel=1e-9, abs=0)
+    assert alone[0]["final_ess"] == pytest.approx(pair[1]["final_ess"], rel=1e-9, abs=0)
+    assert pair[0]["guide_loss"] != pytest.approx(pair[1]["guide_loss"], rel=1e-3)  # the seeds differ
+    r1 = one["per_sample"][0]
+    assert alone[0]["particles"] == 3 and r1["particles"] == 1 and r1["final_ess"] == 1.0
+    assert alone[0]["nfe"] == 3 * r1["nfe"] > 0 and alone[0]["denoiser_grads"] == 3 * r1["denoiser_grads"] > 0
+    assert 1.0 <= alone[0]["final_ess"] <= 3.0
+    import yaml
+
+    written = yaml.safe_load((tmp_path / "alone" / "config.yaml").read_text())
+    assert written["particles"] == 3 and written["guidance"]["name"] == "tds"
+
+
+@shipped
+def test_one_fk_particle_is_the_unguided_run(tmp_path):
+    """fk's proposal is the prior, and one particle never resamples: --method fk --particles 1 is --method none
+    (float64, the same seeds), and a single-particle config.yaml carries no particle keys."""
+    fk = run(
+        SampleConfig(method="fk", particles=1, seeds=[2, 3], batch=2, **PARTICLES), tmp_path / "fk", progress=False
+    )
+    none = run(SampleConfig(method="none", seeds=[2, 3], batch=2, **PARTICLES), tmp_path / "none", progress=False)
+    for a, b in zip(fk["per_sample"], none["per_sample"], strict=True):
+        assert a["guide_loss"] == pytest.approx(b["guide_loss"], rel=1e-9, abs=0)
+    assert "particles" not in (tmp_path / "none" / "config.yaml").read_text()

@@ -41,6 +41,7 @@ from lossguide.harness.tuning import beam_search, tune_seeds
 from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
+from lossguide.smc import proposal_refusal, smc
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,15 @@ class BenchConfig:
     ddim_eta: float = 0.0  # 0: deterministic DDIM; 1: stochastic, as the paper's code
     settings_file: str | None = None  # step parameters from an earlier run's settings.json (no tuning)
     norm: str = "squared"  # the NORM_TASKS' residual: ‖r‖² or ‖r‖ ("l2", the paper's code)
+    particles: int | None = None  # K weighted particles per seed (lossguide.smc), each method their proposal
+    potential: str | None = None  # the particles' potential (smc.POTENTIALS; None: tds)
+
+    def to_dict(self) -> dict:
+        """The config as ``config.json`` holds it: a single-particle run's has no particle keys (as before them)."""
+        d = asdict(self)
+        if self.particles is None:
+            del d["particles"], d["potential"]
+        return d
 
     def validate(self) -> None:
         """One-line errors naming the flag: unknown tasks/methods, counts out of range, an unreadable --settings."""
@@ -101,6 +111,32 @@ class BenchConfig:
             raise ValueError(f"--ddim-eta must be a finite number ≥ 0, got {self.ddim_eta}")
         if self.settings_file is not None:
             read_settings(self.settings_file)
+        self._check_particles()
+
+    def _check_particles(self) -> None:
+        """--particles K: every method must be a Gaussian proposal (:func:`~lossguide.smc.proposal_refusal`), on a
+        stochastic DDIM, with no second way of spending compute (--best-of)."""
+        from lossguide.smc import POTENTIALS
+
+        K = self.particles
+        if K is None:
+            if self.potential is not None:
+                raise ValueError(f"--potential {self.potential} weighs particles: add --particles K, or drop it")
+            return
+        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+            raise ValueError(f"--particles must be an integer ≥ 1 (particles per seed), got {K!r}")
+        if self.potential is not None and self.potential not in POTENTIALS:
+            raise ValueError(f"--potential must be one of {', '.join(POTENTIALS)}, got {self.potential!r}")
+        if not self.ddim_eta > 0:
+            raise ValueError(f"--particles weighs each step by its Gaussian density, but DDIM η = {self.ddim_eta:g} "
+                             "is deterministic; add --ddim-eta 1")  # fmt: skip
+        if self.best_of > 1:
+            raise ValueError("--best-of and --particles are two ways to spend a seed's compute; pass one of them")
+        for m in self.methods:
+            why = proposal_refusal(method_config(m, None), min(self.steps))
+            if why is not None:
+                raise ValueError(f"--particles: {m} cannot be the proposal: {why.split(';')[0]}; drop it from "
+                                 "--methods")  # fmt: skip
 
     @staticmethod
     def quick() -> BenchConfig:
@@ -184,12 +220,16 @@ class Bench:
     def shard_settings(self, phase: str, task: str, method: str, value: float | None) -> dict:
         """Every setting besides the shard's own fields that changes its numbers (hashed into its key)."""
         oracle = task in ORACLE_TASKS
+        K = self.cfg.particles
         return {
             "guidance": method_config(method, value, oracle).to_dict(),
             "ddim_eta": self.cfg.ddim_eta,
             "best_of": self.cfg.best_of if phase == "eval" else 1,
             "norm": self.cfg.norm if task in NORM_TASKS else None,
             "device": "cpu" if oracle else str(self.cfg.device),
+            **(
+                {} if K is None else {"particles": K, "potential": self.cfg.potential or "tds"}
+            ),  # single-particle keys unchanged
         }
 
     def shard_key(self, phase: str, task: str, method: str, value: float | None) -> str:
@@ -220,31 +260,31 @@ class Bench:
             torch.cuda.reset_peak_memory_stats(device)
         denoiser = task.denoiser()
         rows = [s for s in seeds for _ in range(n_cand)]
+        K = self.cfg.particles
+        sampler = DDIM(denoiser.schedule, sh.steps, eta=self.cfg.ddim_eta)
+        kw = {"shape": task.shape, "seeds": cand_seeds, "dtype": dtype, "device": device, "augment": task.augment}
         t0 = time.perf_counter()
-        res = sample(
-            denoiser,
-            DDIM(denoiser.schedule, sh.steps, eta=self.cfg.ddim_eta),
-            cfg,
-            method_loss(cfg, task.loss(rows), lambda: task.loss(rows, noise_aware=True)) if cfg.enabled else None,
-            shape=task.shape,
-            seeds=cand_seeds,
-            dtype=dtype,
-            device=device,
-            augment=task.augment,
-        )
+        if K is None:
+            loss = method_loss(cfg, task.loss(rows), lambda: task.loss(rows, noise_aware=True))
+            res = sample(denoiser, sampler, cfg, loss if cfg.enabled else None, **kw)
+        else:  # the method proposes, the clean loss of each particle's seed weighs (rows: seed-major, as smc's)
+            loss = task.loss([s for s in rows for _ in range(K)])
+            res = smc(denoiser, sampler, cfg if cfg.enabled else None, loss, particles=K,
+                      potential=self.cfg.potential or "tds", **kw)  # fmt: skip
         wall = time.perf_counter() - t0
         x = res.x0 if task.oracle else res.x0.clamp(-1, 1)
         if n_cand > 1:  # best-of-N: the candidate with the lowest guide loss; NFE counts every candidate
             with torch.no_grad():
                 L = task.loss([s for s in seeds for _ in range(n_cand)])(x).view(len(seeds), n_cand)
             x = x.view(len(seeds), n_cand, *x.shape[1:])[torch.arange(len(seeds)), L.argmin(1)]
+        runs = n_cand * (K or 1)  # what a seed costs: its candidates or its particles
         rec = {
             "shard": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(sh).items()},
             "config": cfg.to_dict(),
             "settings": self.shard_settings(sh.phase, sh.task, sh.method, sh.value),
-            "nfe_per_sample": res.stats.nfe * n_cand,
-            "denoiser_grads_per_sample": res.stats.denoiser_grads * n_cand,
-            "loss_grads_per_sample": res.stats.loss_grads * n_cand,
+            "nfe_per_sample": res.stats.nfe * runs,
+            "denoiser_grads_per_sample": res.stats.denoiser_grads * runs,
+            "loss_grads_per_sample": res.stats.loss_grads * runs,
             "skipped_steps": int(res.stats.skipped.sum()),
             "wall_s": wall,
             "peak_mem_mb": _peak_mem_mb(device),
@@ -423,7 +463,7 @@ def check_config(cfg: BenchConfig, out: Path, overwrite: bool = False) -> None:
     """Refuse to mix two configs in one folder; ``overwrite`` deletes the other config's shards and outputs first."""
     out = Path(out)
     f = out / "config.json"
-    text = json.dumps(asdict(cfg), indent=2) + "\n"
+    text = json.dumps(cfg.to_dict(), indent=2) + "\n"
     if f.exists() and f.read_text() != text:
         if not overwrite:
             raise ValueError(f"{out} holds a bench run with a different config; pass another --out, or --overwrite "

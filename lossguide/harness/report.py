@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +24,7 @@ class Bench(Protocol):
     def step_value(self, settings: dict, task: str, method: str): ...
 
     def shards(self, phase: str, task: str, method: str, value, steps: int, seeds: list[int]) -> list: ...
+
 
 TIMING_KEYS = ("wall_s_per_sample", "peak_mem_mb")
 TABLE_COLS = {
@@ -47,8 +47,8 @@ def write_outputs(bench: Bench, rows: list[dict], settings: dict) -> None:
     s0 = TUNE_SEED0["bench"]
     flat = [{k: v for k, v in r.items() if k != "per_class_validity"} for r in rows]
     write_csv(out / "results.csv", flat)
-    atomic_write_json(out / "results.json", {"config": asdict(cfg), "settings": settings, "rows": rows})
-    lines = ["# lossguide bench", "", f"Config: `{json.dumps(asdict(cfg))}`", "",
+    atomic_write_json(out / "results.json", {"config": cfg.to_dict(), "settings": settings, "rows": rows})
+    lines = ["# lossguide bench", "", f"Config: `{json.dumps(cfg.to_dict())}`", "",
              f"Evaluation seeds 0–{cfg.n_eval - 1}; tuning seeds {s0}–{s0 + cfg.n_tune - 1}; "
              "NFE and gradients are per sample (best-of-N counts every candidate).", ""]  # fmt: skip
     for task in cfg.tasks:

@@ -100,20 +100,6 @@ def run_one(task: OracleTask, name: str, params: dict, schedule, seeds, steps: i
     return row
 
 
-def particle_refusal(cfg, steps: int) -> str | None:
-    """Why :func:`~lossguide.smc.smc` cannot take ``cfg`` as its proposal (None: it can)."""
-    from lossguide.guidance import GuidanceEngine
-    from lossguide.smc import check_sampler
-
-    try:
-        check_sampler(
-            GuidanceEngine(cfg, lambda x0: x0.sum(1)), DDIM(NoiseSchedule.linear(), steps, eta=PARTICLE_ETA)
-        )
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 #: DDIM η of ``--particles`` runs (the particle weights need the step's Gaussian density)
 PARTICLE_ETA = 1.0
 
