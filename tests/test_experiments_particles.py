@@ -27,5 +27,8 @@ def test_particles_quick_writes_files_and_fk_beats_one_particle(tmp_path):
 
     fk1, fk4 = sw("class", "fk", 1), sw("class", "fk", 4)
     assert fk4 < 0.5 * fk1, (fk1, fk4)
-    assert sw("linear", "tds", 4) == data["summary"]["linear"]["sw"]["tds"]["4"]
+    limits = [r for r in rows if r["method"] == "SMC limit (K → ∞)"]
+    assert [(r["task"][:5], r["steps"], r["K"]) for r in limits] == [("class", 10, 4096), ("linea", 10, 4096)]
+    assert all(1 < r["pool_ess"] <= 4096 and r["sw_min"] <= r["sw_to_posterior"] <= r["sw_max"] for r in limits)
+    assert sw("linear", "tds", 4) == data["summary"]["linear"]["steps"]["10"]["sw"]["tds"]["4"]
     assert "Reading" in (tmp_path / "report.md").read_text() and "target_holds" in summary
