@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lossguide.harness.methods import method_config, parse_method, tuned_param
+from lossguide.harness.methods import label, method_config, parse_method, tuned_param
 from lossguide.harness.report import comparable
 from lossguide.harness.tuning import beam_search
 
@@ -46,6 +46,10 @@ def test_method_specs_parse_and_fail_clearly():
         parse_method("nope+ra")
     with pytest.raises(ValueError, match="unknown modifier '\\+x'"):
         parse_method("dps+x")
+    assert [label(s) for s in ("freedom", "freedom+polyak+ra", "shen2024-tt", "freedom+lossgap")] == [
+        "freedom", "freedom + Polyak + RA", "shen2024 − time travel", "freedom + loss gap"]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown modifier"):
+        label("dps+x")
 
 
 def _bench(out: Path, *extra, launcher=()):

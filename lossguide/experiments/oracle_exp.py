@@ -10,6 +10,7 @@ import torch
 
 from lossguide.augment import policy
 from lossguide.experiments import command_line, one_thread
+from lossguide.harness.methods import label as method_label
 from lossguide.harness.methods import method_config
 from lossguide.harness.settings import step_or_start
 from lossguide.harness.tasks import oracle as oracle_task
@@ -27,12 +28,9 @@ def technique_variants(settings: dict, kind: str) -> dict:
     augmentation is Gaussian jitter, std 0.05)."""
     store = {kind: settings.get(kind, {})}
     scale, eta = (step_or_start(kind, m, store, oracle=True) for m in ("freedom", "shen2024"))
-    specs = {"freedom": ("freedom", scale), "freedom + RA": ("freedom+ra", scale),
-             "freedom + Polyak": ("freedom+polyak", eta), "freedom + time travel": ("freedom+tt", scale),
-             "shen2024 (all three)": ("shen2024", eta), "shen2024 − RA": ("shen2024-ra", eta),
-             "shen2024 − Polyak": ("shen2024-polyak", scale),
-             "shen2024 − time travel": ("shen2024-tt", eta)}  # fmt: skip
-    return {label: method_config(spec, v, oracle=True) for label, (spec, v) in specs.items()}
+    specs = [("freedom", scale), ("freedom+ra", scale), ("freedom+polyak", eta), ("freedom+tt", scale),
+             ("shen2024", eta), ("shen2024-ra", eta), ("shen2024-polyak", scale), ("shen2024-tt", eta)]  # fmt: skip
+    return {method_label(spec): method_config(spec, v, oracle=True) for spec, v in specs}
 
 
 def _grad_lipschitz(loss, x: torch.Tensor, radius: float, seed: int, with_norm: bool = False):

@@ -20,6 +20,8 @@ from lossguide.steps import Polyak
 #: every preset is a method (a new preset in :data:`lossguide.presets.PRESETS` needs only its tuner start below)
 METHODS = tuple(presets.PRESETS)
 MODIFIERS = ("+ra", "+polyak", "+tt", "+lossgap", "-ra", "-polyak", "-tt")
+#: how tables and figures name each modifier's technique (:func:`label`)
+TECHNIQUE_LABELS = {"ra": "RA", "polyak": "Polyak", "tt": "time travel", "lossgap": "loss gap"}
 #: method → (step parameter, MNIST start, oracle start) of the tuners; an MNIST start of None is the preset's own
 #: default (its signature: shen2024's η is written once, in presets.py); a Polyak step (``+polyak``) starts at
 #: shen2024's η, ``shen2024-polyak`` at FreeDoM's scale
@@ -53,6 +55,13 @@ def parse_method(spec: str) -> tuple[str, list[str]]:
     if base == "none" and mods:
         raise ValueError("'none' takes no modifiers")
     return base, mods
+
+
+def label(spec: str) -> str:
+    """The display label of method ``spec``, derived from it: ``"freedom+ra"`` → "freedom + RA", ``"shen2024-tt"`` →
+    "shen2024 − time travel"."""
+    base, mods = parse_method(spec)
+    return " ".join([base, *(f"{'+' if m[0] == '+' else '−'} {TECHNIQUE_LABELS[m[1:]]}" for m in mods)])
 
 
 def tuned_param(spec: str, oracle: bool = False) -> tuple[str, float] | None:
