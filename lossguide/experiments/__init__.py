@@ -34,6 +34,7 @@ EXPERIMENTS: dict[str, str] = {
     "optimization": "lossguide.experiments.optimization:run",
     "particles": "lossguide.experiments.particles:run",
     "transfer": "lossguide.experiments.transfer:run",
+    "contraction": "lossguide.experiments.contraction:run",
 }
 
 
