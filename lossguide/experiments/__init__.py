@@ -35,6 +35,7 @@ EXPERIMENTS: dict[str, str] = {
     "particles": "lossguide.experiments.particles:run",
     "transfer": "lossguide.experiments.transfer:run",
     "contraction": "lossguide.experiments.contraction:run",
+    "solver-error": "lossguide.experiments.solver_error:run",
 }
 
 
