@@ -222,9 +222,16 @@ def _run(out, quick: bool) -> dict:
     sharp = [r for r in rows_g if r["classifier"].startswith("sharpened")]
     monotone = all(a["lipschitz_max"] >= b["lipschitz_max"] for a, b in zip(sharp, sharp[1:], strict=False))
     aug_rows = {(r["n_aug"], r["radius"]): r for r in rows_a}
+    # Prop. 4.1 bounds a Lipschitz constant, a supremum: the verdict reads the 90th percentile of the estimate.
+    # Changed after the runs (it read the median relative to the gradient norm); both are reported.
     aug_smooths = bool(rows_a) and all(
+        aug_rows[(10, rad)]["lipschitz_p90"] < aug_rows[(0, rad)]["lipschitz_p90"] for rad in (0.1, 1.0)
+    )
+    aug_relative = bool(rows_a) and all(
         aug_rows[(10, rad)]["relative_median"] < aug_rows[(0, rad)]["relative_median"] for rad in (0.1, 1.0)
     )
+    aug_ratio = {k: {rad: aug_rows[(10, rad)][k] / aug_rows[(0, rad)][k] for rad in (0.1, 1.0)} if rows_a else {}
+                 for k in ("lipschitz_p90", "lipschitz_median", "relative_median")}  # fmt: skip
 
     def tech(kind, label):
         return next(r["sw_to_posterior"] for r in tech_rows if r["task"].startswith(kind) and r["method"] == label)
@@ -284,8 +291,15 @@ def _run(out, quick: bool) -> dict:
         f"({monotone}): smoothing tames a brittle loss, "
         f"**{'confirmed' if stein_ok and monotone else 'not confirmed'}**"
         f"{'' if bound_ok else ' (the 2C/σ form is not)'}. "
-        f"(3) Prop. 4.1 on the MNIST guide: |T| = 10 augmentation lowers the median relative gradient Lipschitz "
-        f"estimate at both radii: **{'confirmed' if aug_smooths else 'not confirmed'}**. "
+        f"(3) Prop. 4.1 on the MNIST guide (it bounds a Lipschitz constant, a supremum; the rule reads the 90th "
+        f"percentile of the estimate, changed after the runs from the median relative to the gradient norm): |T| = 10 "
+        f"augmentation lowers the p90 estimate at both radii: **{'confirmed' if aug_smooths else 'not confirmed'}** "
+        f"(× {', '.join(f'{v:.2g}' for v in aug_ratio['lipschitz_p90'].values())} at radii 0.1, 1); the median "
+        f"relative estimate falls too ({aug_relative}; × "
+        f"{', '.join(f'{v:.2g}' for v in aug_ratio['relative_median'].values())}), while the median absolute "
+        f"estimate rises × {', '.join(f'{v:.2g}' for v in aug_ratio['lipschitz_median'].values())}: the unaugmented "
+        "guide's loss is flat (saturated) at most points, so augmentation makes the typical gradient larger and "
+        "rougher while it removes the worst-case spikes. "
         f"(4) Each technique added to FreeDoM on the oracle: it helps in {n_help} of 6 (task, technique) cases: "
         + ", ".join(f"{k[0]}/{k[1]} {'helps' if v else 'does not help'}" for k, v in helps.items())
         + ". The oracle's loss is the exact Bayes classifier, smooth already, so the misaligned-gradient "
@@ -295,7 +309,8 @@ def _run(out, quick: bool) -> dict:
                  {"n": n, "steps": steps, "rows": rows, "technique_rows": tech_rows, "smoothing_gaussian": rows_g,
                   "smoothing_augmentation": rows_a, "cg_beats_none": beats, "bound_holds": bound_ok,
                   "stein_bound_holds": stein_ok,
-                  "augmentation_smooths": aug_smooths})  # fmt: skip
+                  "augmentation_smooths": aug_smooths, "augmentation_relative_median_falls": aug_relative,
+                  "augmentation_ratios_T10_over_T0": aug_ratio})  # fmt: skip
     return {
         "headline": head,
         "cg_beats_none": beats,
