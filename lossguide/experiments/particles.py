@@ -1,6 +1,7 @@
 """``lossguide experiment particles``: particle methods (TDS, Wu et al. 2023; FK steering, Singhal et al. 2025)
 against the Gaussian-mixture oracle's exact posterior as K grows, beside best-of-N at equal K, the single-particle
-presets at their stored settings and the noise floor of n exact posterior samples."""
+presets at their stored settings, the noise floor of n exact posterior samples and the SMC limit at each step count, in
+every family; and on MNIST (:mod:`~lossguide.experiments.particles_mnist`) quality against compute beside best-of-N."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lossguide.experiments import command_line, one_thread
+from lossguide.experiments import command_line, one_thread, particles_mnist
 from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.harness.tasks.oracle import POSTERIOR_SEED, oracle_tasks, posterior_samples
 from lossguide.metrics import sliced_wasserstein
@@ -292,6 +293,8 @@ def _run(out, quick: bool) -> dict:
     rep = _repeat_summary(rows, repeat_rows, summary["linear"]["floor"], target_steps) if repeat_rows else None
     write_csv(out / "results.csv", rows)
     write_csv(out / "families.csv", family_rows)
+    mnist_rows, mnist_floor, mnist_body = particles_mnist.run(out, quick)
+    write_csv(out / "mnist.csv", mnist_rows)
     _figure(out, rows, summary, ks)
     runtime = time.perf_counter() - t_start
 
@@ -392,10 +395,13 @@ def _run(out, quick: bool) -> dict:
         "## Reading",
         "",
         _reading(summary, ks, n, quick, target, target_steps, rep),
+        "",
+        *mnist_body,
     ]
     data = {"n_seeds": n, "seeds": [0, n - 1], "steps": list(step_counts), "target_steps": target_steps, "eta": ETA,
             "K": list(ks), "chunk": CHUNK, "floor_draws": FLOOR_DRAWS, "limit_pool": pool, "rows": rows,
             "family_rows": family_rows, "families": families, "family_K": list(fks),
+            "mnist_rows": mnist_rows, "mnist_fid_floor": mnist_floor,
             "summary": summary, "target_holds": target, "repeat_rows": repeat_rows, "repeat_summary": rep,
             "runtime_s": runtime}  # fmt: skip
     write_report(out, "Particles (TDS, FK) against the exact posterior", command_line("particles", quick), body, data)
