@@ -166,6 +166,7 @@ def _check_sample_models(cfg) -> None:
 
 def cmd_sample(args) -> int:
     from lossguide import run_sample
+    from lossguide.runfolder import parse_seeds
 
     expect = None
     if args.config is not None:
@@ -181,7 +182,7 @@ def cmd_sample(args) -> int:
         cfg = run_sample.SampleConfig(
             model=args.model, guide=args.guide, judge=args.judge, loss=args.loss, norm=args.norm, target=args.target,
             reference=args.reference, method=args.method, params=run_sample.parse_params(args.set),
-            steps=args.steps, ddim_eta=args.ddim_eta, seeds=run_sample.parse_seeds(args.seeds), batch=args.batch,
+            steps=args.steps, ddim_eta=args.ddim_eta, seeds=parse_seeds(args.seeds), batch=args.batch,
             device=args.device, dtype=args.dtype, particles=args.particles, potential=args.potential,
         )  # fmt: skip
     _check_sample_models(cfg)
@@ -367,9 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress; show an error's traceback")
     ap.add_argument("--version", action="version", version=f"lossguide {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
+    from lossguide.harness.tasks import MNIST_TASKS
+    from lossguide.losses import NORMS
     from lossguide.presets import PRESETS
-    from lossguide.run_sample import LOSSES, SampleConfig
+    from lossguide.run_sample import DTYPES, SampleConfig
     from lossguide.runfolder import format_seeds
+    from lossguide.smc import POTENTIALS
 
     S = SampleConfig()  # the sample flags' defaults are the config's
     P = _defaults(PRESETS["shen2024"])  # the help quotes the preset's signature
@@ -384,10 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=S.model, help="shipped name, diffusers folder or hub id")
     p.add_argument("--guide", default=S.guide, help="classifier that guides (shipped name)")
     p.add_argument("--judge", default=S.judge, help="classifier that evaluates (never guides)")
-    p.add_argument("--loss", default=S.loss, choices=LOSSES,
+    p.add_argument("--loss", default=S.loss, choices=MNIST_TASKS,
                    help="guidance loss: class-feature is ‖guide features − target class mean‖ (the default), class "
                    "the guide's cross-entropy (saturating: pair it with --set polyak_gap=loss)")  # fmt: skip
-    p.add_argument("--norm", default=S.norm, choices=["squared", "l2"],
+    p.add_argument("--norm", default=S.norm, choices=NORMS,
                    help="sketch/inpaint/sr residual: ‖r‖² or ‖r‖ (l2, as the paper's code)")  # fmt: skip
     p.add_argument("--target", type=int, default=S.target, help="target digit class")
     p.add_argument("--reference", type=int, default=S.reference, help="held-out reference digit (sketch/inpaint/sr)")
@@ -415,11 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", type=int, default=S.particles, metavar="K",
                    help="K weighted particles per seed (lossguide.smc; needs --ddim-eta > 0): the method is their "
                    "proposal, each seed's sample the drawn particle; NFE per seed = K × per particle")  # fmt: skip
-    p.add_argument("--potential", choices=("tds", "fk"), default=S.potential,
+    p.add_argument("--potential", choices=tuple(POTENTIALS), default=S.potential,
                    help="the particles' potential (default: tds, or a particle method's own)")  # fmt: skip
     p.add_argument("--out", type=_folder, default=Path("runs/sample"), help="run folder")
     p.add_argument("--device", default=S.device, help="torch device")
-    p.add_argument("--dtype", default=S.dtype, choices=["float32", "float64"],
+    p.add_argument("--dtype", default=S.dtype, choices=DTYPES,
                    help="models and sampler state; float64 makes a seed's numbers the same at any --batch (float32 "
                    "kernels round differently for another batch size, and guidance amplifies it)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a run folder with a different config")
@@ -464,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-settings", action="store_true", help="with --tune: store the chosen settings")
     p.add_argument("--particles", type=int, default=None,
                    help="K particles per seed: each method is the proposal of lg.smc (DDIM eta=1)")  # fmt: skip
-    p.add_argument("--potential", choices=("tds", "fk"), default="tds", help="the particles' potential (--particles)")
+    p.add_argument("--potential", choices=tuple(POTENTIALS), default="tds", help="the particles' potential (--particles)")
     p.set_defaults(func=_one_thread(cmd_oracle))
 
     p = sub.add_parser(
@@ -517,19 +521,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ddim-eta", type=float, default=None,
                    help=f"DDIM η (0 deterministic, 1 stochastic; default {B.ddim_eta:g})")  # fmt: skip
-    p.add_argument("--norm", default=None, choices=["squared", "l2"],
+    p.add_argument("--norm", default=None, choices=NORMS,
                    help="sketch/inpaint/sr (and class+sketch's sketch term) residual: ‖r‖² (squared) or ‖r‖ "
                    f"(l2, the paper's code); default {B.norm}")  # fmt: skip
     p.add_argument("--best-of", type=int, default=None, help="keep the lowest-loss of N candidates per seed")
     p.add_argument("--particles", type=int, default=None, metavar="K",
                    help="K weighted particles per seed (lossguide.smc; needs --ddim-eta > 0), each method their "
                    "proposal; NFE per seed = K × per particle; tuning runs with the particles too")  # fmt: skip
-    p.add_argument("--potential", choices=("tds", "fk"), default=None,
+    p.add_argument("--potential", choices=tuple(POTENTIALS), default=None,
                    help="the particles' potential (default tds)")  # fmt: skip
     p.add_argument("--batch", type=int, default=None, help=f"seeds per shard and batch (default {B.batch})")
     p.add_argument("--quick", action="store_true", help="a tiny grid for CI (numbers are not meaningful)")
     p.add_argument("--out", type=_folder, default=Path("runs/bench"), help="run folder")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", default=B.device, help="torch device")
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -22,14 +22,13 @@ from lossguide.guidance import GuidanceEngine, check_window, resolve_augment
 from lossguide.harness.methods import method_config, parse_method
 from lossguide.harness.tasks import MNIST_TASKS, NORM_TASKS, applicable, method_loss
 from lossguide.harness.tasks import mnist as mnist_task
-from lossguide.runfolder import RunFolder, fixed_batches, grid, parse_seeds, png_bytes, seeds_from, to_uint8  # noqa: F401
+from lossguide.runfolder import RunFolder, fixed_batches, grid, png_bytes, seeds_from, to_uint8
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 from lossguide.smc import PARTICLE_METHODS, POTENTIALS, check_sampler, particle_method, smc
 
 log = logging.getLogger(__name__)
 
-LOSSES = MNIST_TASKS
 MNIST_SHAPE = (1, 28, 28)  # what the guide, the judge and the reference digits take
 MNIST_METRICS = ("judge_validity", "guide_validity", "mean_guide_loss", "mean_judge_confidence", "noise_like")
 
@@ -115,7 +114,6 @@ def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:
 
 #: SampleConfig fields that no recipe has: a file with one of them is a sample config (whatever its other keys)
 SAMPLE_ONLY = ("guide", "judge", "norm", "target", "reference", "steps", "ddim_eta")
-REF_LOSSES = NORM_TASKS  # the losses that use --reference and --norm
 DTYPES = ("float32", "float64")
 
 
@@ -181,14 +179,14 @@ def check_config(cfg: SampleConfig) -> None:
     _check_particles(cfg)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    if cfg.loss not in MNIST_TASKS:
+        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(MNIST_TASKS)}")
     if cfg.norm not in losses.NORMS:
         raise ValueError(f"--norm must be one of {', '.join(losses.NORMS)}, got {cfg.norm!r}")
     if not 0 <= cfg.target <= 9:
         raise ValueError(f"--target must be a digit class 0..9, got {cfg.target}")
-    if cfg.loss not in REF_LOSSES:
-        uses = f"only {', '.join(REF_LOSSES)} use it"
+    if cfg.loss not in NORM_TASKS:
+        uses = f"only {', '.join(NORM_TASKS)} use it"
         if cfg.norm != SampleConfig.norm:
             raise ValueError(f"--norm {cfg.norm} sets the residual of a reference loss, and --loss {cfg.loss} has "
                              f"none ({uses}); drop --norm")  # fmt: skip
@@ -279,7 +277,7 @@ def run(
             return finalize(cfg, folder)
     guide = _image_classifier("--guide", cfg.guide, load_classifier(cfg.guide, device=cfg.device))
     judge = _image_classifier("--judge", cfg.judge, load_classifier(cfg.judge, device=cfg.device).to(dtype))
-    needs_ref = cfg.loss in REF_LOSSES
+    needs_ref = cfg.loss in NORM_TASKS
     reference = reference_digit(cfg.target, cfg.reference).to(cfg.device, dtype) if needs_ref else None
     means = class_means(cfg.guide, device=cfg.device, net=guide).to(dtype) if cfg.loss == "class-feature" else None
     guide = guide.to(dtype)  # after μ_y, which the float32 guide computes on its training split

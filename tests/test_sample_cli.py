@@ -13,7 +13,8 @@ from PIL import Image
 
 from lossguide import models, run_sample
 from lossguide.cli import main
-from lossguide.run_sample import SampleConfig, parse_params, parse_seeds, run
+from lossguide.run_sample import SampleConfig, parse_params, run
+from lossguide.runfolder import parse_seeds
 
 shipped = pytest.mark.skipif(
     not (models.WEIGHTS / "mnist-ddpm" / "unet").exists() or "mnist-judge" not in models.manifest(),

@@ -18,7 +18,7 @@ from lossguide.harness.methods import method_config, tuned_param
 from lossguide.harness.tasks.mnist import Generated, MnistKit, targets_for
 from lossguide.harness.tuning import tune_each, tune_seeds
 
-__all__ = ["Generated", "MnistKit", "targets_for", "TUNE_GRIDS", "load_settings", "config", "tune_all"]
+__all__ = ["Generated", "MnistKit", "targets_for", "TUNE_GRIDS", "config", "tune_all"]
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,6 @@ TUNE_GRIDS: dict[str, list[float]] = {
 }
 
 
-def load_settings() -> dict:
-    """The shipped settings store (task → method → step parameters)."""
-    return settings.load()
-
-
 def config(name: str, task: str = "class", drop: tuple[str, ...] = (), **overrides) -> GuidanceConfig:
     """Method spec ``name`` at the shipped step parameters of ``task`` (settings store) less ``drop``, then
     ``overrides`` (drop what a variant switches off: ``eta`` with ``polyak=False`` has no effect and is refused)."""
@@ -44,7 +39,7 @@ def config(name: str, task: str = "class", drop: tuple[str, ...] = (), **overrid
 
 def tune_all(kit: MnistKit, names: Sequence[str], n: int = 40, steps: int = 50) -> tuple[dict, list[dict]]:
     """Grid-search each of ``names`` on :data:`TUNE_GRIDS`; returns (the store, class section updated; trace)."""
-    store = load_settings()
+    store = settings.load()
     trace: list[dict] = []
     seeds = tune_seeds("experiments", n)
     def score(name, v):

@@ -10,6 +10,7 @@ import torch
 
 from lossguide.augment import policy
 from lossguide.experiments import command_line, one_thread
+from lossguide.harness.methods import TECHNIQUE_LABELS
 from lossguide.harness.methods import label as method_label
 from lossguide.harness.methods import method_config
 from lossguide.harness.settings import step_or_start
@@ -238,8 +239,8 @@ def _run(out, quick: bool) -> dict:
 
     helps = {}
     for kind in ("class", "linear"):
-        for t in ("RA", "Polyak", "time travel"):
-            helps[(kind, t)] = tech(kind, f"freedom + {t}") < tech(kind, "freedom")
+        for m in ("ra", "polyak", "tt"):
+            helps[(kind, TECHNIQUE_LABELS[m])] = tech(kind, method_label(f"freedom+{m}")) < tech(kind, "freedom")
     n_help = sum(helps.values())
     head = (f"cg closer than none on both tasks: {beats}; every guided preset beats none: {guided_beat}; "
             f"Prop. 3.2 bound 2C/σ holds: {bound_ok}, 0.484C/σ² holds: {stein_ok}; "

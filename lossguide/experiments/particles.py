@@ -16,7 +16,7 @@ import torch
 
 from lossguide.experiments import command_line, one_thread, particles_mnist
 from lossguide.harness.tasks import oracle as oracle_task
-from lossguide.harness.tasks.oracle import POSTERIOR_SEED, oracle_tasks, posterior_samples
+from lossguide.harness.tasks.oracle import POSTERIOR_SEED, oracle_tasks, posterior_samples, posterior_scores
 from lossguide.metrics import sliced_wasserstein
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
@@ -113,7 +113,7 @@ def _row(task, method: str, K: int, steps: int, n: int, x: torch.Tensor, post, n
          **extra) -> dict:  # fmt: skip
     finite = torch.isfinite(x).all(dim=1)
     return {"task": task.name, "method": method, "K": K, "steps": steps, "n_seeds": n,
-            "sw_to_posterior": sliced_wasserstein(x[finite], post) if finite.all() else float("inf"),
+            "sw_to_posterior": posterior_scores(task, x, post)["sw_to_posterior"],
             "loss": float(task.loss(x[finite]).mean()) if finite.any() else float("inf"),
             "nfe_per_seed": nfe, "wall_ms_per_seed": 1e3 * wall / n, **extra}  # fmt: skip
 

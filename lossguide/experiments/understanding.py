@@ -19,8 +19,9 @@ import torch
 from lossguide import presets
 from lossguide.augment import policy
 from lossguide.experiments import command_line
-from lossguide.experiments.mnist import MnistKit, config, load_settings
+from lossguide.experiments.mnist import MnistKit, config
 from lossguide.guidance import GuidanceEngine, GuidanceStats
+from lossguide.harness import settings
 from lossguide.harness.settings import step_or_start
 from lossguide.metrics import classify
 from lossguide.rng import make_generators, randn
@@ -287,10 +288,8 @@ def adversarial_gap(out, quick: bool = False, loss: str = "ce") -> dict:
     n, steps, n_aug = (10, 10, 2) if quick else (100, 50, 10)
     seeds = list(range(n))
     base = config("freedom", _task(loss))
-    # plain + RA at its own tuned scale (lossguide bench --methods freedom+ra), FreeDoM's where none is stored
-    stored = load_settings().get(_task(loss), {})
-    ra_name = "freedom+ra" if "freedom+ra" in stored else "freedom"
-    ra = presets.with_techniques(config(ra_name, _task(loss)), n_aug=n_aug)
+    # plain + RA at its own tuned scale (lossguide bench --methods freedom+ra)
+    ra = presets.with_techniques(config("freedom+ra", _task(loss)), n_aug=n_aug)
     sets = {
         "plain": (base, "guide"),
         "plain + RA": (ra, "guide"),
@@ -325,7 +324,7 @@ def adversarial_gap(out, quick: bool = False, loss: str = "ce") -> dict:
     cols = ["evaluated by", "metric", *gen_sets]
     body = [
         f"FreeDoM (scale {base.rho.scale} from the settings, the same for every guide network; plain + RA at "
-        f"scale {ra.rho.scale}, {'tuned with RA on' if ra_name != 'freedom' else 'not retuned'}), DDIM-{steps}, "
+        f"scale {ra.rho.scale}, tuned with RA on), DDIM-{steps}, "
         f"seeds 0–{n - 1} (target = seed mod 10); RA = "
         f"|T| = {n_aug} `digits` augmentations (±2 px shift, zoom 0.9–1.1, fill −1); robust = `mnist-robust` "
         "(L2-PGD trained); real = the 1,000 held-out "
@@ -416,7 +415,7 @@ def convergence(out, quick: bool = False, loss: str = "ce") -> dict:
         f"Verdict: {_verdict(ok, partly)}.",
     ]
     write_report(out, _title("Convergence (paper Table 5)", loss), command_line("convergence", quick, loss), body,
-                 {"seeds": seeds, "budgets": list(budgets), "settings": load_settings(), "rows": rows,
+                 {"seeds": seeds, "budgets": list(budgets), "settings": settings.load(), "rows": rows,
                   "verdict_confirmed": bool(ok)})  # fmt: skip
     return {"headline": head, "confirmed": bool(ok), "rows": rows}
 

@@ -121,7 +121,7 @@ def _build(spec: str, value: float | None, oracle: bool, params: dict) -> Guidan
             raise ValueError(f"{spec!r}: give its step parameter {param[0]} once")
         value = params.pop(param[0])
     aug = params.pop("augment", GaussianJitter(ORACLE_JITTER) if oracle else None)
-    if base in ("shen2024", "dreamguider"):  # the presets that augment by default
+    if "augment" in inspect.signature(presets.PRESETS[base]).parameters:  # the presets that augment
         params["augment"] = aug
     if base == "shen2024":
         if "-polyak" in mods:

@@ -93,7 +93,6 @@ BONES = (
     ("left_shoulder", "left_elbow"),
     ("left_elbow", "left_wrist"),
 )
-FEET = ("right_ankle", "right_toe", "left_ankle", "left_toe")
 # head, toes: end sites not in the URDF's joints; the link geometry gives them (neck sphere centre at
 # y = 0.7, foot box centre (0.18, −0.09) with half-size (0.354, 0.11)), in URDF units
 _END_SITES = {"head": ("neck", (0.0, 0.7, 0.0)), "right_toe": ("right_ankle", (0.45, -0.2, 0.0))}

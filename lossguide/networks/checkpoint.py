@@ -350,8 +350,3 @@ def assign_weights(module: nn.Module, sd: dict) -> nn.Module:
     module.load_state_dict({k: v.to(model[k].dtype) for k, v in sd.items()}, strict=True, assign=meta)
     return module
 
-
-def load_strict(module: nn.Module, sd: dict, arch: str, kwargs: dict) -> nn.Module:
-    """:func:`assign_weights` after :func:`check_fit` (``module`` built from ``kwargs``)."""
-    check_fit(sd, arch, kwargs)
-    return assign_weights(module, sd)
