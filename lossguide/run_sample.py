@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from lossguide import losses
 from lossguide.guidance import GuidanceEngine, check_window, resolve_augment
 from lossguide.harness.methods import method_config, parse_method
-from lossguide.harness.tasks import MNIST_TASKS, NORM_TASKS, applicable, method_loss
-from lossguide.harness.tasks import mnist as mnist_task
+from lossguide.harness.tasks import MNIST_TASKS, NORM_TASKS
+from lossguide.harness.tasks.mnist import MNIST_SHAPE, TargetTask
+from lossguide.losses import NORMS
 from lossguide.runfolder import RunFolder, fixed_batches, grid, png_bytes, seeds_from, to_uint8
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
@@ -29,7 +29,6 @@ from lossguide.smc import PARTICLE_METHODS, POTENTIALS, check_sampler, particle_
 
 log = logging.getLogger(__name__)
 
-MNIST_SHAPE = (1, 28, 28)  # what the guide, the judge and the reference digits take
 MNIST_METRICS = ("judge_validity", "guide_validity", "mean_guide_loss", "mean_judge_confidence", "noise_like")
 
 
@@ -82,23 +81,6 @@ def _num(s: str):
         except ValueError:
             pass
     return {"true": True, "false": False, "none": None}.get(s.lower(), s)
-
-
-def build_loss(cfg: SampleConfig, guide, reference: torch.Tensor | None, means: torch.Tensor | None = None):
-    """The guidance loss of ``cfg.loss`` toward ``cfg.target``: the MNIST task's
-    (:func:`~lossguide.harness.tasks.mnist.task_loss`, the one the bench uses)."""
-    return mnist_task.task_loss(cfg.loss, guide, cfg.target, reference, means=means, norm=cfg.norm)
-
-
-def reference_digit(target: int, index: int) -> torch.Tensor:
-    """The ``index``-th held-out digit of class ``target`` (never from the generative training split)."""
-    from lossguide.data import load_mnist
-
-    x, y = load_mnist("heldout")
-    pool = x[y == target]
-    if not 0 <= index < len(pool):
-        raise ValueError(f"--reference must be in [0, {len(pool) - 1}] for class {target}")
-    return pool[index : index + 1]
 
 
 def _config_yaml(cfg: SampleConfig, guidance_dict: dict) -> str:
@@ -181,8 +163,8 @@ def check_config(cfg: SampleConfig) -> None:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.loss not in MNIST_TASKS:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(MNIST_TASKS)}")
-    if cfg.norm not in losses.NORMS:
-        raise ValueError(f"--norm must be one of {', '.join(losses.NORMS)}, got {cfg.norm!r}")
+    if cfg.norm not in NORMS:
+        raise ValueError(f"--norm must be one of {', '.join(NORMS)}, got {cfg.norm!r}")
     if not 0 <= cfg.target <= 9:
         raise ValueError(f"--target must be a digit class 0..9, got {cfg.target}")
     if cfg.loss not in NORM_TASKS:
@@ -238,7 +220,7 @@ def run(
 
     Everything (parameters, models, loss, sampler) is built and checked before anything is written.
     ``expect_guidance`` (the ``guidance`` block of a ``config.yaml`` being re-run) must be what ``cfg`` builds."""
-    from lossguide.models import class_means, load_classifier, load_denoiser
+    from lossguide.models import load_denoiser
 
     check_config(cfg)
     guidance, potential = _guidance(cfg)
@@ -273,21 +255,10 @@ def run(
         sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
         check_window(guidance, sampler)
         with RunFolder(out, overwrite=overwrite).open(_config_yaml(cfg, guidance.to_dict())) as folder:
-            _sample_seeds(cfg, folder, model, sampler, guidance, None, None, None, None, progress)
+            _sample_seeds(cfg, folder, model, sampler, guidance, None, None, progress)
             return finalize(cfg, folder)
-    guide = _image_classifier("--guide", cfg.guide, load_classifier(cfg.guide, device=cfg.device))
-    judge = _image_classifier("--judge", cfg.judge, load_classifier(cfg.judge, device=cfg.device).to(dtype))
-    needs_ref = cfg.loss in NORM_TASKS
-    reference = reference_digit(cfg.target, cfg.reference).to(cfg.device, dtype) if needs_ref else None
-    means = class_means(cfg.guide, device=cfg.device, net=guide).to(dtype) if cfg.loss == "class-feature" else None
-    guide = guide.to(dtype)  # after μ_y, which the float32 guide computes on its training split
-    task_loss = build_loss(cfg, guide, reference, means)  # what is reported as the guide loss, for every method
-    if potential is None and not applicable(cfg.loss, cfg.method):
-        raise ValueError(f"--method {cfg.method} guides with the noise-aware classifier: use it with a class loss")
-    noise_aware = lambda: losses.NoisyClassLoss(  # noqa: E731  (cg; a flow model's t is read as VP: x_t/k, τ)
-        load_classifier("mnist-noise-aware", device=cfg.device).to(dtype), cfg.target, schedule=model.denoiser.schedule
-    )
-    loss = method_loss(guidance, task_loss, noise_aware)  # the task's rule: cg, naive_grad, or the loss itself
+    task = TargetTask(cfg.loss, cfg.target, cfg.reference, cfg.guide, cfg.judge, cfg.norm, cfg.device, dtype)
+    loss = task.method_loss(guidance, cfg.method, model.denoiser.schedule, particles=potential is not None)
     sampler = DDIM(model.denoiser.schedule, cfg.steps, eta=cfg.ddim_eta)
     check_window(guidance, sampler)  # a window without a guided step fails before the first write
     if potential is not None:
@@ -295,39 +266,14 @@ def run(
 
     config_text = _config_yaml(cfg, guidance.to_dict())
     with RunFolder(out, overwrite=overwrite).open(config_text) as folder:  # the first write
-        _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress, potential)
+        _sample_seeds(cfg, folder, model, sampler, guidance, loss, task, progress, potential)
         return finalize(cfg, folder)
 
 
-def _image_classifier(flag: str, name: str, net: torch.nn.Module) -> torch.nn.Module:
-    """``net`` where it maps MNIST digits ``[B, 1, 28, 28]`` to 10 logits (a noise-aware classifier takes (x_t, t)
-    and fails only after sampling), else a one-line error before the run folder is touched."""
-    p = next(net.parameters(), None)
-    x = torch.zeros(2, *MNIST_SHAPE, dtype=p.dtype if p is not None else torch.float32,
-                    device=p.device if p is not None else "cpu")  # fmt: skip
-    try:
-        with torch.no_grad():
-            out = net(x)
-        ok = isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 10)
-    except (TypeError, RuntimeError, ValueError):
-        ok = False
-    if not ok:
-        from lossguide.models import CLASSIFIERS
-
-        fits = [c for c in CLASSIFIERS if c != "mnist-noise-aware"]
-        raise ValueError(f"{flag} {name} does not map digits [B, 1, 28, 28] to 10 class logits (a noise-aware "
-                         f"classifier takes (x_t, t)); pass an image classifier: {', '.join(fits)}")  # fmt: skip
-    return net
-
-
-def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide, judge, progress, potential=None):
-    """The seeds not done yet, in batches of exactly ``cfg.batch`` rows; each seed's PNG and record. With
-    ``potential``, each seed is the drawn particle of ``cfg.particles`` (:func:`~lossguide.smc.smc`)."""
-
-    from lossguide.data import load_mnist
-    from lossguide.metrics import noise_like
-
-    real = load_mnist("heldout")[0] if judge is not None else None
+def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task, progress, potential=None):
+    """The seeds not done yet, in batches of exactly ``cfg.batch`` rows; each seed's PNG and record (the MNIST
+    ``task``'s judge record where there is one). With ``potential``, each seed is the drawn particle of
+    ``cfg.particles`` (:func:`~lossguide.smc.smc`)."""
     did_nothing = []  # per batch: every guided step of every sample had a zero gradient
     for seeds, n in fixed_batches(folder.todo(cfg.seeds), cfg.batch):
         if n < len(seeds):
@@ -343,27 +289,16 @@ def _sample_seeds(cfg, folder, model, sampler, guidance, loss, task_loss, guide,
         x = res.x0.clamp(-1, 1)
         if res.stats.loss_grads:
             did_nothing.append(bool((res.stats.zero_grad[:n] == res.stats.loss_grads).all()))
-        if judge is not None:
-            with torch.no_grad():  # on the whole fixed-shape batch, so these numbers are batch-invariant too
-                probs = torch.softmax(judge(x), dim=1)
-                guide_loss = task_loss(x)
-                guide_label = guide(x).argmax(1)
-            noise = noise_like(x, real)
+        scores = task.records(x) if task is not None else None  # the whole batch: batch-invariant numbers
         for k, s in enumerate(seeds[:n]):
             rec = {"seed": s}
-            if judge is not None:
-                rec.update({
-                    "guide_loss": float(guide_loss[k]),
-                    "guide_label": int(guide_label[k]),
-                    "judge_label": int(probs[k].argmax()),
-                    "judge_confidence": float(probs[k].max()),
-                    "judge_p_target": float(probs[k, cfg.target]),
-                })  # fmt: skip
+            if scores is not None:
+                rec.update({key: v for key, v in scores[k].items() if key != "noise_like"})
             rec.update({
                 "skipped_steps": int(res.stats.skipped[k]),
                 "zero_grad_steps": int(res.stats.zero_grad[k]),
                 "overflow_steps": int(res.stats.overflow[k]),
-                **({"noise_like": bool(noise[k])} if judge is not None else {}),
+                **({"noise_like": scores[k]["noise_like"]} if scores is not None else {}),
                 "nfe": res.stats.nfe * K,  # a seed's cost: K particles
                 "denoiser_grads": res.stats.denoiser_grads * K,
                 **({"particles": K, "final_ess": float(res.stats.ess[-1][k])} if potential is not None else {}),

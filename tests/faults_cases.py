@@ -1380,12 +1380,10 @@ api_case("run-sample-params-list", "error", _run_sample_cfg(params=[1]), r"param
 
 
 def _class_sketch_l2(ctx):
-    from lossguide import losses, run_sample
-    from lossguide.models import load_classifier
+    from lossguide import losses
+    from lossguide.harness.tasks.mnist import TargetTask
 
-    cfg = run_sample.SampleConfig(loss="class+sketch", norm="l2")
-    ref = run_sample.reference_digit(3, 0)
-    loss = run_sample.build_loss(cfg, load_classifier("mnist-guide"), ref)
+    loss = TargetTask("class+sketch", 3, 0, norm="l2").loss
     return [term for _, term in loss.terms if isinstance(term, losses.SketchLoss)] if hasattr(loss, "terms") else loss
 
 

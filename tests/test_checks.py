@@ -192,10 +192,10 @@ def test_run_sample_checks_its_config_before_loading_anything(changes, match):
 
 def test_class_plus_sketch_takes_the_norm():
     """--loss class+sketch --norm l2 once ignored the norm (its sketch term was always squared)."""
-    from lossguide import losses, run_sample
+    from lossguide import losses
+    from lossguide.harness.tasks.mnist import task_loss
 
-    cfg = run_sample.SampleConfig(loss="class+sketch", norm="l2")
-    loss = run_sample.build_loss(cfg, torch.nn.Identity(), torch.zeros(1, 1, 28, 28))
+    loss = task_loss("class+sketch", torch.nn.Identity(), 3, torch.zeros(1, 1, 28, 28), norm="l2")
     assert [t.norm for _, t in loss.terms if isinstance(t, losses.SketchLoss)] == ["l2"]
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lossguide import models, run_sample
 from lossguide.cli import main
+from lossguide.harness.tasks import mnist as mnist_task
 from lossguide.run_sample import SampleConfig, parse_params, run
 from lossguide.runfolder import parse_seeds
 
@@ -274,7 +275,7 @@ def test_guidance_that_did_nothing_is_warned_on_the_cli(tmp_path, caplog, monkey
     assert not any("did nothing" in r.getMessage() for r in caplog.records)
     rec = json.loads((tmp_path / "a" / "records" / "000000.json").read_text())
     assert rec["zero_grad_steps"] == 0 and rec["overflow_steps"] == 0
-    monkeypatch.setattr(run_sample, "build_loss", lambda *a: lambda x0: x0.flatten(1).sum(1) * 0)
+    monkeypatch.setattr(mnist_task, "task_loss", lambda *a, **k: lambda x0: x0.flatten(1).sum(1) * 0)
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert main([*args, "--out", str(tmp_path / "b")]) == 0

@@ -16,9 +16,11 @@ import torch
 
 from lossguide import losses, metrics
 from lossguide.guidance import GuidanceConfig
-from lossguide.harness.tasks import CLASS_TASKS, MNIST_TASKS
+from lossguide.harness.tasks import CLASS_TASKS, MNIST_TASKS, NORM_TASKS, applicable, method_loss
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
+
+MNIST_SHAPE = (1, 28, 28)  # what the guide, the judge and the reference digits take
 
 
 def targets_for(seeds: Sequence[int]) -> list[int]:
@@ -300,3 +302,82 @@ class MnistTask:
             over = fid_ceiling is not None and summary.get("fid", 0.0) > fid_ceiling
             v = summary["judge_validity"] - summary.get("noise_like", 0.0) - float(over) - 1e-3 * summary["guide_loss"]
         return v if math.isfinite(v) else float("-inf")  # a diverged cell ranks last (NaN would compare as neither)
+
+
+def reference_digit(target: int, index: int) -> torch.Tensor:
+    """The ``index``-th held-out digit of class ``target`` (never from the generative training split)."""
+    from lossguide.data import load_mnist
+
+    x, y = load_mnist("heldout")
+    pool = x[y == target]
+    if not 0 <= index < len(pool):
+        raise ValueError(f"--reference must be in [0, {len(pool) - 1}] for class {target}")
+    return pool[index : index + 1]
+
+
+def image_classifier(flag: str, name: str, net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` where it maps MNIST digits ``[B, 1, 28, 28]`` to 10 logits (a noise-aware classifier takes (x_t, t)
+    and fails only after sampling), else a one-line error naming ``flag`` before anything is written."""
+    p = next(net.parameters(), None)
+    x = torch.zeros(2, *MNIST_SHAPE, dtype=p.dtype if p is not None else torch.float32,
+                    device=p.device if p is not None else "cpu")  # fmt: skip
+    try:
+        with torch.no_grad():
+            out = net(x)
+        ok = isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 10)
+    except (TypeError, RuntimeError, ValueError):
+        ok = False
+    if not ok:
+        from lossguide.models import CLASSIFIERS
+
+        fits = [c for c in CLASSIFIERS if c != "mnist-noise-aware"]
+        raise ValueError(f"{flag} {name} does not map digits [B, 1, 28, 28] to 10 class logits (a noise-aware "
+                         f"classifier takes (x_t, t)); pass an image classifier: {', '.join(fits)}")  # fmt: skip
+    return net
+
+
+class TargetTask:
+    """``lossguide sample``'s MNIST task: one target class for every seed (and, for the residual tasks, one held-out
+    reference digit), a chosen guide and judge; the guide loss reported for every method (:attr:`loss`), the loss
+    each method gets (:meth:`method_loss`) and each sample's judge record (:meth:`records`)."""
+
+    def __init__(self, kind: str, target: int, reference: int = 0, guide: str = "mnist-guide",
+                 judge: str = "mnist-judge", norm: str = "squared", device="cpu", dtype=torch.float32):  # fmt: skip
+        from lossguide.data import load_mnist
+        from lossguide.models import class_means, load_classifier
+
+        self.kind, self.target, self.device, self.dtype = kind, target, device, dtype
+        guide_net = image_classifier("--guide", guide, load_classifier(guide, device=device))
+        self.judge = image_classifier("--judge", judge, load_classifier(judge, device=device).to(dtype))
+        ref = reference_digit(target, reference).to(device, dtype) if kind in NORM_TASKS else None
+        means = class_means(guide, device=device, net=guide_net).to(dtype) if kind == "class-feature" else None
+        self.guide = guide_net.to(dtype)  # after μ_y, which the float32 guide computes on its training split
+        self.loss = task_loss(kind, self.guide, target, ref, means=means, norm=norm)
+        self.real = load_mnist("heldout")[0]
+
+    def method_loss(self, guidance: GuidanceConfig, method: str, schedule, particles: bool = False):
+        """The loss ``guidance`` (method spec ``method``) gets: :func:`~lossguide.harness.tasks.method_loss` with the
+        noise-aware classifier toward the target for cg (a flow model's t is read as VP: x_t/k, τ); cg on a task
+        without a class is refused (with ``particles`` the particle layer refuses it instead)."""
+        from lossguide.models import load_classifier
+
+        if not particles and not applicable(self.kind, method):
+            raise ValueError(f"--method {method} guides with the noise-aware classifier: use it with a class loss")
+
+        def noise_aware():
+            net = load_classifier("mnist-noise-aware", device=self.device).to(self.dtype)
+            return losses.NoisyClassLoss(net, self.target, schedule=schedule)
+
+        return method_loss(guidance, self.loss, noise_aware)
+
+    @torch.no_grad()
+    def records(self, x: torch.Tensor) -> list[dict]:
+        """Per sample of ``x`` (the whole fixed-shape batch, so the numbers are batch-invariant too): guide loss and
+        label, the judge's label, confidence and p(target), and whether it is noise-like."""
+        probs = torch.softmax(self.judge(x), dim=1)
+        guide_loss, guide_label = self.loss(x), self.guide(x).argmax(1)
+        noise = metrics.noise_like(x, self.real)
+        return [{"guide_loss": float(guide_loss[k]), "guide_label": int(guide_label[k]),
+                 "judge_label": int(probs[k].argmax()), "judge_confidence": float(probs[k].max()),
+                 "judge_p_target": float(probs[k, self.target]), "noise_like": bool(noise[k])}
+                for k in range(len(x))]  # fmt: skip
