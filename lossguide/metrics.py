@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 
@@ -131,6 +134,39 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def binomial_two_sided(k: int, n: int) -> float:
+    """Exact two-sided p-value of ``k`` heads in ``n`` fair coin flips: min(1, 2·P(X ≤ min(k, n − k))), X ~ Bin(n, ½).
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 ≤ k ≤ n, got k={k}, n={n}")
+    m = min(k, n - k)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(m + 1)) / 2**n) if n else 1.0
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Exact McNemar test of paired binary outcomes ``a``, ``b`` on the same seeds: the discordant counts
+    (``a_only``: a right and b wrong, ``b_only``: the reverse) and the exact binomial p-value of their split."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
+    a_only = sum(bool(x) and not bool(y) for x, y in zip(a, b, strict=True))
+    b_only = sum(bool(y) and not bool(x) for x, y in zip(a, b, strict=True))
+    return {"a_only": a_only, "b_only": b_only, "p": binomial_two_sided(a_only, a_only + b_only)}
+
+
+def sign_test(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Exact sign test of paired values ``a``, ``b`` on the same seeds (ties dropped): how often each is larger and
+    the binomial p-value; pairs with a non-finite value count for the finite side (both non-finite: a tie)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+
+    def key(v: float) -> float:
+        return -math.inf if math.isnan(v) else v
+
+    a_wins = sum(key(x) > key(y) for x, y in zip(a, b, strict=True))
+    b_wins = sum(key(y) > key(x) for x, y in zip(a, b, strict=True))
+    return {"a_wins": a_wins, "b_wins": b_wins, "p": binomial_two_sided(a_wins, a_wins + b_wins)}
 
 
 def bootstrap_fid_interval(f: torch.Tensor, real: torch.Tensor, n_boot: int = 200, seed: int = 0,

@@ -81,6 +81,17 @@ def test_tiny_grid_outputs(reference_run):
     tuning = json.loads((reference_run / "tuning.json").read_text())["trace"]
     assert {t["method"] for t in tuning} == {"freedom"}  # 'none' has nothing to tune
     assert (reference_run / "tables.md").read_text().count("## ") == 2
+    # per-seed outcomes behind the paired tests: judge validity per seed averages to the cell's validity
+    for r in rows:
+        if r["task"] == "class":
+            assert r["per_seed"]["seeds"] == [0, 1, 2, 3]
+            assert sum(r["per_seed"]["values"]) / 4 == r["judge_validity"]
+        else:
+            assert "per_seed" not in r  # the oracle's SW belongs to the whole set
+    paired = (reference_run / "tables.md").read_text().split("## ")[1].split("Paired against the best")[1]
+    valid = {r["method"]: r["judge_validity"] for r in rows if r["task"] == "class"}
+    worse = min(valid, key=lambda m: (valid[m], m != "freedom"))  # the best is the first of equals: none
+    assert f"| {worse} | 3 | judge_validity |" in paired and "McNemar" in paired
     assert (reference_run / "pareto_class.png").exists() and (reference_run / "samples_class.png").exists()
 
 

@@ -33,7 +33,7 @@ import torch
 
 from lossguide.harness import settings as store
 from lossguide.harness.methods import METHODS, method_config, tuned_param
-from lossguide.harness.report import write_outputs
+from lossguide.harness.report import per_seed, write_outputs
 from lossguide.harness.tasks import CLASS_TASKS, NORM_TASKS, ORACLE_TASKS, TASKS, applicable, method_loss
 from lossguide.harness.tasks.mnist import MnistKit, MnistTask
 from lossguide.harness.tasks.oracle import OracleTaskAdapter
@@ -411,6 +411,9 @@ class Bench:
             p = tuned_param(method, task in ORACLE_TASKS)
             row = {"task": task, "method": method, "steps": steps,
                    "param": f"{p[0]}={v:.4g}" if p else "-", **self.cell(recs[i : i + n], task)}  # fmt: skip
+            outcome = per_seed(task, [r for rec in recs[i : i + n] for r in rec["records"]])
+            if outcome is not None:
+                row["per_seed"] = outcome
             rows.append(row)
         return rows
 

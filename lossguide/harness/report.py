@@ -12,6 +12,7 @@ import torch
 from lossguide.harness.tasks import ORACLE_TASKS, applicable
 from lossguide.harness.tuning import TUNE_SEED0
 from lossguide.io import atomic_write_json, atomic_write_text
+from lossguide.metrics import mcnemar, sign_test
 from lossguide.writers import md_table, pyplot, save_fig, write_csv
 
 
@@ -37,15 +38,56 @@ TABLE_COLS = {
 }  # fmt: skip
 
 
+PAIRED_COLS = ["method", "steps", "metric", "vs", "delta_vs_best", "test", "best_better", "method_better", "p_paired"]
+
+
 def _table_kind(task: str) -> str:
     return "oracle" if task in ORACLE_TASKS else ("inverse" if task in ("sketch", "inpaint", "sr") else "mnist")
+
+
+def per_seed(task: str, records: list[dict]) -> dict | None:
+    """The per-seed outcome that the paired tests compare, in seed order: judge validity on the MNIST class tasks,
+    PSNR on the inverse problems; None on the oracle (its SW is a property of the whole set)."""
+    if task in ORACLE_TASKS:
+        return None
+    recs = sorted(records, key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in recs]
+    if _table_kind(task) == "inverse":
+        return {"metric": "psnr", "seeds": seeds, "values": [r["psnr"] for r in recs]}
+    return {"metric": "judge_validity", "seeds": seeds, "values": [int(r["judge_label"] == r["target"]) for r in recs]}
+
+
+def paired_against_best(rows: list[dict]) -> list[dict]:
+    """Each method against the best at the same budget on the same seeds (rows of one task, best = highest mean
+    of the per-seed outcome): the difference of means, the exact McNemar test for validity, the exact sign test
+    for PSNR (counts of seeds where each side is better, two-sided p)."""
+    out = []
+    for steps in sorted({r["steps"] for r in rows}):
+        cells = [r for r in rows if r["steps"] == steps and r.get("per_seed")]
+        if len(cells) < 2:
+            continue
+        mean = {id(r): sum(r["per_seed"]["values"]) / len(r["per_seed"]["values"]) for r in cells}
+        best = max(cells, key=lambda r: mean[id(r)])
+        for r in cells:
+            if r is best:
+                continue
+            if r["per_seed"]["seeds"] != best["per_seed"]["seeds"]:
+                raise ValueError(f"paired test of {r['method']} against {best['method']}: the seed lists differ")
+            a, b = best["per_seed"]["values"], r["per_seed"]["values"]
+            binary = r["per_seed"]["metric"] == "judge_validity"
+            t = mcnemar(a, b) if binary else sign_test(a, b)
+            out.append({"method": r["method"], "steps": steps, "metric": r["per_seed"]["metric"], "vs": best["method"],
+                        "delta_vs_best": mean[id(r)] - mean[id(best)], "test": "McNemar" if binary else "sign",
+                        "best_better": t["a_only" if binary else "a_wins"],
+                        "method_better": t["b_only" if binary else "b_wins"], "p_paired": t["p"]})  # fmt: skip
+    return out
 
 
 def write_outputs(bench: Bench, rows: list[dict], settings: dict) -> None:
     """results.csv/json, tables.md, Pareto plots and sample grids."""
     out, cfg = bench.out, bench.cfg
     s0 = TUNE_SEED0["bench"]
-    flat = [{k: v for k, v in r.items() if k != "per_class_validity"} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("per_class_validity", "per_seed")} for r in rows]
     write_csv(out / "results.csv", flat)
     atomic_write_json(out / "results.json", {"config": cfg.to_dict(), "settings": settings, "rows": rows})
     lines = ["# lossguide bench", "", f"Config: `{json.dumps(cfg.to_dict())}`", "",
@@ -63,6 +105,12 @@ def write_outputs(bench: Bench, rows: list[dict], settings: dict) -> None:
         else:
             tr = sorted(tr, key=lambda r: (r["steps"], -r["judge_validity"], r.get("fid", 0)))
         lines += [f"## {task}", "", md_table(tr, TABLE_COLS[_table_kind(task)]), ""]
+        paired = paired_against_best(tr)
+        if paired:
+            lines += ["Paired against the best method at each budget (same seeds; McNemar's exact test on judge "
+                      "validity, the exact sign test on PSNR; `best_better` / `method_better`: seeds where only "
+                      "that side is valid, or where its PSNR is higher):", "", md_table(paired, PAIRED_COLS),
+                      ""]  # fmt: skip
     atomic_write_text(out / "tables.md", "\n".join(lines))
     plt = pyplot()
     for task in [t for t in cfg.tasks if t not in ORACLE_TASKS]:
