@@ -119,12 +119,11 @@ class MnistKit:
         ddim_eta: float = 0.0,
     ) -> Generated:
         """Samples for ``seeds`` (targets ``seed mod 10`` unless given) guided by class net ``net`` with loss
-        ``kind`` (see :meth:`loss`), DDIM(``ddim_eta``); ``cg`` presets (loss on x_t) use the noise-aware
-        classifier whatever ``net`` says. Augmentation is the model's (``digits``)."""
+        ``kind`` (see :meth:`loss`), DDIM(``ddim_eta``); each method gets its loss by the tasks' one rule
+        (:func:`~lossguide.harness.tasks.method_loss`: cg the noise-aware classifier whatever ``net`` says,
+        naive_grad ``net``'s loss read at x_t). Augmentation is the model's (``digits``)."""
         seeds = list(seeds)
         targets = targets_for(seeds) if targets is None else list(targets)
-        if guidance.loss_input == "x_t":
-            net = "noise-aware"
         sampler = DDIM(self.model.denoiser.schedule, steps, eta=ddim_eta)
         xs, traces = [], []
         nfe = grads = evals = skipped = 0
@@ -135,7 +134,8 @@ class MnistKit:
                 self.model.denoiser,
                 sampler,
                 guidance,
-                self.loss(net, targets[sl], kind) if guidance.enabled else None,
+                method_loss(guidance, self.loss(net, targets[sl], kind), lambda sl=sl: self.loss("noise-aware",
+                            targets[sl])) if guidance.enabled else None,  # fmt: skip
                 shape=self.model.sample_shape,
                 seeds=seeds[sl],
                 device=self.device,
