@@ -37,6 +37,7 @@ import torch
 from lossguide import net_losses
 from lossguide.guidance import check_window
 from lossguide.harness.methods import method_config
+from lossguide.harness.tasks import method_loss
 from lossguide.runfolder import RunFolder, fixed_batches
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
@@ -425,6 +426,14 @@ def build(r: dict) -> Built:
     check_window(guidance, sampler)  # a window without a guided step fails here, before the first write
     if guidance.enabled and loss is None:
         raise ValueError(f"method {r['method']!r} needs a loss; the recipe has loss kind 'none'")
+    if loss is not None:  # the tasks' one rule: naive_grad reads the loss at x_t; a recipe has no noise-aware net
+
+        def noise_aware():
+            raise ValueError(f"method {r['method']!r} guides with a noise-aware classifier p(y | x_t, t), which a "
+                             "recipe's loss is not; use a method that guides through x0_hat (dps, freedom, "
+                             "shen2024, ...) or naive_grad (the loss read at x_t)")  # fmt: skip
+
+        loss = method_loss(guidance, loss, noise_aware)
     return Built(den, sampler, guidance, loss, tuple(shape), to_image, final_loss)
 
 

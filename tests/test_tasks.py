@@ -44,3 +44,29 @@ def test_on_the_oracle_naive_grad_is_no_longer_classifier_guidance():
     rows = {m: oracle_task.run_one(task, m, {}, schedule, range(64), 10, post) for m in ("cg", "naive_grad")}
     assert rows["naive_grad"]["sw_to_posterior"] != rows["cg"]["sw_to_posterior"]
     assert rows["naive_grad"]["loss"] != rows["cg"]["loss"]
+
+
+def _recipe(tmp_path, method, params):
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from lossguide import recipes
+
+    img = (np.random.RandomState(0).rand(28, 28) * 255).astype("uint8")
+    Image.fromarray(img).convert("RGB").save(tmp_path / "ref.png")
+    r = {"name": "t", "model": {"kind": "pixel", "path": "mnist-ddpm"}, "method": method, "params": params,
+         "loss": {"kind": "measurement", "operator": "super_resolution", "factor": 4, "reference": "ref.png"},
+         "sampler": {"steps": 3}, "seeds": "0-1", "batch": 2, "device": "cpu"}  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(r))
+    return recipes.build(recipes.load(tmp_path / "r.yaml"))
+
+
+def test_recipes_follow_the_same_rule(tmp_path):
+    """A recipe's naive_grad reads the recipe's loss at x_t (it used to fail: the loss takes x0 only); cg, whose
+    noise-aware classifier a recipe cannot have, is one line naming the methods that fit."""
+    naive, dps = _recipe(tmp_path, "naive_grad", {"scale": 0.01}), _recipe(tmp_path, "dps", {})
+    x_t = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(naive.loss(x_t, torch.tensor(500)), dps.loss(x_t))  # dps gets the recipe's loss itself
+    with pytest.raises(ValueError, match="method 'cg' guides with a noise-aware classifier .* or naive_grad"):
+        _recipe(tmp_path, "cg", {})
