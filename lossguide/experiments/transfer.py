@@ -44,6 +44,7 @@ import torch
 from lossguide import losses, metrics, transfer
 from lossguide.data.styles import thicken
 from lossguide.experiments import command_line
+from lossguide.harness.tuning import grid_search, tune_seeds
 from lossguide.io import atomic_write_json
 from lossguide.layout.evaluate import fid_floor, styled_features
 from lossguide.samplers import DDIM
@@ -57,7 +58,6 @@ STYLE = "thick"
 FULL = {"ns": (10, 100, 1000), "seeds_small_n": (0, 1, 2), "n_eval": 500, "n_tune": 100, "steps": 20}
 QUICK = {"n_eval": 16, "steps": 10}
 EVAL_SEED0 = 0
-TUNE_SEED0 = 9000
 #: TGDP guidance scales searched on the tuning seeds (1: Thm 3.1's)
 SCALES = (1.0, 2.0, 4.0)
 #: TGDP training: the regularisers' weights (η₁ cycle, η₂ consistency; :mod:`lossguide.training.tgdp`)
@@ -215,15 +215,16 @@ def run(out, quick: bool = False) -> dict:
                                 method="tgdp" if s == 1 else f"tgdp×{s:g}", N=100, seed=0, scale=s,
                                 train_s=meta.get("train_seconds", math.nan)), **set_stats(meta)})  # fmt: skip
     else:
-        tune = list(range(TUNE_SEED0, TUNE_SEED0 + cfg["n_tune"]))
+        tune = list(tune_seeds("transfer", cfg["n_tune"]))
         for n in cfg["ns"]:
             for seed in cfg["seeds_small_n"] if n == min(cfg["ns"]) else (0,):
                 tag = f"N{n}-s{seed}"
                 folder = out / "train" / f"tgdp-{tag}"
                 meta = _train_tgdp(folder, n, seed)
-                fids = {s: cell(f"tune-tgdp-{tag}-{s:g}", tgdp_samples, source, folder / "set", tune, steps, s,
-                                 scale=s)["fid"] for s in SCALES}  # fmt: skip
-                best = min(fids, key=fids.get)
+                best, neg_fids = grid_search(lambda s, tag=tag, folder=folder: -cell(
+                    f"tune-tgdp-{tag}-{s:g}", tgdp_samples, source, folder / "set", tune, steps, s, scale=s)["fid"],
+                    SCALES)  # fmt: skip
+                fids = {s: -v for s, v in zip(SCALES, neg_fids, strict=True)}
                 for label, s in (("tgdp", 1.0), ("tgdp-tuned", best)):
                     rows.append({**cell(f"{label}-{tag}", tgdp_samples, source, folder / "set", seeds, steps, s,
                                         method=label, N=n, seed=seed, scale=s, train_s=meta["train_seconds"],

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 #: first tuning seed of each command: ``lossguide bench``; the MNIST experiments (``experiments.mnist.tune_all``,
 #: the shipped class settings); ``lossguide oracle --tune``; ``lossguide experiment motion`` (plus 100,000 per
-#: scenario, as its evaluation seeds)
-TUNE_SEED0 = {"bench": 10_000, "experiments": 1000, "oracle": 1_000_000, "motion": 1000}
+#: scenario, as its evaluation seeds); ``lossguide experiment transfer`` (TGDP's guidance scale)
+TUNE_SEED0 = {"bench": 10_000, "experiments": 1000, "oracle": 1_000_000, "motion": 1000, "transfer": 9000}
 
 
 def tune_seeds(command: str, n: int) -> range:
