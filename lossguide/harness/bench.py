@@ -196,7 +196,8 @@ def _peak_mem_mb(device) -> float:
 class Bench:
     """Runs a :class:`BenchConfig` into a folder; see the module docstring."""
 
-    def __init__(self, cfg: BenchConfig, out: Path):
+    def __init__(self, cfg: BenchConfig, out: Path, kit: MnistKit | None = None):
+        """``kit``: the MNIST models, loaded once and shared by the benches of one run (None: loaded when needed)."""
         cfg.validate()
         skipped = [f"{m} on {t}" for t in cfg.tasks for m in cfg.methods if not applicable(t, m)]
         if skipped:
@@ -204,7 +205,7 @@ class Bench:
         self.cfg, self.out = cfg, Path(out)
         self.ranks = Ranks(cfg.device)
         self._tasks: dict = {}
-        self._kit = None
+        self._kit = kit
 
     # -- tasks
     def task(self, name: str):
