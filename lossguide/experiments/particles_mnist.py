@@ -12,6 +12,7 @@ from lossguide.harness.bench import Bench, BenchConfig
 from lossguide.harness.methods import tuned_param
 from lossguide.harness.tasks.mnist import MnistKit
 from lossguide.layout.evaluate import fid_floor
+from lossguide.metrics import mcnemar, sign_test
 from lossguide.writers import md_table, pyplot, save_fig
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _cell(out: Path, task: str, K: int, n: int, steps: int, settings: dict, part
             "K": K, "steps": steps, "n": row["n"], "judge_validity": row["judge_validity"], "psnr": row.get("psnr"),
             "fid": row.get("fid"), "guide_loss": row["guide_loss"], "noise_like": row["noise_like"],
             "nfe_per_seed": row["nfe"], "wall_s_per_seed": row["wall_s_per_sample"],
-            "param": row["param"]}  # fmt: skip
+            "param": row["param"], "per_seed": row["per_seed"]}  # fmt: skip
 
 
 def run(out: Path, quick: bool) -> tuple[list[dict], list[float], list[str]]:
@@ -131,12 +132,22 @@ def _reading(rows: list[dict], ks, floor: list[float]) -> str:
         for K in ks:
             p, b = get(K, True), get(NFE_MATCH * K, False)
             better = "particles" if p[key] > b[key] else "best-of-N" if b[key] > p[key] else "neither"
+            a, c = p["per_seed"]["values"], b["per_seed"]["values"]
+            if key == "judge_validity":
+                t = mcnemar(a, c)
+                pair = f"McNemar {t['a_only']}/{t['b_only']} seeds, p = {t['p']:.2g}"
+            else:
+                t = sign_test(a, c)
+                pair = f"sign test {t['a_wins']}/{t['b_wins']} seeds, p = {t['p']:.2g}"
             txt.append(f"K = {K} particles {p[key]:.3f} (FID {p['fid']:.2f}, NFE {p['nfe_per_seed']}, "
                        f"{p['wall_s_per_seed']:.2f} s) vs best-of-{NFE_MATCH * K} {b[key]:.3f} (FID {b['fid']:.2f}, "
-                       f"NFE {b['nfe_per_seed']}, {b['wall_s_per_seed']:.2f} s): higher {unit}: {better}")  # fmt: skip
+                       f"NFE {b['nfe_per_seed']}, {b['wall_s_per_seed']:.2f} s): higher {unit}: {better} "
+                       f"({pair})")  # fmt: skip
         parts.append("; ".join(txt) + ".")
+    n = len(rows[0]["per_seed"]["values"])
     return (" ".join(parts) + f" FID differences within the real-digit spread {min(floor):.2f}–{max(floor):.2f} "
-            "are noise; the validity and PSNR gaps carry no test here (one seed set).")  # fmt: skip
+            f"are noise. Paired tests on the {n} shared seeds: the counts are the seeds where only the particles / "
+            "only best-of-N are valid (McNemar), or where each has the higher PSNR (sign test).")  # fmt: skip
 
 
 def _figure(out: Path, rows: list[dict]) -> None:
