@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-settings", action="store_true", help="with --tune: store the chosen settings")
     p.add_argument("--particles", type=int, default=None,
                    help="K particles per seed: each method is the proposal of lg.smc (DDIM eta=1)")  # fmt: skip
-    p.add_argument("--potential", choices=tuple(POTENTIALS), default="tds", help="the particles' potential (--particles)")
+    p.add_argument("--potential", choices=tuple(POTENTIALS), default="tds",
+                   help="the particles' potential (--particles)")  # fmt: skip
     p.set_defaults(func=_one_thread(cmd_oracle))
 
     p = sub.add_parser(

@@ -88,10 +88,10 @@ def test_tiny_grid_outputs(reference_run):
             assert sum(r["per_seed"]["values"]) / 4 == r["judge_validity"]
         else:
             assert "per_seed" not in r  # the oracle's SW belongs to the whole set
-    paired = (reference_run / "tables.md").read_text().split("## ")[1].split("Paired against the best")[1]
-    valid = {r["method"]: r["judge_validity"] for r in rows if r["task"] == "class"}
-    worse = min(valid, key=lambda m: (valid[m], m != "freedom"))  # the best is the first of equals: none
-    assert f"| {worse} | 3 | judge_validity |" in paired and "McNemar" in paired
+    # the class task's two methods: one row pairs the other with the best (the oracle's SW has no per-seed test)
+    sections = (reference_run / "tables.md").read_text().split("## ")
+    assert sections[1].split("Paired against the best")[1].count("| McNemar |") == 1
+    assert "Paired against" not in sections[2]
     assert (reference_run / "pareto_class.png").exists() and (reference_run / "samples_class.png").exists()
 
 

@@ -10,9 +10,8 @@ import torch
 
 from lossguide.augment import policy
 from lossguide.experiments import command_line, one_thread
-from lossguide.harness.methods import TECHNIQUE_LABELS
+from lossguide.harness.methods import TECHNIQUE_LABELS, method_config
 from lossguide.harness.methods import label as method_label
-from lossguide.harness.methods import method_config
 from lossguide.harness.settings import step_or_start
 from lossguide.harness.tasks import oracle as oracle_task
 from lossguide.harness.tasks.oracle import posterior_samples
