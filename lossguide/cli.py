@@ -284,7 +284,7 @@ def cmd_bench(args) -> int:
             cfg.steps = [int(v) for v in args.steps.split(",")]
         except ValueError:
             raise ValueError(f"--steps {args.steps!r} must be comma-separated integers, e.g. 20,50,100") from None
-    for name in ("n_eval", "n_tune", "best_of", "batch", "beam_rounds"):
+    for name in ("n_eval", "eval_seed0", "n_tune", "best_of", "batch", "beam_rounds"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.no_tune:
@@ -510,7 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "-polyak, -tt), e.g. freedom+polyak (default: every preset)")  # fmt: skip
     p.add_argument("--steps", default=None,
                    help=f"DDIM budgets, e.g. 20,50,100 (default: {','.join(map(str, B.steps))})")  # fmt: skip
-    p.add_argument("--n-eval", type=int, default=None, help=f"evaluation seeds 0..n-1 (default {B.n_eval})")
+    p.add_argument("--n-eval", type=int, default=None, help=f"number of evaluation seeds (default {B.n_eval})")
+    p.add_argument("--eval-seed0", type=int, default=None,
+                   help=f"first evaluation seed: seeds eval-seed0 .. eval-seed0 + n-eval − 1 (default {B.eval_seed0})")  # fmt: skip
     p.add_argument("--n-tune", type=int, default=None, help=f"tuning seeds per candidate (default {B.n_tune})")
     p.add_argument("--beam-rounds", type=int, default=None, help=f"beam-search rounds (default {B.beam_rounds})")
     p.add_argument("--no-tune", action="store_true", help="use each method's default step parameter")

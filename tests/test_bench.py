@@ -121,6 +121,24 @@ def test_two_processes_equal_one(reference_run, tmp_path):
     assert _rows(out) == _rows(reference_run)
 
 
+def test_evaluation_seeds_can_start_anywhere_and_give_each_seed_its_own_sample(reference_run, tmp_path):
+    from lossguide.cli import main
+
+    out = tmp_path / "moved"
+    args = ["bench", *TINY, "--settings", str(reference_run / "settings.json"), "--eval-seed0", "2", "--out", str(out)]
+    args[args.index("--n-eval") + 1] = "2"
+    args.remove("--beam-rounds"), args.remove("1")
+    assert main(args) == 0
+    ref = json.loads((reference_run / "results.json").read_text())["rows"]
+    got = json.loads((out / "results.json").read_text())["rows"]
+    assert json.loads((out / "config.json").read_text())["eval_seed0"] == 2
+    assert "eval_seed0" not in json.loads((reference_run / "config.json").read_text())  # older folders stay valid
+    assert "Evaluation seeds 2–3;" in (out / "tables.md").read_text()
+    for r in (r for r in got if r["task"] == "class"):
+        want = next(q for q in ref if (q["task"], q["method"]) == ("class", r["method"]))["per_seed"]
+        assert r["per_seed"] == {**want, "seeds": [2, 3], "values": want["values"][2:4]}
+
+
 def test_a_different_config_in_the_same_folder_is_refused(reference_run, capsys):
     from lossguide.cli import main
 
@@ -187,6 +205,8 @@ def test_a_damaged_or_foreign_shard_is_computed_again(tmp_path):
     (["--particles", "0", "--ddim-eta", "1"], r"--particles must be an integer ≥ 1 .*got 0"),
     (["--potential", "fk"], r"--potential fk weighs particles: add --particles K, or drop it"),
     (["--particles", "2", "--ddim-eta", "1", "--best-of", "2"], r"--best-of and --particles .*pass one of them"),
+    (["--eval-seed0", "10010", "--n-eval", "4"], r"evaluation seeds 10010–10013 overlap the tuning seeds 10000–10031"),
+    (["--eval-seed0", "-1"], r"--eval-seed0 must be ≥ 0, got -1"),
     (["--particles", "2", "--ddim-eta", "1", "--methods", "none,shen2024"],
      r"--particles: shen2024 cannot be the proposal: 'shen2024' time-travels .*drop it from --methods"),
 ])  # fmt: skip

@@ -58,6 +58,7 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     steps: list[int] = field(default_factory=lambda: [50])
     n_eval: int = 100
+    eval_seed0: int = 0  # evaluation seeds eval_seed0 .. eval_seed0 + n_eval − 1
     n_tune: int = 32
     tune: bool = True
     tune_steps: int = 50
@@ -78,7 +79,13 @@ class BenchConfig:
         d = asdict(self)
         if self.particles is None:
             del d["particles"], d["potential"]
+        if self.eval_seed0 == 0:  # as before the field: the folders and shard keys of earlier runs stay valid
+            del d["eval_seed0"]
         return d
+
+    def eval_seeds(self) -> list[int]:
+        """The evaluation seeds (target class ``seed mod 10`` on class tasks)."""
+        return list(range(self.eval_seed0, self.eval_seed0 + self.n_eval))
 
     def validate(self) -> None:
         """One-line errors naming the flag: unknown tasks/methods, counts out of range, an unreadable --settings."""
@@ -104,6 +111,14 @@ class BenchConfig:
                             ("--best-of", self.best_of, 1), ("--beam-rounds", self.beam_rounds, 0)):  # fmt: skip
             if v < lo:
                 raise ValueError(f"{flag} must be ≥ {lo}, got {v}")
+        if self.eval_seed0 < 0:
+            raise ValueError(f"--eval-seed0 must be ≥ 0, got {self.eval_seed0}")
+        tune = tune_seeds("bench", self.n_tune)
+        if self.tune and self.settings_file is None and self.eval_seed0 < tune.stop and tune.start < (
+            self.eval_seed0 + self.n_eval
+        ):
+            raise ValueError(f"evaluation seeds {self.eval_seed0}–{self.eval_seed0 + self.n_eval - 1} overlap the "
+                             f"tuning seeds {tune.start}–{tune.stop - 1}; move --eval-seed0 past {tune.stop - 1}")  # fmt: skip
         for s in self.steps:
             if not 1 <= s <= 1000:
                 raise ValueError(f"--steps must be ≥ 1 and at most the models' 1000 training timesteps, got {s}")
@@ -395,7 +410,7 @@ class Bench:
 
     def evaluate(self, settings: dict) -> list[dict]:
         cfg = self.cfg
-        seeds = list(range(cfg.n_eval))
+        seeds = cfg.eval_seeds()
         cells, shards = [], []
         for task in cfg.tasks:
             for method in cfg.methods:

@@ -91,7 +91,7 @@ def write_outputs(bench: Bench, rows: list[dict], settings: dict) -> None:
     write_csv(out / "results.csv", flat)
     atomic_write_json(out / "results.json", {"config": cfg.to_dict(), "settings": settings, "rows": rows})
     lines = ["# lossguide bench", "", f"Config: `{json.dumps(cfg.to_dict())}`", "",
-             f"Evaluation seeds 0–{cfg.n_eval - 1}; tuning seeds {s0}–{s0 + cfg.n_tune - 1}; "
+             f"Evaluation seeds {cfg.eval_seed0}–{cfg.eval_seed0 + cfg.n_eval - 1}; tuning seeds {s0}–{s0 + cfg.n_tune - 1}; "
              "NFE and gradients are per sample (best-of-N counts every candidate).", ""]  # fmt: skip
     for task in cfg.tasks:
         tr = [r for r in rows if r["task"] == task]
@@ -143,7 +143,7 @@ def _sample_grid(bench: Bench, task: str, settings: dict, path: Path, per_method
             continue
         v = bench.step_value(settings, task, method)
         for steps in cfg.steps:
-            sh = bench.shards("eval", task, method, v, steps, list(range(cfg.n_eval)))[0]
+            sh = bench.shards("eval", task, method, v, steps, cfg.eval_seeds())[0]
             pt = sh.path(bench.out).with_suffix(".pt")
             if pt.exists():
                 rows.append((f"{method}@{steps}", torch.load(pt)[:per_method]))
