@@ -512,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"DDIM budgets, e.g. 20,50,100 (default: {','.join(map(str, B.steps))})")  # fmt: skip
     p.add_argument("--n-eval", type=int, default=None, help=f"number of evaluation seeds (default {B.n_eval})")
     p.add_argument("--eval-seed0", type=int, default=None,
-                   help=f"first evaluation seed: seeds eval-seed0 .. eval-seed0 + n-eval − 1 (default {B.eval_seed0})")  # fmt: skip
+                   help=f"first evaluation seed: seeds eval-seed0 .. eval-seed0 + n-eval − 1 "
+                   f"(default {B.eval_seed0})")  # fmt: skip
     p.add_argument("--n-tune", type=int, default=None, help=f"tuning seeds per candidate (default {B.n_tune})")
     p.add_argument("--beam-rounds", type=int, default=None, help=f"beam-search rounds (default {B.beam_rounds})")
     p.add_argument("--no-tune", action="store_true", help="use each method's default step parameter")

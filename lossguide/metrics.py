@@ -169,6 +169,18 @@ def sign_test(a: Sequence[float], b: Sequence[float]) -> dict:
     return {"a_wins": a_wins, "b_wins": b_wins, "p": binomial_two_sided(a_wins, a_wins + b_wins)}
 
 
+def holm(p: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values of one family of tests (Holm 1979), in the input order: sorted ascending,
+    the i-th (0-based) of m is min(1, max over j ≤ i of (m − j)·p_(j)); reject where adjusted p < α."""
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    out, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
 def bootstrap_fid_interval(f: torch.Tensor, real: torch.Tensor, n_boot: int = 200, seed: int = 0,
                            level: float = 0.95) -> tuple[float, float]:  # fmt: skip
     """Bootstrap interval of the FID of ``f`` against fixed ``real`` features, centred on the estimate.

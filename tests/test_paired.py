@@ -7,7 +7,7 @@ import random
 import pytest
 
 from lossguide.harness.report import paired_against_best, per_seed
-from lossguide.metrics import binomial_two_sided, mcnemar, sign_test
+from lossguide.metrics import binomial_two_sided, holm, mcnemar, sign_test
 
 
 def test_binomial_two_sided_equals_scipys_exact_test():
@@ -71,3 +71,15 @@ def test_per_seed_outcomes_are_in_seed_order():
     assert per_seed("class-feature", recs) == {"metric": "judge_validity", "seeds": [0, 2], "values": [0, 1]}
     assert per_seed("inpaint", recs)["values"] == [11.0, 14.0]
     assert per_seed("oracle-class", recs) is None
+
+
+def test_holm_adjusts_by_hand_and_never_reorders():
+    # sorted 0.005, 0.01, 0.03, 0.04 → 4·0.005, 3·0.01, 2·0.03, max(2·0.03, 1·0.04): in the input's order
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == [] and holm([0.2]) == [0.2]
+    rng = random.Random(1)
+    for _ in range(50):
+        p = [rng.random() for _ in range(rng.randint(1, 12))]
+        adj = holm(p)
+        assert all(a >= q for a, q in zip(adj, p, strict=True))  # never below the raw p
+        assert all(adj[i] <= adj[j] for i in range(len(p)) for j in range(len(p)) if p[i] < p[j])  # order kept
