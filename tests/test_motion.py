@@ -230,3 +230,29 @@ def test_experiment_quick_guidance_reduces_target_mse(model, tmp_path):
     for name in ("freedom", "dps", "lgd_mc", "shen2024"):
         assert rows[name]["target_mse"] < 0.5 * base, (name, rows[name]["target_mse"], base)
     assert "headline" in summary and "motion" in summary["headline"]
+
+
+def test_motion_task_maps_seeds_to_scenarios_and_scores_eq8_by_hand(model):
+    """The harness's motion task: seed s + 100000·j is draw s of scenario j, each row's loss is its own scenario's
+    eq. 8 (a batch of mixed scenarios equals each row alone), and the objective honours the realism guard."""
+    from lossguide.harness.tasks.motion import GUIDE_MARGIN, SCENARIOS, MotionTask, evaluate
+
+    task = MotionTask(model, SCENARIOS[:2])
+    seeds, names = task.seeds([3, 7])
+    assert seeds == [3, 7, 100_003, 100_007] and names == ["ahead 2.5 m"] * 2 + ["left 3 m"] * 2
+    with pytest.raises(ValueError, match="motion draws must lie in 0..99999"):
+        task.seeds([100_000])
+    # a motion standing still at the origin: target MSE = |goal|², the obstacle (centre goal/2) is ≥ r + margin away
+    x = torch.zeros(4, 8, 61, dtype=torch.float64)  # features [B, L, 61], root x z first
+    m = evaluate(x, *task._targets(seeds))
+    assert m["target_mse"].tolist() == pytest.approx([2.5**2] * 2 + [3.0**2] * 2)
+    assert 0 <= m["avoid"].min() and m["avoid"].max() < 1e-12  # far outside r: eq. 8's soft penalty is ~0
+    near = evaluate(x, *task._targets(seeds)[:2], torch.full((4,), 1.25 + GUIDE_MARGIN))["avoid"]
+    assert near[0] > 1e3 * m["avoid"][0]  # inside the radius the penalty is felt
+    z = torch.randn((4, *task.shape), generator=torch.Generator().manual_seed(0), dtype=model.mean.dtype)
+    whole = task.loss(seeds)(z)
+    alone = torch.cat([task.loss([s])(z[i : i + 1]) for i, s in enumerate(seeds)])
+    assert torch.equal(whole, alone) and not torch.equal(whole[:2], whole[2:])
+    score = {"target_mse": torch.tensor([1.0, 3.0]), "avoid": torch.tensor([0.0, 2.0]), "skating": torch.tensor([1.0])}
+    assert MotionTask.objective(score, unguided_skating=1.0) == -3.0
+    assert MotionTask.objective(score, unguided_skating=0.6) == -math.inf  # 1.0 > 1.5 × 0.6

@@ -20,26 +20,19 @@ import torch
 from lossguide.experiments import command_line
 from lossguide.harness import settings
 from lossguide.harness.methods import method_config, tuned_param
+from lossguide.harness.tasks.motion import GUIDE_MARGIN, SCENARIO_STRIDE, SCENARIOS, MotionTask
 from lossguide.harness.tuning import tune_each, tune_seeds
 from lossguide.io import atomic_write_bytes
 from lossguide.motion.augment import MotionAugment
 from lossguide.motion.data import BONES, FPS, POINTS, forward_kinematics
-from lossguide.motion.losses import ObstacleLoss, TargetLoss, WeightedSum, on_normalized
 from lossguide.motion.model import MotionModel, load_model
-from lossguide.motion.stats import compare, data_reference, summarize, window_stats
+from lossguide.motion.stats import compare, data_reference, summarize
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
 
 log = logging.getLogger(__name__)
 
-# (name, goal x z, obstacle centre x z (goal/2), evaluation radius r), metres
-SCENARIOS = (
-    ("ahead 2.5 m", (2.5, 0.0), (1.25, 0.0), 0.4),
-    ("left 3 m", (0.0, 3.0), (0.0, 1.5), 0.5),
-    ("back 2 m", (-1.6, -1.2), (-0.8, -0.6), 0.35),
-)
-GUIDE_MARGIN = 0.2  # the paper's code guides with r + 0.2 and evaluates with r
 EVAL_SEEDS = tuple(range(8))
 TUNE_SEEDS = tuple(tune_seeds("motion", 4))
 # method label → (method spec, multiplicative grid of its step parameter, fixed parameters)
@@ -54,27 +47,7 @@ METHODS = {
     "shen2024": ("shen2024", (0.0003, 0.001, 0.003, 0.01, 0.03), {}),
 }
 QUICK_METHODS = ("none", "freedom", "dps", "lgd_mc", "shen2024")
-REALISM_GUARD = 1.5  # tuning keeps a scale only if mean skating ≤ 1.5 × unguided's (same seeds)
 STEPS = 50
-
-
-def task_loss(goals: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, margin: float = GUIDE_MARGIN):
-    """Eq. 8 per sample: target MSE + obstacle penalty at radius r + margin (per-sample goals/obstacles)."""
-    return WeightedSum([(1.0, TargetLoss(goals)), (1.0, ObstacleLoss(centers.unsqueeze(1), radii + margin))])
-
-
-def build_batch(scenarios, seeds):
-    """Per-sample goals, obstacle centres, radii and seeds for every (scenario, seed) pair, scenario-major."""
-    goals, centers, radii, all_seeds, names = [], [], [], [], []
-    for j, (name, goal, center, r) in enumerate(scenarios):
-        for s in seeds:
-            goals.append(goal)
-            centers.append(center)
-            radii.append(r)
-            all_seeds.append(int(s) + 100_000 * j)
-            names.append(name)
-    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    return t(goals), t(centers), t(radii), all_seeds, names
 
 
 def make_config(model: MotionModel, label: str, value):
@@ -95,49 +68,42 @@ def shipped_values(labels) -> dict:
     return {k: settings.params("motion", k, store)[param_name(k)] for k in labels if param_name(k)}
 
 
-def evaluate(x: torch.Tensor, goals, centers, radii) -> dict[str, torch.Tensor]:
-    """Per-sample target MSE (m²) and avoidance loss (eq. 8's penalty at the evaluation radius r)."""
-    x = x.double()
-    return {"target_mse": TargetLoss(goals)(x), "avoid": ObstacleLoss(centers.unsqueeze(1), radii)(x)}
-
-
 def run_method(model: MotionModel, label: str, value, scenarios, seeds, steps: int):
-    """Sample every (scenario, seed) with one method; returns features, metrics, NFE and wall seconds."""
-    goals, centers, radii, all_seeds, names = build_batch(scenarios, seeds)
-    loss = on_normalized(task_loss(goals, centers, radii), model)
+    """Sample every (scenario, seed) with one method; returns motions, per-sample scores, NFE and wall seconds."""
+    task = MotionTask(model, scenarios)
+    all_seeds, names = task.seeds(seeds)
     cfg = make_config(model, label, value)
     t0 = time.perf_counter()
     res = sample(
-        model.denoiser,
+        task.denoiser(),
         DDIM(model.schedule, steps),
         cfg,
-        loss if cfg.enabled else None,
-        shape=model.shape,
+        task.loss(all_seeds) if cfg.enabled else None,
+        shape=task.shape,
         seeds=all_seeds,
         dtype=model.mean.dtype,
         progress=False,
     )
     wall = time.perf_counter() - t0
     x = model.to_motion(res.x0.detach())
-    m = evaluate(x, goals, centers, radii)
-    m.update(window_stats(x))
+    m = task.scores(x, all_seeds)
     return {"x": x, "metrics": m, "nfe": res.stats.nfe, "wall_s": wall, "names": names, "seeds": all_seeds}
 
 
 def tune(model: MotionModel, labels, steps: int) -> tuple[dict, list[dict]]:
     """Pick each method's step parameter on TUNE_SEEDS by grid search: the lowest mean Loss whose skating stays
-    within REALISM_GUARD × unguided's (the smallest grid value if none does)."""
+    within the task's realism guard × unguided's (the smallest grid value if none does)."""
     base = run_method(model, "none", None, SCENARIOS, TUNE_SEEDS, steps)
     skate0 = float(base["metrics"]["skating"].mean())
     rows = []
 
     def score(label, v):
         m = run_method(model, label, v, SCENARIOS, TUNE_SEEDS, steps)["metrics"]
-        total = float((m["target_mse"] + m["avoid"]).mean())
-        skate = float(m["skating"].mean())
-        ok = skate <= REALISM_GUARD * skate0 and math.isfinite(total)
-        rows.append({"method": label, param_name(label): v, "loss": total, "skating": skate, "within_guard": ok})
-        return -total if ok else -math.inf
+        objective = MotionTask.objective(m, skate0)
+        total, skate = float((m["target_mse"] + m["avoid"]).mean()), float(m["skating"].mean())
+        rows.append({"method": label, param_name(label): v, "loss": total, "skating": skate,
+                     "within_guard": objective > -math.inf})  # fmt: skip
+        return objective
 
     chosen = tune_each({label: METHODS[label][1] for label in labels if param_name(label) is not None}, score)
     log.info("tuned %s", chosen)
@@ -364,7 +330,7 @@ def _run(out: Path, quick: bool) -> dict:
         "Scenarios (goal, obstacle centre at goal/2, radius r; guidance uses "
         f"r + {GUIDE_MARGIN} as the paper's code): "
         + "; ".join(f"{n}: goal {g}, obstacle {c}, r = {r}" for n, g, c, r in scenarios)
-        + f". Evaluation seeds {list(seeds)} per scenario (offset by 100000 per scenario); tuning seeds "
+        + f". Evaluation seeds {list(seeds)} per scenario (offset by {SCENARIO_STRIDE} per scenario); tuning seeds "
         f"{list(TUNE_SEEDS)}"
         + (" (not run with --quick: the tuned values of the full run are used)." if quick else "."),
         "",
