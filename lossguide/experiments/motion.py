@@ -19,7 +19,7 @@ import torch
 
 from lossguide.experiments import command_line
 from lossguide.harness import settings
-from lossguide.harness.methods import method_config, tuned_param
+from lossguide.harness.methods import label, method_config, tuned_param
 from lossguide.harness.tasks.motion import GUIDE_MARGIN, SCENARIO_STRIDE, SCENARIOS, MotionTask
 from lossguide.harness.tuning import tune_each, tune_seeds
 from lossguide.io import atomic_write_bytes
@@ -35,44 +35,49 @@ log = logging.getLogger(__name__)
 
 EVAL_SEEDS = tuple(range(8))
 TUNE_SEEDS = tuple(tune_seeds("motion", 4))
-# method label → (method spec, multiplicative grid of its step parameter, fixed parameters)
+# method spec → (multiplicative grid of its step parameter, fixed parameters); tables name each by :func:`display`
 METHODS = {
-    "none": ("none", (), {}),
-    "dps": ("dps", (0.1, 0.3, 1.0, 3.0, 10.0), {}),
-    "freedom": ("freedom", (0.1, 0.3, 1.0, 3.0, 10.0), {}),
-    "ugd (forward)": ("ugd", (0.1, 0.3, 1.0, 3.0, 10.0), {"n_iter": 0}),  # n_iter=0: no backward step
-    "lgd_mc": ("lgd_mc", (0.1, 0.3, 1.0, 3.0, 10.0), {"n_mc": 10}),
-    "mpgd": ("mpgd", (0.03, 0.1, 0.3, 1.0, 3.0), {}),
-    "shen2024 −RA": ("shen2024-ra", (0.0003, 0.001, 0.003, 0.01, 0.03), {}),
-    "shen2024": ("shen2024", (0.0003, 0.001, 0.003, 0.01, 0.03), {}),
+    "none": ((), {}),
+    "dps": ((0.1, 0.3, 1.0, 3.0, 10.0), {}),
+    "freedom": ((0.1, 0.3, 1.0, 3.0, 10.0), {}),
+    "ugd": ((0.1, 0.3, 1.0, 3.0, 10.0), {"n_iter": 0}),  # n_iter=0: UGD's forward guidance only, no backward step
+    "lgd_mc": ((0.1, 0.3, 1.0, 3.0, 10.0), {}),
+    "mpgd": ((0.03, 0.1, 0.3, 1.0, 3.0), {}),
+    "shen2024-ra": ((0.0003, 0.001, 0.003, 0.01, 0.03), {}),
+    "shen2024": ((0.0003, 0.001, 0.003, 0.01, 0.03), {}),
 }
 QUICK_METHODS = ("none", "freedom", "dps", "lgd_mc", "shen2024")
 STEPS = 50
 
 
-def make_config(model: MotionModel, label: str, value):
-    """The guidance config of method ``label`` at step ``value``; random augmentation is the motion's."""
-    spec, _, fixed = METHODS[label]
-    return method_config(spec, value, augment=MotionAugment(model), **fixed)
+def display(spec: str) -> str:
+    """How tables name method ``spec``: its label (:func:`~lossguide.harness.methods.label`) and fixed parameters."""
+    fixed = METHODS[spec][1]
+    return label(spec) + (f" ({', '.join(f'{k} = {v}' for k, v in fixed.items())})" if fixed else "")
 
 
-def param_name(label: str) -> str | None:
-    """The step parameter that ``label`` tunes (None for ``none``)."""
-    p = tuned_param(METHODS[label][0])
+def make_config(model: MotionModel, spec: str, value):
+    """The guidance config of method ``spec`` at step ``value``; random augmentation is the motion's."""
+    return method_config(spec, value, augment=MotionAugment(model), **METHODS[spec][1])
+
+
+def param_name(spec: str) -> str | None:
+    """The step parameter that ``spec`` tunes (None for ``none``)."""
+    p = tuned_param(spec)
     return None if p is None else p[0]
 
 
-def shipped_values(labels) -> dict:
+def shipped_values(specs) -> dict:
     """The step values the full run's tuning chose (settings store, section ``motion``), used by --quick."""
     store = settings.load()
-    return {k: settings.params("motion", k, store)[param_name(k)] for k in labels if param_name(k)}
+    return {k: settings.params("motion", k, store)[param_name(k)] for k in specs if param_name(k)}
 
 
-def run_method(model: MotionModel, label: str, value, scenarios, seeds, steps: int):
+def run_method(model: MotionModel, spec: str, value, scenarios, seeds, steps: int):
     """Sample every (scenario, seed) with one method; returns motions, per-sample scores, NFE and wall seconds."""
     task = MotionTask(model, scenarios)
     all_seeds, names = task.seeds(seeds)
-    cfg = make_config(model, label, value)
+    cfg = make_config(model, spec, value)
     t0 = time.perf_counter()
     res = sample(
         task.denoiser(),
@@ -90,22 +95,22 @@ def run_method(model: MotionModel, label: str, value, scenarios, seeds, steps: i
     return {"x": x, "metrics": m, "nfe": res.stats.nfe, "wall_s": wall, "names": names, "seeds": all_seeds}
 
 
-def tune(model: MotionModel, labels, steps: int) -> tuple[dict, list[dict]]:
+def tune(model: MotionModel, specs, steps: int) -> tuple[dict, list[dict]]:
     """Pick each method's step parameter on TUNE_SEEDS by grid search: the lowest mean Loss whose skating stays
     within the task's realism guard × unguided's (the smallest grid value if none does)."""
     base = run_method(model, "none", None, SCENARIOS, TUNE_SEEDS, steps)
     skate0 = float(base["metrics"]["skating"].mean())
     rows = []
 
-    def score(label, v):
-        m = run_method(model, label, v, SCENARIOS, TUNE_SEEDS, steps)["metrics"]
+    def score(spec, v):
+        m = run_method(model, spec, v, SCENARIOS, TUNE_SEEDS, steps)["metrics"]
         objective = MotionTask.objective(m, skate0)
         total, skate = float((m["target_mse"] + m["avoid"]).mean()), float(m["skating"].mean())
-        rows.append({"method": label, param_name(label): v, "loss": total, "skating": skate,
+        rows.append({"method": display(spec), param_name(spec): v, "loss": total, "skating": skate,
                      "within_guard": objective > -math.inf})  # fmt: skip
         return objective
 
-    chosen = tune_each({label: METHODS[label][1] for label in labels if param_name(label) is not None}, score)
+    chosen = tune_each({spec: METHODS[spec][0] for spec in specs if param_name(spec) is not None}, score)
     log.info("tuned %s", chosen)
     return chosen, rows
 
@@ -113,15 +118,15 @@ def tune(model: MotionModel, labels, steps: int) -> tuple[dict, list[dict]]:
 def plot_trajectories(results: dict, scenarios, path: Path) -> None:
     """Top-down root paths per scenario (rows) and method (columns), with goal and obstacle."""
     plt = pyplot()
-    labels = list(results)
-    fig, axes = plt.subplots(len(scenarios), len(labels), figsize=(1.9 * len(labels), 1.9 * len(scenarios)))
-    axes = [[axes]] if len(scenarios) == 1 and len(labels) == 1 else axes
+    specs = list(results)
+    fig, axes = plt.subplots(len(scenarios), len(specs), figsize=(1.9 * len(specs), 1.9 * len(scenarios)))
+    axes = [[axes]] if len(scenarios) == 1 and len(specs) == 1 else axes
     if len(scenarios) == 1:
         axes = [axes]
     for i, (name, goal, center, r) in enumerate(scenarios):
-        for j, label in enumerate(labels):
+        for j, spec in enumerate(specs):
             ax = axes[i][j]
-            res = results[label]
+            res = results[spec]
             for k, n in enumerate(res["names"]):
                 if n != name:
                     continue
@@ -137,7 +142,7 @@ def plot_trajectories(results: dict, scenarios, path: Path) -> None:
             ax.set_ylim(-lim, lim)
             ax.tick_params(labelsize=5)
             if i == 0:
-                ax.set_title(label, fontsize=7)
+                ax.set_title(display(spec), fontsize=7)
             if j == 0:
                 ax.set_ylabel(name, fontsize=7)
     fig.tight_layout()
@@ -237,28 +242,28 @@ def _run(out: Path, quick: bool) -> dict:
     model = load_model(dtype=torch.float64 if quick else torch.float32)
     scenarios = SCENARIOS[:2] if quick else SCENARIOS
     seeds = EVAL_SEEDS[:2] if quick else EVAL_SEEDS
-    labels = QUICK_METHODS if quick else tuple(METHODS)
+    specs = QUICK_METHODS if quick else tuple(METHODS)
     steps = STEPS
     if quick:
-        chosen, tune_rows = shipped_values(labels), []
+        chosen, tune_rows = shipped_values(specs), []
     else:
-        chosen, tune_rows = tune(model, labels, steps)
+        chosen, tune_rows = tune(model, specs, steps)
     ref, _ = data_reference(256 if quick else 1024)
     results = {}
-    for label in labels:
-        results[label] = run_method(model, label, chosen.get(label), scenarios, seeds, steps)
-        log.info("%s done in %.1f s", label, results[label]["wall_s"])
+    for spec in specs:
+        results[spec] = run_method(model, spec, chosen.get(spec), scenarios, seeds, steps)
+        log.info("%s done in %.1f s", spec, results[spec]["wall_s"])
 
     rows, per_sample = [], []
-    for label, res in results.items():
+    for spec, res in results.items():
         m = res["metrics"]
-        param = param_name(label)
+        param = param_name(spec)
         tm, av = float(m["target_mse"].mean()), float(m["avoid"].mean())
         w1 = compare({k: v for k, v in m.items() if k in ref}, ref)
         rows.append(
             {
-                "method": label,
-                "tuned": f"{param}={chosen[label]}" if param else "–",
+                "method": display(spec),
+                "tuned": f"{param}={chosen[spec]}" if param else "–",
                 "target_mse": tm,
                 "avoid": av,
                 "loss": tm + av,
@@ -271,17 +276,17 @@ def _run(out: Path, quick: bool) -> dict:
         )
         for k, (name, seed) in enumerate(zip(res["names"], res["seeds"], strict=True)):
             per_sample.append(
-                {"method": label, "scenario": name, "seed": seed} | {key: float(v[k]) for key, v in m.items()}
+                {"method": display(spec), "scenario": name, "seed": seed} | {key: float(v[k]) for key, v in m.items()}
             )
     by_scen = []
     for name, *_ in scenarios:
-        for label, res in results.items():
+        for spec, res in results.items():
             idx = [k for k, n in enumerate(res["names"]) if n == name]
             m = res["metrics"]
             by_scen.append(
                 {
                     "scenario": name,
-                    "method": label,
+                    "method": display(spec),
                     "target_mse": float(m["target_mse"][idx].mean()),
                     "avoid": float(m["avoid"][idx].mean()),
                     "skating": float(m["skating"][idx].mean()),
@@ -303,12 +308,12 @@ def _run(out: Path, quick: bool) -> dict:
     write_csv(out / "results.csv", per_sample)
     plot_trajectories(results, scenarios, out / "trajectories.png")
     plot_realism(ref, un_stats, out / "realism.png")
-    gif_label = "shen2024" if "shen2024" in results else labels[-1]
-    res = results[gif_label]
+    gif_spec = "shen2024" if "shen2024" in results else specs[-1]
+    res = results[gif_spec]
     motions = []
     for name, goal, center, r in scenarios[: 2 if quick else 3]:
         k = res["names"].index(name)
-        motions.append((f"{gif_label}: {name}", res["x"][k], goal, center, r))
+        motions.append((f"{display(gif_spec)}: {name}", res["x"][k], goal, center, r))
     render_gif(motions, out / "guided.gif", stride=3 if quick else 1)
 
     best = min((r for r in rows if r["method"] != "none"), key=lambda r: r["loss"])
