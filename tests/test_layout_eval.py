@@ -59,7 +59,7 @@ def test_judge_reads_real_canvases_half_by_half(kit, real):
 
 
 def test_layout_score_on_constructed_canvases(kit):
-    from lossguide.experiments.layout import score
+    from lossguide.harness.tasks.canvas import score
 
     data = TwoDigitCanvas("heldout")
     seeds = list(range(20))

@@ -33,12 +33,11 @@ from pathlib import Path
 
 import torch
 
-from lossguide import metrics, presets
-from lossguide.data.canvas import BLANK, LEFT_BOX, RIGHT_BOX
+from lossguide import presets
 from lossguide.experiments import command_line
+from lossguide.harness.tasks.canvas import TARGETS, conditions, score
 from lossguide.harness.tuning import tune_each, tune_seeds
-from lossguide.layout.evaluate import fid_floor, halves, judge_halves
-from lossguide.layout.losses import ink_fraction
+from lossguide.layout.evaluate import fid_floor
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 from lossguide.writers import md_table, pyplot, save_fig, write_csv, write_report
@@ -47,8 +46,6 @@ log = logging.getLogger(__name__)
 
 W_CFG = 3.0
 BATCH = 50
-#: the layout asked for: token position → region
-TARGETS = {0: RIGHT_BOX, 1: LEFT_BOX}
 #: the loss scales s span the gradient's size: ‖∇_{x_t} E‖ ≈ 0.005 against ‖ε‖ ≈ 40 (measured on 8 samples of an early
 #: checkpoint), so s·σ_t·‖∇E‖ reaches ‖ε‖ near s = 10⁴
 FULL = {"seeds": list(range(100)), "tune_n": 20, "steps": 25, "scales": (1e2, 3e2, 1e3, 3e3, 1e4, 3e4, 1e5),
@@ -56,12 +53,6 @@ FULL = {"seeds": list(range(100)), "tune_n": 20, "steps": 25, "scales": (1e2, 3e
         "both_strengths": (1.0, 2.0, 4.0, 8.0, 16.0)}  # fmt: skip
 QUICK = {"seeds": list(range(4)), "tune_n": 2, "steps": 6, "scales": (1e3, 1e4), "strengths": (1.0, 4.0),
          "both_scales": (1e3,), "both_strengths": (1.0, 4.0)}  # fmt: skip
-
-
-def conditions(seeds: Sequence[int], swap: bool = False) -> torch.Tensor:
-    """tokens [B, 2]: (a, blank) with a = seed mod 10, or (blank, a) with ``swap``."""
-    rows = [[BLANK, s % 10] if swap else [s % 10, BLANK] for s in seeds]
-    return torch.tensor(rows, dtype=torch.long)
 
 
 def generate(model, seeds: Sequence[int], steps: int, w: float, scale: float = 0.0, strength: float = 0.0,
@@ -95,26 +86,6 @@ def generate(model, seeds: Sequence[int], steps: int, w: float, scale: float = 0
     forwards = stats.nfe * (1 if w == 1.0 else 2) + stats.loss_evals
     return {"x": torch.cat(xs), "wall_s": time.perf_counter() - t0, "unet_forwards_per_sample": forwards,
             "unet_backwards_per_sample": stats.loss_grads}  # fmt: skip
-
-
-def score(kit, x: torch.Tensor, seeds: Sequence[int], fid: bool = False) -> dict:
-    """Ink share in the right half, judge validity of the right half and of the layout, the tuning objective
-    (mean of [right half judged a] × ink share), and with ``fid`` the FID of the right halves."""
-    a = torch.tensor([s % 10 for s in seeds])
-    share = ink_fraction(x, RIGHT_BOX).cpu().double()
-    classes, p = judge_halves(kit.nets["judge"], x)
-    box_ok = classes[:, 1] == a
-    layout_ok = box_ok & (classes[:, 0] == BLANK)
-    n = len(x)
-    row = {"n": n, "ink_share": float(share.mean()), "box_validity": float(box_ok.double().mean()),
-           "box_validity_ci": "[{:.2f}, {:.2f}]".format(*metrics.wilson_interval(int(box_ok.sum()), n)),
-           "layout_validity": float(layout_ok.double().mean()),
-           "judge_p_a_right": float(p[:, 1].gather(-1, a[:, None]).mean()),
-           "objective": float((box_ok.double() * share).mean()),
-           "per_sample": (box_ok.double() * share).tolist()}  # fmt: skip
-    if fid:
-        row.update(kit.fid_kid(halves(x)[:, 1].to(kit.device)))
-    return row
 
 
 def tune(kit, model, cfg: dict, w: float) -> tuple[dict, list[dict]]:
