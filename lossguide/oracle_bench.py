@@ -12,19 +12,19 @@ from __future__ import annotations
 
 from lossguide.harness.methods import tuned_param
 from lossguide.harness.tasks.oracle import oracle_tasks, posterior_samples, run_one
-from lossguide.harness.tuning import tune_each, tune_seeds
+from lossguide.harness.tuning import half_decades, tune_each, tune_seeds
 from lossguide.schedule import NoiseSchedule
 
 #: the multiplicative grid of each method's step parameter (:func:`~lossguide.harness.methods.tuned_param`)
 GRIDS: dict[str, list[float]] = {
-    "dps": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
-    "freedom": [0.003, 0.01, 0.03, 0.1, 0.3],
-    "ugd": [0.01, 0.03, 0.1, 0.3],
-    "lgd_mc": [0.003, 0.01, 0.03, 0.1, 0.3],
-    "mpgd": [0.001, 0.003, 0.01, 0.03, 0.1],
-    "tfg": [0.003, 0.01, 0.03, 0.1],
-    "shen2024": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
-    "naive_grad": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+    "dps": half_decades(0.003, 1.0),
+    "freedom": half_decades(0.003, 0.3),
+    "ugd": half_decades(0.01, 0.3),
+    "lgd_mc": half_decades(0.003, 0.3),
+    "mpgd": half_decades(0.001, 0.1),
+    "tfg": half_decades(0.003, 0.1),
+    "shen2024": half_decades(0.001, 1.0),
+    "naive_grad": half_decades(0.001, 1.0),
 }
 #: parameters held fixed while the grid runs: the paper's Polyak gap ‖ε‖ diverges on the class task's saturating
 #: cross-entropy at every η (``benchmarks/oracle_polyak.py``), so there shen2024 takes the classical gap ℓ

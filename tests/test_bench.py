@@ -36,6 +36,17 @@ def test_beam_search_finds_the_best_grid_point_of_a_known_objective():
     assert calls[0] == [1.0]
 
 
+def test_grids_follow_their_rule_to_the_last_bit():
+    from lossguide.harness.tuning import doublings, half_decades
+
+    # every value equals its decimal literal (the hand-typed grids these replaced), neighbours alternate ×3, ×10/3
+    assert half_decades(0.003, 1.0) == [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+    assert half_decades(0.0003, 0.03) == [0.0003, 0.001, 0.003, 0.01, 0.03]
+    assert half_decades(1e2, 1e5) == [100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0]
+    assert half_decades(3.0, 3.0) == [3.0] and half_decades(2.0, 2.5) == []
+    assert doublings(0.5, 16.0) == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0] and doublings(1.0, 1.5) == [1.0]
+
+
 def test_method_specs_parse_and_fail_clearly():
     cfg = method_config("freedom+polyak+ra", 0.05)
     assert cfg.rho.to_dict()["eta"] == 0.05 and cfg.n_aug == 10

@@ -16,7 +16,7 @@ from lossguide.guidance import GuidanceConfig
 from lossguide.harness import settings
 from lossguide.harness.methods import method_config, tuned_param
 from lossguide.harness.tasks.mnist import Generated, MnistKit, targets_for
-from lossguide.harness.tuning import tune_each, tune_seeds
+from lossguide.harness.tuning import half_decades, tune_each, tune_seeds
 
 __all__ = ["Generated", "MnistKit", "targets_for", "TUNE_GRIDS", "config", "tune_all"]
 
@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 #: the multiplicative grid of each method's step parameter (:func:`~lossguide.harness.methods.tuned_param`), class task
 TUNE_GRIDS: dict[str, list[float]] = {
-    "freedom": [1.0, 3.0, 10.0, 30.0],
-    "freedom+polyak": [0.003, 0.01, 0.03, 0.1],
-    "cg": [3.0, 10.0, 30.0, 100.0],
+    "freedom": half_decades(1.0, 30.0),
+    "freedom+polyak": half_decades(0.003, 0.1),
+    "cg": half_decades(3.0, 100.0),
 }
 
 

@@ -21,7 +21,7 @@ from lossguide.experiments import command_line
 from lossguide.harness import settings
 from lossguide.harness.methods import label, method_config, tuned_param
 from lossguide.harness.tasks.motion import GUIDE_MARGIN, SCENARIO_STRIDE, SCENARIOS, MotionTask
-from lossguide.harness.tuning import tune_each, tune_seeds
+from lossguide.harness.tuning import half_decades, tune_each, tune_seeds
 from lossguide.io import atomic_write_bytes
 from lossguide.motion.augment import MotionAugment
 from lossguide.motion.data import BONES, FPS, POINTS, forward_kinematics
@@ -38,13 +38,13 @@ TUNE_SEEDS = tuple(tune_seeds("motion", 4))
 # method spec → (multiplicative grid of its step parameter, fixed parameters); tables name each by :func:`display`
 METHODS = {
     "none": ((), {}),
-    "dps": ((0.1, 0.3, 1.0, 3.0, 10.0), {}),
-    "freedom": ((0.1, 0.3, 1.0, 3.0, 10.0), {}),
-    "ugd": ((0.1, 0.3, 1.0, 3.0, 10.0), {"n_iter": 0}),  # n_iter=0: UGD's forward guidance only, no backward step
-    "lgd_mc": ((0.1, 0.3, 1.0, 3.0, 10.0), {}),
-    "mpgd": ((0.03, 0.1, 0.3, 1.0, 3.0), {}),
-    "shen2024-ra": ((0.0003, 0.001, 0.003, 0.01, 0.03), {}),
-    "shen2024": ((0.0003, 0.001, 0.003, 0.01, 0.03), {}),
+    "dps": (half_decades(0.1, 10.0), {}),
+    "freedom": (half_decades(0.1, 10.0), {}),
+    "ugd": (half_decades(0.1, 10.0), {"n_iter": 0}),  # n_iter=0: UGD's forward guidance only, no backward step
+    "lgd_mc": (half_decades(0.1, 10.0), {}),
+    "mpgd": (half_decades(0.03, 3.0), {}),
+    "shen2024-ra": (half_decades(0.0003, 0.03), {}),
+    "shen2024": (half_decades(0.0003, 0.03), {}),
 }
 QUICK_METHODS = ("none", "freedom", "dps", "lgd_mc", "shen2024")
 STEPS = 50

@@ -1,4 +1,4 @@
-"""The tuners of every harness command (a grid, TFG's multiplicative beam search) and their tuning seeds.
+"""The tuners of every harness command (a grid, TFG's multiplicative beam search), their grids and tuning seeds.
 
 Seed convention: evaluation seeds are 0..n−1; a command tunes on ``tune_seeds(command, n)`` =
 ``TUNE_SEED0[command] + 0..n−1``, a block beyond every evaluation set of that command, so no value is tuned on
@@ -8,6 +8,7 @@ tuned values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 #: first tuning seed of each command: ``lossguide bench``; the MNIST experiments (``experiments.mnist.tune_all``,
@@ -19,6 +20,29 @@ TUNE_SEED0 = {"bench": 10_000, "experiments": 1000, "oracle": 1_000_000, "motion
 def tune_seeds(command: str, n: int) -> range:
     """The ``n`` tuning seeds of ``command`` (see the module docstring)."""
     return range(TUNE_SEED0[command], TUNE_SEED0[command] + n)
+
+
+def half_decades(lo: float, hi: float) -> list[float]:
+    """The grid of the 1–3–10 rule from ``lo`` to ``hi`` (both of the form 1·10^k or 3·10^k): every value a power of
+    ten or three times one, so the ratio of neighbours alternates 3 and 10/3 (√10 on average, two points a decade).
+    Each value is parsed from its decimal form, so ``half_decades(0.003, 0.3)`` is exactly ``[0.003, 0.01, ...]``."""
+    out, k = [], math.floor(math.log10(lo)) - 1
+    while True:
+        for m in (1, 3):
+            v = float(f"{m}e{k}")
+            if v > hi * (1 + 1e-9):
+                return out
+            if v >= lo * (1 - 1e-9):
+                out.append(v)
+        k += 1
+
+
+def doublings(lo: float, hi: float) -> list[float]:
+    """``lo``, 2·lo, 4·lo, ... up to ``hi``: a grid of factor 2 (exact in binary floating point)."""
+    out = [float(lo)]
+    while out[-1] * 2 <= hi * (1 + 1e-9):
+        out.append(out[-1] * 2)
+    return out
 
 
 def grid_search(evaluate: Callable, values: Sequence[float]) -> tuple[float, list]:
