@@ -306,8 +306,8 @@ def cmd_bench(args) -> int:
     b = bench.Bench(cfg, args.out)
     try:
         b.fixed_settings()  # a --settings file that lacks a cell is refused before anything is written
-        bench.check_config(cfg, args.out, overwrite=args.overwrite)
-        rows = b.run()
+        with bench.open_folder(cfg, args.out, b.ranks, overwrite=args.overwrite):
+            rows = b.run()
     finally:
         b.ranks.close()
     if b.ranks.rank == 0:

@@ -1,9 +1,11 @@
-"""The run folder of ``lossguide sample`` and recipes: one writer, config after validation, atomic files.
+"""Run folders: one writer, config after validation, atomic files.
 
-A folder holds ``config.yaml``, one ``{seed:06d}.png`` and ``records/{seed:06d}.json`` per finished seed,
-``grid.png`` and ``metrics.json``. :class:`RunFolder` takes a lock (``.lock``, the writer's PID) so that two
-processes never write one folder, removes the ``.*.tmp`` files a killed writer left, writes ``config.yaml``
-only when the caller has built and checked everything, and turns every OSError into one line naming the path.
+:class:`Folder` is every app's run folder: it takes a lock (``.lock``, the writer's PID) so that two processes
+never write one folder, removes the ``.*.tmp`` files a killed writer left, refuses a folder that another config's
+outputs occupy, writes its config file only when the caller has built and checked everything, and turns every
+OSError into one line naming the path. :class:`RunFolder` is the folder of ``lossguide sample`` and recipes:
+``config.yaml``, one ``{seed:06d}.png`` and ``records/{seed:06d}.json`` per finished seed, ``grid.png`` and
+``metrics.json``; ``lossguide bench``'s is :class:`~lossguide.harness.bench.BenchFolder`.
 Seeds run in batches of one fixed shape (:func:`fixed_batches`), so a seed's numbers do not depend on which
 seeds share its batch, and a resumed run equals an uninterrupted one. Seed specs (:func:`parse_seeds`) and the
 PNG helpers (:func:`to_uint8`, :func:`png_bytes`, :func:`grid`) live here too.
@@ -78,41 +80,57 @@ def fixed_batches(seeds: Sequence[int], batch: int) -> Iterator[tuple[list[int],
         yield rows + [rows[0]] * (batch - n), n
 
 
-class RunFolder:
-    """A run folder: lock, orphaned-tmp cleanup, config check/write, ``--overwrite``, per-seed files."""
+class Folder:
+    """A run's folder, for every app that writes one: a lock, cleanup after a killed writer, the config file checked
+    against the folder's and written first, ``--overwrite``, and atomic writes that fail in one line.
+
+    Subclasses name their config file (:attr:`CONFIG`), what the run writes (:meth:`outputs`) and where a killed
+    writer can leave temporary files (:meth:`tmp_files`)."""
+
+    CONFIG = "config.yaml"
+    #: how refusals name the run, and what ``--overwrite`` does to it
+    WHAT, REPLACE = "run", "--overwrite to replace it"
 
     def __init__(self, path: str | Path, overwrite: bool = False):
         self.path = Path(path)
         self.overwrite = overwrite
-        self.records = self.path / "records"
         self._fd: int | None = None
-        self._config_sha: str | None = None  # of the config.yaml text this run writes (set by check)
+        self._config_sha: str | None = None  # of the config text this run writes (set by check)
+
+    def outputs(self) -> list[Path]:
+        """The files and folders an earlier run wrote here (besides its config), in a stable order."""
+        return []
+
+    def tmp_files(self) -> list[Path]:
+        """The ``.*.tmp`` files of an atomic write that a killed run never finished."""
+        return list(self.path.glob(".*.tmp")) if self.path.is_dir() else []
 
     # -- opening ---------------------------------------------------------------------------------------
     def check(self, config_text: str) -> None:
-        """Refuse (without writing anything) a path that is a file or a folder that holds another config."""
+        """Refuse (without writing anything) a path that is a file, or a folder whose outputs another config (or an
+        unknown one) wrote; a config file without outputs (a run that failed before its first) is replaced."""
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--out {self.path} is an existing file, not a folder; pass a folder path")
         self._config_sha = _sha256(config_text.encode())
-        cfg = self.path / "config.yaml"
+        cfg = self.path / self.CONFIG
         with os_errors(cfg, "read"):
             has_config = cfg.is_file()
             differs = has_config and cfg.read_text() != config_text
         if self.overwrite or not (differs or not has_config):
             return
         with os_errors(self.path, "read"):
-            seeds = self._seed_files()
-        if differs and seeds:  # a config.yaml without seeds (a run that failed before its first) is replaced
-            raise ValueError(
-                f"{self.path} holds a run with a different config; pass another --out, or --overwrite to replace it"
-            )
-        if not has_config and seeds:
-            raise ValueError(
-                f"{self.path} holds {len(seeds)} seed files ({seeds[0].name}, ...) but no config.yaml, so the run "
-                "that made them is unknown; pass another --out, or --overwrite to replace them"
-            )
+            old = self.outputs()
+        if differs and old:
+            raise ValueError(f"{self.path} holds a {self.WHAT} with a different config; pass another --out, or "
+                             f"{self.REPLACE}")  # fmt: skip
+        if not has_config and old:
+            raise ValueError(self._unknown(old))
 
-    def open(self, config_text: str) -> RunFolder:
+    def _unknown(self, old: list[Path]) -> str:
+        return (f"{self.path} holds {old[0].name}, ... but no {self.CONFIG}, so the run that made them is unknown; "
+                "pass another --out, or --overwrite to replace them")  # fmt: skip
+
+    def open(self, config_text: str) -> Folder:
         """Take the lock, clean up after a killed writer, check the config, apply ``--overwrite``, write config.
 
         Call it after everything (parameters, models, loss) is built and checked: it is the first write."""
@@ -124,7 +142,7 @@ class RunFolder:
             self.check(config_text)  # under the lock: a running writer is reported as such, not as a config
             if self.overwrite:
                 self._remove_outputs()
-            self.write_text("config.yaml", config_text)
+            self.write_text(self.CONFIG, config_text)
         except BaseException:
             self.close()
             raise
@@ -141,7 +159,7 @@ class RunFolder:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> RunFolder:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -184,13 +202,58 @@ class RunFolder:
     def _clean_tmp(self) -> None:
         """Remove the ``.*.tmp`` files of an atomic write that a killed run never finished."""
         n = 0
-        for d in (self.path, self.records):
-            for f in d.glob(".*.tmp") if d.is_dir() else ():
-                with os_errors(f, "remove the orphaned temporary file"):
-                    f.unlink(missing_ok=True)
-                n += 1
+        for f in self.tmp_files():
+            with os_errors(f, "remove the orphaned temporary file"):
+                f.unlink(missing_ok=True)
+            n += 1
         if n:
             log.info("removed %d orphaned temporary files in %s", n, self.path)
+
+    def _remove_outputs(self) -> None:
+        """``--overwrite``: remove what the old run wrote (:meth:`outputs`) and its config (other files are kept)."""
+        import shutil
+
+        old = [f for f in [*self.outputs(), self.path / self.CONFIG] if f.exists()]
+        for f in old:
+            with os_errors(f, "remove the old output"):
+                shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+        if old:
+            log.info("--overwrite: removed %d old outputs of %s", len(old), self.path)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        p = self.path / name
+        with os_errors(p, "write"):
+            atomic_write_bytes(p, data)
+
+    def write_text(self, name: str, text: str) -> None:
+        p = self.path / name
+        with os_errors(p, "write"):
+            atomic_write_text(p, text)
+
+    def write_json(self, name: str, obj) -> None:
+        p = self.path / name
+        with os_errors(p, "write"):
+            atomic_write_json(p, obj)
+
+
+class RunFolder(Folder):
+    """The folder of ``lossguide sample`` and recipes: one PNG and one record per seed, ``grid.png``,
+    ``metrics.json``; a seed is done when both files exist and the record holds the PNG's and the config's hash."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False):
+        super().__init__(path, overwrite)
+        self.records = self.path / "records"
+
+    def outputs(self) -> list[Path]:
+        return self._seed_files() + [f for f in (self.path / "grid.png", self.path / "metrics.json") if f.is_file()]
+
+    def tmp_files(self) -> list[Path]:
+        return super().tmp_files() + (list(self.records.glob(".*.tmp")) if self.records.is_dir() else [])
+
+    def _unknown(self, old: list[Path]) -> str:
+        seeds = self._seed_files()
+        return (f"{self.path} holds {len(seeds)} seed files ({seeds[0].name}, ...) but no config.yaml, so the run "
+                "that made them is unknown; pass another --out, or --overwrite to replace them")  # fmt: skip
 
     def _seed_files(self) -> list[Path]:
         """The seed PNGs and records in the folder."""
@@ -198,17 +261,6 @@ class RunFolder:
         if self.records.is_dir():
             files += [f for f in self.records.glob("*.json") if _SEED_FILE.fullmatch(f.name)]
         return sorted(files)
-
-    def _remove_outputs(self) -> None:
-        """``--overwrite``: remove the old run's PNGs, records, grid and metrics (other files are kept)."""
-        old = self._seed_files()
-        old += [self.path / n for n in ("grid.png", "metrics.json", "config.yaml")]
-        old = [f for f in old if f.is_file()]
-        for f in old:
-            with os_errors(f, "remove the old output"):
-                f.unlink(missing_ok=True)
-        if old:
-            log.info("--overwrite: removed %d old outputs of %s", len(old), self.path)
 
     # -- files -----------------------------------------------------------------------------------------
     def png(self, seed: int) -> Path:
@@ -280,21 +332,6 @@ class RunFolder:
             with Image.open(p) as im:
                 arr = torch.from_numpy(np.array(im))
         return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        p = self.path / name
-        with os_errors(p, "write"):
-            atomic_write_bytes(p, data)
-
-    def write_text(self, name: str, text: str) -> None:
-        p = self.path / name
-        with os_errors(p, "write"):
-            atomic_write_text(p, text)
-
-    def write_json(self, name: str, obj) -> None:
-        p = self.path / name
-        with os_errors(p, "write"):
-            atomic_write_json(p, obj)
 
 
 def _sha256(data: bytes) -> str:

@@ -293,3 +293,21 @@ def test_bench_particles_skip_the_default_methods_that_cannot_propose(tmp_path, 
     assert all(r["nfe"] % 2 == 0 for r in rows.values())
     err = capsys.readouterr().err
     assert "--particles: skipping" in err and all(m in err for m in refused)
+
+
+def test_a_bench_folder_in_use_is_refused_and_a_killed_writers_tmp_files_go(tmp_path, capsys):
+    """The bench's folder is a runfolder.Folder: a second writer is refused while the first holds the lock, and the
+    temporary files a killed writer left in its shards are removed when the next run opens the folder."""
+    from lossguide.cli import main
+    from lossguide.harness.bench import BenchFolder
+
+    out = tmp_path / "run"
+    with BenchFolder(out).open("{}\n"):
+        assert main([*ORACLE_TINY, "--out", str(out)]) == 2
+    assert "is in use by process" in capsys.readouterr().err
+    out.joinpath("config.json").unlink()  # that run wrote nothing else: the folder is free
+    first = _cli_rows(out)
+    stale = next((out / "shards" / "eval").rglob("*.json")).with_name(".half-written.json.tmp")
+    stale.write_text("{")
+    assert _cli_rows(out) == first  # the same command resumes: every shard read, nothing recomputed
+    assert not stale.exists() and not (out / ".lock").exists()

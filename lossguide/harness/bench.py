@@ -38,7 +38,8 @@ from lossguide.harness.tasks import CLASS_TASKS, NORM_TASKS, ORACLE_TASKS, TASKS
 from lossguide.harness.tasks.mnist import MnistKit, MnistTask
 from lossguide.harness.tasks.oracle import OracleTaskAdapter
 from lossguide.harness.tuning import beam_search, tune_seeds
-from lossguide.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lossguide.io import atomic_write_bytes, atomic_write_json
+from lossguide.runfolder import Folder
 from lossguide.samplers import DDIM
 from lossguide.sampling import sample
 from lossguide.smc import proposal_refusal, smc
@@ -114,11 +115,11 @@ class BenchConfig:
         if self.eval_seed0 < 0:
             raise ValueError(f"--eval-seed0 must be ≥ 0, got {self.eval_seed0}")
         tune = tune_seeds("bench", self.n_tune)
-        if self.tune and self.settings_file is None and self.eval_seed0 < tune.stop and tune.start < (
-            self.eval_seed0 + self.n_eval
-        ):
-            raise ValueError(f"evaluation seeds {self.eval_seed0}–{self.eval_seed0 + self.n_eval - 1} overlap the "
-                             f"tuning seeds {tune.start}–{tune.stop - 1}; move --eval-seed0 past {tune.stop - 1}")  # fmt: skip
+        tuned_here = self.tune and self.settings_file is None
+        if tuned_here and self.eval_seed0 < tune.stop and tune.start < self.eval_seed0 + self.n_eval:
+            last = self.eval_seed0 + self.n_eval - 1
+            raise ValueError(f"evaluation seeds {self.eval_seed0}–{last} overlap the tuning seeds {tune.start}–"
+                             f"{tune.stop - 1}; move --eval-seed0 past {tune.stop - 1}")  # fmt: skip
         for s in self.steps:
             if not 1 <= s <= 1000:
                 raise ValueError(f"--steps must be ≥ 1 and at most the models' 1000 training timesteps, got {s}")
@@ -478,29 +479,31 @@ def read_settings(path: str | Path) -> dict:
     return settings
 
 
-def check_config(cfg: BenchConfig, out: Path, overwrite: bool = False) -> None:
-    """Refuse to mix two configs in one folder; ``overwrite`` deletes the other config's shards and outputs first."""
-    out = Path(out)
-    f = out / "config.json"
-    text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-    if f.exists() and f.read_text() != text:
-        if not overwrite:
-            raise ValueError(f"{out} holds a bench run with a different config; pass another --out, or --overwrite "
-                             "(which deletes that run's shards and outputs)")  # fmt: skip
-        if int(os.environ.get("RANK", "0")) == 0:
-            clear_run(out)
-    if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_text(f, text)
+class BenchFolder(Folder):
+    """A bench run's folder (:class:`~lossguide.runfolder.Folder`): ``config.json``, the shards and
+    :data:`OUTPUTS`; ``--overwrite`` deletes that run's shards and outputs, leaving other files alone."""
+
+    CONFIG = "config.json"
+    WHAT, REPLACE = "bench run", "--overwrite (which deletes that run's shards and outputs)"
+
+    def outputs(self) -> list[Path]:
+        found = [self.path / name for name in OUTPUTS if (self.path / name).exists()]
+        return found + sorted(p for g in OUTPUT_GLOBS for p in self.path.glob(g))
+
+    def tmp_files(self) -> list[Path]:
+        return list(self.path.rglob(".*.tmp")) if self.path.is_dir() else []
 
 
-def clear_run(out: Path) -> None:
-    """Delete what a bench run wrote in ``out`` (:data:`OUTPUTS`), leaving other files alone."""
-    import shutil
+def config_text(cfg: BenchConfig) -> str:
+    """``config.json`` of ``cfg`` (the folder's identity)."""
+    return json.dumps(cfg.to_dict(), indent=2) + "\n"
 
-    paths = [out / name for name in OUTPUTS] + [p for g in OUTPUT_GLOBS for p in out.glob(g)]
-    for p in paths:
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    log.info("--overwrite: removed the earlier run's shards and outputs in %s", out)
+
+def open_folder(cfg: BenchConfig, out: Path, ranks: Ranks, overwrite: bool = False) -> BenchFolder:
+    """Rank 0 opens the run's folder (lock, cleanup, config check, ``overwrite``, config.json) while the other ranks
+    wait at the barrier, so no shard is written before the folder is checked. Refuses to mix two configs."""
+    folder = BenchFolder(out, overwrite)
+    if ranks.rank == 0:
+        folder.open(config_text(cfg))
+    ranks.barrier()
+    return folder
