@@ -121,10 +121,13 @@ class Folder:
         with os_errors(self.path, "read"):
             old = self.outputs()
         if differs and old:
-            raise ValueError(f"{self.path} holds a {self.WHAT} with a different config; pass another --out, or "
-                             f"{self.REPLACE}")  # fmt: skip
+            raise ValueError(self._other(cfg.read_text()))
         if not has_config and old:
             raise ValueError(self._unknown(old))
+
+    def _other(self, old_config: str) -> str:
+        """The refusal of a folder whose outputs another config (``old_config``) wrote."""
+        return f"{self.path} holds a {self.WHAT} with a different config; pass another --out, or {self.REPLACE}"
 
     def _unknown(self, old: list[Path]) -> str:
         return (f"{self.path} holds {old[0].name}, ... but no {self.CONFIG}, so the run that made them is unknown; "

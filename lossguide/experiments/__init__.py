@@ -6,7 +6,8 @@ numbers as JSON/CSV, and returns a summary dict. Seeds are fixed inside each exp
 in its JSON. The registry maps names to ``"module:function"`` so that importing it costs nothing.
 
 Experiments share file names (``report.md``, ``results.csv``, ``samples.png``), so each folder belongs to one:
-:func:`run` marks it with :data:`MARKER` and refuses a folder marked by another experiment (or loss); the CLI
+:func:`run` opens it as an :class:`ExperimentFolder` (a :class:`~lossguide.runfolder.Folder`: a lock, its marker
+:data:`MARKER` as its config) and refuses a folder marked by another experiment (or loss); the CLI
 writes experiment NAME into ``--out``/NAME (``NAME-feature`` with ``--loss feature``).
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lossguide.io import atomic_write_text
+from lossguide.runfolder import LOCK, Folder
 
 EXPERIMENTS: dict[str, str] = {
     "loss-curves": "lossguide.experiments.understanding:loss_curves",
@@ -59,18 +60,26 @@ def folder_name(name: str, loss: str = "ce") -> str:
     return name if loss == "ce" else f"{name}-{loss}"
 
 
-def claim(out: Path, label: str) -> None:
-    """Mark ``out`` as experiment ``label``'s folder; a one-line error where another experiment's files are there."""
-    marker = out / MARKER
-    if marker.is_file():
-        owner = marker.read_text().strip()
-        if owner != label:
-            raise ValueError(
-                f"{out} holds the files of experiment {owner!r}, which {label!r} would overwrite (both write "
-                f"report.md, results.csv, ...); pass another folder, e.g. {out.parent / label}"
-            )
-        return
-    atomic_write_text(marker, label + "\n")
+class ExperimentFolder(Folder):
+    """An experiment's folder (:class:`~lossguide.runfolder.Folder`): its marker :data:`MARKER` names the experiment
+    (and loss) whose files it holds; another experiment's is refused, since both write report.md, results.csv, ..."""
+
+    CONFIG = MARKER
+
+    def outputs(self) -> list[Path]:
+        skip = {MARKER, LOCK}
+        return sorted(p for p in self.path.iterdir() if p.name not in skip and not p.name.endswith(".tmp"))
+
+    def _other(self, old_config: str) -> str:
+        owner, label = old_config.strip(), self._label
+        return (f"{self.path} holds the files of experiment {owner!r}, which {label!r} would overwrite (both write "
+                f"report.md, results.csv, ...); pass another folder, e.g. {self.path.parent / label}")  # fmt: skip
+
+    def claim(self, label: str) -> ExperimentFolder:
+        """Lock the folder for experiment ``label`` and mark it as that experiment's (refusing another's)."""
+        self._label = label
+        self.open(label + "\n")
+        return self
 
 
 def run(name: str, out: Path, quick: bool = False, loss: str = "ce") -> dict:
@@ -80,10 +89,8 @@ def run(name: str, out: Path, quick: bool = False, loss: str = "ce") -> dict:
     fn = get(name)
     if loss != "ce" and name not in LOSS_AWARE:
         raise ValueError(f"experiment {name!r} has no class loss to switch; --loss applies to {', '.join(LOSS_AWARE)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    claim(out, folder_name(name, loss))
-    return fn(out, quick=quick, **({"loss": loss} if name in LOSS_AWARE else {}))
+    with ExperimentFolder(out).claim(folder_name(name, loss)):
+        return fn(Path(out), quick=quick, **({"loss": loss} if name in LOSS_AWARE else {}))
 
 
 def command_line(name: str, quick: bool, loss: str = "ce") -> str:
