@@ -156,3 +156,24 @@ def test_loss_switch_refused_where_there_is_no_class_loss(capsys):
 
     assert main(["experiment", "oracle", "--loss", "feature"]) == 2
     assert "has no class loss to switch" in capsys.readouterr().err
+
+
+def test_collect_only_replaces_the_named_sections(tmp_path):
+    """``collect --only``: one rerun report replaces its own section; the summary and other sections stay."""
+    from lossguide.experiments.collect import collect
+
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    for name, body in (("gradients", "old grad"), ("ablation", "ablation text"), ("gradients-feature", "old feat")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "report.md").write_text(f"# {name} title\n\n{body}\n\n## sub\n\nmore {body}\n")
+    collect(runs, docs, summary="## Summary\n\nsome words")
+    (runs / "gradients" / "report.md").write_text("# gradients title\n\nnew g\n")
+    (runs / "gradients" / "fig.png").write_bytes(b"png")
+    page = collect(runs, docs, only=["gradients"]).read_text()
+    assert "new g" in page and "old grad" not in page
+    assert "more old feat" in page and "ablation text" in page and "## Summary\n\nsome words" in page
+    assert (docs / "results" / "gradients" / "fig.png").read_bytes() == b"png"
+    with pytest.raises(ValueError, match="no section '## distill title'"):
+        (runs / "distill").mkdir()
+        (runs / "distill" / "report.md").write_text("# distill title\n")
+        collect(runs, docs, only=["distill"])
