@@ -27,7 +27,9 @@ SETUP = (
 )
 SEEDS = "--n-eval 500 --eval-seed0 50000"
 CLASS = ("none", "shen2024", "freedom+tt", "freedom", "dps", "tfg", "cg", "ugd", "lgd_mc", "mpgd")
-INVERSE = ("none", "shen2024-ra", "tfg", "freedom", "dps", "mpgd", "shen2024", "lgd_mc", "ugd")
+#: the n = 40 table's rows less the three weakest (shen2024 with RA, lgd_mc, ugd: PSNR 11-14 dB there), for time
+INVERSE = ("none", "shen2024-ra", "tfg", "freedom", "dps", "mpgd")
+ABLATION = ("shen2024-ra", "shen2024-polyak", "shen2024-tt")
 COMMANDS = {
     "n500-class-feature": f"lossguide bench --tasks class-feature --methods {','.join(CLASS)} "
     f"--settings docs/power/settings-class-feature.json {SEEDS} --out runs/n500-class-feature",
@@ -35,6 +37,8 @@ COMMANDS = {
     f"--settings docs/power/settings-class-feature.json {SEEDS} --out runs/n500-nfe",
     "n500-inverse": f"lossguide bench --tasks sketch,inpaint --norm l2 --methods {','.join(INVERSE)} "
     f"--settings docs/power/settings-inverse.json {SEEDS} --out runs/n500-inverse",
+    "n500-ablation": f"lossguide bench --tasks class-feature --methods {','.join(ABLATION)} "
+    f"--settings docs/power/settings-class-feature.json {SEEDS} --out runs/n500-ablation",
 }
 #: written before the runs finished (commit "power_tables: rules before the n = 500 runs"); a rule changed after
 #: them is reported on the page as changed
@@ -49,6 +53,10 @@ RULES = {
     "of 500 real digits (`fid_floor`, the same reference set and features).",
     "inverse": "Sketch and inpainting: every row against shen2024-ra (the best training-free row of the n = 40 "
     "table) on the same seeds, exact sign test on per-seed PSNR, Holm-adjusted per task; same decision rule.",
+    "ablation": "Ablation: each variant (shen2024 without RA, without Polyak (FreeDoM's step at its tuned scale), "
+    "without time travel; step values of the n = 100 ablation table) against the full shen2024 on the same seeds, "
+    "McNemar on validity, Holm over the three; a technique 'helps' where the method without it is less valid at "
+    "adjusted p < 0.05, 'is not needed here' where the variant is not distinguishable or more valid.",
     "wall": "Equal wall time: shen2024 'wins at equal wall time' when no row at or below its s/sample is more valid "
     "by the validity rule. The validity-per-second frontier (descriptive): the rows that no cheaper row beats on "
     "point-estimate validity.",
@@ -150,6 +158,29 @@ def section_wall(rs: list[dict], test: dict) -> list[str]:
             f"{', '.join(frontier)}.", ""]  # fmt: skip
 
 
+def section_ablation(runs: Path) -> list[str]:
+    """Each technique switched off, against the full method on the same seeds (rule ``ablation``)."""
+    base = [r for r in rows(runs, "n500-class-feature") if r["method"] == "shen2024"]
+    rs = rows(runs, "n500-ablation")
+    if not rs or not base:
+        return ["(not run)"]
+    test = paired(base + rs, "shen2024", "validity")
+    table = []
+    for r in base + rs:
+        k = round(r["judge_validity"] * r["n"])
+        lo, hi = wilson_interval(k, r["n"])
+        t = test.get(_cell(r))
+        helps = "–" if t is None else ("helps" if t["verdict"] == "shen2024 better" else "is not needed here")
+        table.append({"method": _cell(r), "param": r["param"], "n": r["n"],
+                      "judge validity [95% CI]": f"{100 * r['judge_validity']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]",
+                      "noise-like": f"{100 * r['noise_like']:.1f}%", "FID": f"{r['fid']:.2f}", "NFE": r["nfe"],
+                      "s/sample": f"{r['wall_s_per_sample']:.2f}",
+                      "shen2024 only / variant only": "–" if t is None else f"{t['ref_better']} / {t['other_better']}",
+                      "McNemar p (Holm)": "–" if t is None else f"{t['p']:.2g} ({t['p_holm']:.2g})",
+                      "the technique switched off": helps})  # fmt: skip
+    return [md_table(table, list(table[0])), ""]
+
+
 def section_inverse(runs: Path) -> list[str]:
     rs = rows(runs, "n500-inverse")
     if not rs:
@@ -186,6 +217,8 @@ def main() -> None:
              *(f"- `{k}`: {v}" for k, v in RULES.items()), "",
              "## Class guidance (class-feature, DDIM-50 unless named)", "",
              "```bash", COMMANDS["n500-class-feature"], COMMANDS["n500-nfe"], "```", "", *cls,
+             "## Ablation (class-feature, DDIM-50)", "",
+             "```bash", COMMANDS["n500-ablation"], "```", "", *section_ablation(args.runs),
              "## Sketch and inpainting (unsquared residual, `--norm l2`)", "",
              "```bash", COMMANDS["n500-inverse"], "```", "", *section_inverse(args.runs)]  # fmt: skip
     atomic_write_text(args.out, "\n".join(lines) + "\n")
