@@ -12,8 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
+from lossguide.harness.report import paired_test
 from lossguide.io import atomic_write_text
-from lossguide.metrics import holm, mcnemar, sign_test, wilson_interval
+from lossguide.metrics import holm, wilson_interval
 from lossguide.writers import md_table
 
 ALPHA = 0.05
@@ -72,7 +73,7 @@ def _cell(r: dict) -> str:
     return r["method"] if r["steps"] == 50 else f"{r['method']} @ DDIM-{r['steps']}"
 
 
-def paired(rs: list[dict], ref: str, kind: str) -> dict[str, dict]:
+def paired(rs: list[dict], ref: str) -> dict[str, dict]:
     """Every cell against ``ref`` (a method at DDIM-50) on the same seeds, Holm over the family."""
     base = next((r for r in rs if r["method"] == ref and r["steps"] == 50), None)
     if base is None:
@@ -81,12 +82,8 @@ def paired(rs: list[dict], ref: str, kind: str) -> dict[str, dict]:
     for r in rs:
         if r is base:
             continue
-        if r["per_seed"]["seeds"] != base["per_seed"]["seeds"]:
-            raise ValueError(f"{_cell(r)} and {ref} were run on different seeds; pair only the same seeds")
-        a, b = base["per_seed"]["values"], r["per_seed"]["values"]
-        t = mcnemar(a, b) if kind == "validity" else sign_test(a, b)
-        ref_better, other_better = (t["a_only"], t["b_only"]) if kind == "validity" else (t["a_wins"], t["b_wins"])
-        out[_cell(r)] = {"ref_better": ref_better, "other_better": other_better, "p": t["p"]}
+        t = paired_test(base, r)
+        out[_cell(r)] = {"ref_better": t["ref_better"], "other_better": t["other_better"], "p": t["p"]}
     adj = holm([v["p"] for v in out.values()])
     for v, p in zip(out.values(), adj, strict=True):
         v["p_holm"] = p
@@ -115,7 +112,7 @@ def section_class(runs: Path) -> tuple[list[str], dict]:
     n = rs[0]["n"]
     floor = fid_spread(runs, n)
     spread = max(floor) - min(floor)
-    test = paired(rs, "shen2024", "validity")
+    test = paired(rs, "shen2024")
     table = []
     for r in sorted(rs, key=lambda r: (-r["judge_validity"], r["wall_s_per_sample"])):
         k = round(r["judge_validity"] * r["n"])
@@ -164,7 +161,7 @@ def section_ablation(runs: Path) -> list[str]:
     rs = rows(runs, "n500-ablation")
     if not rs or not base:
         return ["(not run)"]
-    test = paired(base + rs, "shen2024", "validity")
+    test = paired(base + rs, "shen2024")
     table = []
     for r in base + rs:
         k = round(r["judge_validity"] * r["n"])
@@ -190,7 +187,7 @@ def section_inverse(runs: Path) -> list[str]:
         tr = [r for r in rs if r["task"] == task]
         if not tr:
             continue
-        test = paired(tr, "shen2024-ra", "psnr")
+        test = paired(tr, "shen2024-ra")
         table = []
         for r in sorted(tr, key=lambda r: -r["psnr"]):
             t = test.get(_cell(r))

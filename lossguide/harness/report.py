@@ -71,16 +71,25 @@ def paired_against_best(rows: list[dict]) -> list[dict]:
         for r in cells:
             if r is best:
                 continue
-            if r["per_seed"]["seeds"] != best["per_seed"]["seeds"]:
-                raise ValueError(f"paired test of {r['method']} against {best['method']}: the seed lists differ")
-            a, b = best["per_seed"]["values"], r["per_seed"]["values"]
-            binary = r["per_seed"]["metric"] == "judge_validity"
-            t = mcnemar(a, b) if binary else sign_test(a, b)
+            t = paired_test(best, r)
             out.append({"method": r["method"], "steps": steps, "metric": r["per_seed"]["metric"], "vs": best["method"],
-                        "delta_vs_best": mean[id(r)] - mean[id(best)], "test": "McNemar" if binary else "sign",
-                        "best_better": t["a_only" if binary else "a_wins"],
-                        "method_better": t["b_only" if binary else "b_wins"], "p_paired": t["p"]})  # fmt: skip
+                        "delta_vs_best": mean[id(r)] - mean[id(best)], "test": t["test"],
+                        "best_better": t["ref_better"], "method_better": t["other_better"],
+                        "p_paired": t["p"]})  # fmt: skip
     return out
+
+
+def paired_test(ref: dict, other: dict) -> dict:
+    """Two cells' per-seed outcomes on the same seeds: McNemar's exact test on validity, the exact sign test on
+    PSNR; the counts of seeds better for each side and the two-sided p."""
+    if other["per_seed"]["seeds"] != ref["per_seed"]["seeds"]:
+        raise ValueError(f"paired test of {other['method']} against {ref['method']}: the seed lists differ")
+    a, b = ref["per_seed"]["values"], other["per_seed"]["values"]
+    if ref["per_seed"]["metric"] == "judge_validity":
+        t = mcnemar(a, b)
+        return {"test": "McNemar", "ref_better": t["a_only"], "other_better": t["b_only"], "p": t["p"]}
+    t = sign_test(a, b)
+    return {"test": "sign", "ref_better": t["a_wins"], "other_better": t["b_wins"], "p": t["p"]}
 
 
 def write_outputs(bench: Bench, rows: list[dict], settings: dict) -> None:
@@ -91,8 +100,9 @@ def write_outputs(bench: Bench, rows: list[dict], settings: dict) -> None:
     write_csv(out / "results.csv", flat)
     atomic_write_json(out / "results.json", {"config": cfg.to_dict(), "settings": settings, "rows": rows})
     lines = ["# lossguide bench", "", f"Config: `{json.dumps(cfg.to_dict())}`", "",
-             f"Evaluation seeds {cfg.eval_seed0}–{cfg.eval_seed0 + cfg.n_eval - 1}; tuning seeds {s0}–{s0 + cfg.n_tune - 1}; "
-             "NFE and gradients are per sample (best-of-N counts every candidate).", ""]  # fmt: skip
+             f"Evaluation seeds {cfg.eval_seed0}–{cfg.eval_seed0 + cfg.n_eval - 1}; tuning seeds {s0}–"
+             f"{s0 + cfg.n_tune - 1}; NFE and gradients are per sample (best-of-N counts every candidate).",
+             ""]  # fmt: skip
     for task in cfg.tasks:
         tr = [r for r in rows if r["task"] == task]
         if not tr:
