@@ -120,10 +120,10 @@ def quiet_wall(runs: Path, rs: list[dict]) -> None:
         r["quiet_s"] = t.get(_cell(r))
 
 
-def section_class(runs: Path) -> tuple[list[str], dict]:
+def section_class(runs: Path) -> list[str]:
     rs = rows(runs, "n500-class-feature") + rows(runs, "n500-nfe")
     if not rs:
-        return ["(not run)"], {}
+        return ["(not run)"]
     quiet_wall(runs, rs)
     n = rs[0]["n"]
     floor = fid_spread(runs, n)
@@ -155,7 +155,7 @@ def section_class(runs: Path) -> tuple[list[str], dict]:
                    f"**{'met' if ok else 'missed'}**.")  # fmt: skip
         out.append("")
         out += section_wall(rs, test)
-    return out, test
+    return out
 
 
 def section_wall(rs: list[dict], test: dict) -> list[str]:
@@ -230,7 +230,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs"))
     ap.add_argument("--out", type=Path, default=Path("docs/power.md"))
     args = ap.parse_args()
-    cls, _ = section_class(args.runs)
+    cls = section_class(args.runs)
     lines = ["# The main comparison at n = 500, paired (issue 23)", "",
              "Made by `python benchmarks/power_tables.py` from the runs below. " + SETUP, "",
              "## Rules (fixed in `benchmarks/power_tables.py` before the runs ended)", "",

@@ -121,11 +121,11 @@ class Folder:
         with os_errors(self.path, "read"):
             old = self.outputs()
         if differs and old:
-            raise ValueError(self._other(cfg.read_text()))
+            raise ValueError(self._other(cfg.read_text(), config_text))
         if not has_config and old:
             raise ValueError(self._unknown(old))
 
-    def _other(self, old_config: str) -> str:
+    def _other(self, old_config: str, new_config: str) -> str:
         """The refusal of a folder whose outputs another config (``old_config``) wrote."""
         return f"{self.path} holds a {self.WHAT} with a different config; pass another --out, or {self.REPLACE}"
 
@@ -255,6 +255,8 @@ class RunFolder(Folder):
 
     def _unknown(self, old: list[Path]) -> str:
         seeds = self._seed_files()
+        if not seeds:  # a grid.png or metrics.json alone
+            return super()._unknown(old)
         return (f"{self.path} holds {len(seeds)} seed files ({seeds[0].name}, ...) but no config.yaml, so the run "
                 "that made them is unknown; pass another --out, or --overwrite to replace them")  # fmt: skip
 

@@ -146,3 +146,11 @@ def test_write_failures_name_the_path_and_the_fix(tmp_path, monkeypatch, code, f
             f.write_seed(7, b"png", {"seed": 7})
     assert str(e.value) == f"cannot write {f.png(7)}: {os.strerror(code)}; {fix}"
     assert e.value.errno == code
+
+
+def test_outputs_without_a_config_are_refused_even_without_seed_files(tmp_path):
+    """A grid.png left with no config.yaml and no seed file is an unknown run's output: a one-line refusal."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "grid.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"holds grid.png, ... but no config.yaml, so the run that made them"):
+        RunFolder(tmp_path / "run").open("a: 1\n")

@@ -70,16 +70,10 @@ class ExperimentFolder(Folder):
         skip = {MARKER, LOCK}
         return sorted(p for p in self.path.iterdir() if p.name not in skip and not p.name.endswith(".tmp"))
 
-    def _other(self, old_config: str) -> str:
-        owner, label = old_config.strip(), self._label
+    def _other(self, old_config: str, new_config: str) -> str:
+        owner, label = old_config.strip(), new_config.strip()
         return (f"{self.path} holds the files of experiment {owner!r}, which {label!r} would overwrite (both write "
                 f"report.md, results.csv, ...); pass another folder, e.g. {self.path.parent / label}")  # fmt: skip
-
-    def claim(self, label: str) -> ExperimentFolder:
-        """Lock the folder for experiment ``label`` and mark it as that experiment's (refusing another's)."""
-        self._label = label
-        self.open(label + "\n")
-        return self
 
 
 def run(name: str, out: Path, quick: bool = False, loss: str = "ce") -> dict:
@@ -89,7 +83,7 @@ def run(name: str, out: Path, quick: bool = False, loss: str = "ce") -> dict:
     fn = get(name)
     if loss != "ce" and name not in LOSS_AWARE:
         raise ValueError(f"experiment {name!r} has no class loss to switch; --loss applies to {', '.join(LOSS_AWARE)}")
-    with ExperimentFolder(out).claim(folder_name(name, loss)):
+    with ExperimentFolder(out).open(folder_name(name, loss) + "\n"):
         return fn(Path(out), quick=quick, **({"loss": loss} if name in LOSS_AWARE else {}))
 
 
