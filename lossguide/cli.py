@@ -295,6 +295,8 @@ def cmd_bench(args) -> int:
         cfg.settings_file = str(args.settings)
     if args.norm is not None:
         cfg.norm = args.norm
+    if args.cg_reference is not None:
+        cfg.cg_reference = args.cg_reference
     cfg.particles, cfg.potential, refused = args.particles, args.potential, []
     if args.particles is not None and args.methods is None:  # the default list: the methods that can propose
         refused = _not_proposals(cfg.methods, lambda m: bench.method_config(m, None), min(cfg.steps))
@@ -370,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     from lossguide.harness.tasks import MNIST_TASKS
     from lossguide.losses import NORMS
+    from lossguide.models import NOISE_AWARE
     from lossguide.presets import PRESETS
     from lossguide.run_sample import DTYPES, SampleConfig
     from lossguide.runfolder import format_seeds
@@ -529,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sketch/inpaint/sr (and class+sketch's sketch term) residual: ‖r‖² (squared) or ‖r‖ "
                    f"(l2, the paper's code); default {B.norm}")  # fmt: skip
     p.add_argument("--best-of", type=int, default=None, help="keep the lowest-loss of N candidates per seed")
+    p.add_argument("--cg-reference", default=None, choices=NOISE_AWARE,
+                   help=f"the noise-aware classifier cg guides with on the MNIST class tasks (default "
+                   f"{B.cg_reference})")  # fmt: skip
     p.add_argument("--particles", type=int, default=None, metavar="K",
                    help="K weighted particles per seed (lossguide.smc; needs --ddim-eta > 0), each method their "
                    "proposal; NFE per seed = K × per particle; tuning runs with the particles too")  # fmt: skip

@@ -188,8 +188,9 @@ def test_overwrite_with_another_config_gives_that_configs_numbers(change, tmp_pa
 def test_shard_keys_hold_every_setting_that_changes_numbers():
     from lossguide.harness.bench import Bench, BenchConfig
 
-    def key(phase="eval", task="sketch", method="freedom", value=1.0, **cfg):
-        return Bench(BenchConfig(tasks=["sketch", task], methods=[method], **cfg), Path("unused")).shard_key(
+    def key(phase="eval", task="sketch", method="freedom", value=1.0, methods_extra=False, **cfg):
+        methods = [method, "cg"] if methods_extra else [method]  # a run with cg, so --cg-reference applies
+        return Bench(BenchConfig(tasks=["sketch", task], methods=methods, **cfg), Path("unused")).shard_key(
             phase, task, method, value)  # fmt: skip
 
     base = key()
@@ -197,6 +198,11 @@ def test_shard_keys_hold_every_setting_that_changes_numbers():
         assert key(**change) != base, change
     assert key(phase="tune", best_of=2) == key(phase="tune")  # tuning draws one candidate per seed
     assert key(task="oracle-class", norm="l2") == key(task="oracle-class")  # the oracle has no residual
+    long = dict(task="class", method="cg", cg_reference="mnist-noise-aware-long")
+    assert key(**long) != key(task="class", method="cg")  # cg's classifier changes its numbers
+    assert key(task="class", method="dps", cg_reference="mnist-noise-aware-long", methods_extra=True) == key(
+        task="class", method="dps", methods_extra=True)  # and no other method's
+    assert "cg_reference" not in BenchConfig().to_dict()  # the default adds no key: earlier folders stay valid
 
 
 def test_a_damaged_or_foreign_shard_is_computed_again(tmp_path):
@@ -218,6 +224,8 @@ def test_a_damaged_or_foreign_shard_is_computed_again(tmp_path):
     (["--particles", "2", "--ddim-eta", "1", "--best-of", "2"], r"--best-of and --particles .*pass one of them"),
     (["--eval-seed0", "10010", "--n-eval", "4"], r"evaluation seeds 10010–10013 overlap the tuning seeds 10000–10031"),
     (["--eval-seed0", "-1"], r"--eval-seed0 must be ≥ 0, got -1"),
+    (["--tasks", "sketch", "--methods", "dps", "--cg-reference", "mnist-noise-aware-long"],
+     r"--cg-reference mnist-noise-aware-long changes only cg on the MNIST class tasks, .*drop it"),
     (["--particles", "2", "--ddim-eta", "1", "--methods", "none,shen2024"],
      r"--particles: shen2024 cannot be the proposal: 'shen2024' time-travels .*drop it from --methods"),
 ])  # fmt: skip

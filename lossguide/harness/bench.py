@@ -32,9 +32,17 @@ from pathlib import Path
 import torch
 
 from lossguide.harness import settings as store
-from lossguide.harness.methods import METHODS, method_config, tuned_param
+from lossguide.harness.methods import METHODS, method_config, parse_method, tuned_param
 from lossguide.harness.report import per_seed, write_outputs
-from lossguide.harness.tasks import CLASS_TASKS, NORM_TASKS, ORACLE_TASKS, TASKS, applicable, method_loss
+from lossguide.harness.tasks import (
+    CLASS_TASKS,
+    NOISE_AWARE_METHODS,
+    NORM_TASKS,
+    ORACLE_TASKS,
+    TASKS,
+    applicable,
+    method_loss,
+)
 from lossguide.harness.tasks.mnist import MnistKit, MnistTask
 from lossguide.harness.tasks.oracle import OracleTaskAdapter
 from lossguide.harness.tuning import beam_search, tune_seeds
@@ -48,6 +56,7 @@ log = logging.getLogger(__name__)
 
 #: the tuner's quality ceiling on class tasks: FID ≤ this × the unguided model's FID on the tuning seeds
 FID_CEILING = 1.5
+CG_REFERENCE = "mnist-noise-aware"  # cg's noise-aware classifier unless --cg-reference names another
 
 
 # -- config, ranks, shards ------------------------------------------------------------------------------
@@ -74,6 +83,7 @@ class BenchConfig:
     norm: str = "squared"  # the NORM_TASKS' residual: ‖r‖² or ‖r‖ ("l2", the paper's code)
     particles: int | None = None  # K weighted particles per seed (lossguide.smc), each method their proposal
     potential: str | None = None  # the particles' potential (smc.POTENTIALS; None: tds)
+    cg_reference: str = "mnist-noise-aware"  # the noise-aware classifier cg guides with on the MNIST tasks
 
     def to_dict(self) -> dict:
         """The config as ``config.json`` holds it: a single-particle run's has no particle keys (as before them)."""
@@ -82,6 +92,8 @@ class BenchConfig:
             del d["particles"], d["potential"]
         if self.eval_seed0 == 0:  # as before the field: the folders and shard keys of earlier runs stay valid
             del d["eval_seed0"]
+        if self.cg_reference == CG_REFERENCE:  # likewise
+            del d["cg_reference"]
         return d
 
     def eval_seeds(self) -> list[int]:
@@ -128,6 +140,20 @@ class BenchConfig:
         if self.settings_file is not None:
             read_settings(self.settings_file)
         self._check_particles()
+        self._check_cg_reference()
+
+    def _check_cg_reference(self) -> None:
+        """--cg-reference: a shipped noise-aware classifier, and a run that has cg on an MNIST class task."""
+        from lossguide.models import NOISE_AWARE
+
+        if self.cg_reference == CG_REFERENCE:
+            return
+        if self.cg_reference not in NOISE_AWARE:
+            raise ValueError(f"--cg-reference {self.cg_reference!r} is not a noise-aware classifier; choose one of "
+                             f"{', '.join(NOISE_AWARE)}")  # fmt: skip
+        if not any(_guides_noise_aware(m) and t in CLASS_TASKS for t in self.tasks for m in self.methods):
+            raise ValueError(f"--cg-reference {self.cg_reference} changes only cg on the MNIST class tasks, which "
+                             "this run does not have; drop it")  # fmt: skip
 
     def _check_particles(self) -> None:
         """--particles K: every method must be a Gaussian proposal (:func:`~lossguide.smc.proposal_refusal`), on a
@@ -203,6 +229,11 @@ class Shard:
             f"k{self.key}" if self.key else "") / (name + ".json")  # fmt: skip
 
 
+def _guides_noise_aware(method: str) -> bool:
+    """Whether ``method`` guides with the task's noise-aware classifier (cg and its variants)."""
+    return parse_method(method)[0] in NOISE_AWARE_METHODS
+
+
 def _peak_mem_mb(device) -> float:
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -230,7 +261,12 @@ class Bench:
                 self._tasks[name] = OracleTaskAdapter(name)
             else:
                 if self._kit is None:
-                    self._kit = MnistKit(self.cfg.device)
+                    self._kit = MnistKit(self.cfg.device, noise_aware=self.cfg.cg_reference)
+                if self._kit.noise_aware != self.cfg.cg_reference:
+                    raise ValueError(
+                        f"the shared MnistKit guides cg with {self._kit.noise_aware}, the config with "
+                        f"{self.cfg.cg_reference}; build the kit with noise_aware=cfg.cg_reference"
+                    )
                 self._tasks[name] = MnistTask(name, self._kit, self.cfg.norm)
         return self._tasks[name]
 
@@ -247,6 +283,12 @@ class Bench:
             **(
                 {} if K is None else {"particles": K, "potential": self.cfg.potential or "tds"}
             ),  # single-particle keys unchanged
+            # the default reference adds no key (earlier shards stay valid)
+            **(
+                {"cg_reference": self.cfg.cg_reference}
+                if self.cfg.cg_reference != CG_REFERENCE and _guides_noise_aware(method) and not oracle
+                else {}
+            ),
         }
 
     def shard_key(self, phase: str, task: str, method: str, value: float | None) -> str:

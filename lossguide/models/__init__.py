@@ -39,7 +39,9 @@ CONDITIONAL = {
     "mnist-cond-thick": WEIGHTS / "mnist-cond-thick",
 }
 GUIDES = {"mnist-cond-guide": WEIGHTS / "mnist-cond-guide"}
-CLASSIFIERS = ("mnist-guide", "mnist-judge", "mnist-noise-aware", "mnist-robust")
+#: the noise-aware classifiers p(y | x_t, t) (cg's references): the shipped one and the long-trained one (issue 23)
+NOISE_AWARE = ("mnist-noise-aware", "mnist-noise-aware-long")
+CLASSIFIERS = ("mnist-guide", "mnist-judge", "mnist-robust", *NOISE_AWARE)
 HUB_HOST = ("huggingface.co", 443)
 
 

@@ -71,16 +71,19 @@ class Generated:
 class MnistKit:
     """The shipped DDPM and classifiers, loaded once."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", noise_aware: str = "mnist-noise-aware"):
+        """``noise_aware``: the noise-aware classifier (one of :data:`~lossguide.models.NOISE_AWARE`) that
+        ``loss("noise-aware", ...)`` and so ``cg`` guide with."""
         from lossguide.data import load_mnist
-        from lossguide.models import load_classifier, load_denoiser
+        from lossguide.models import NOISE_AWARE, load_classifier, load_denoiser
 
-        self.device = device
+        if noise_aware not in NOISE_AWARE:
+            raise ValueError(f"{noise_aware!r} is not a noise-aware classifier; choose one of "
+                             f"{', '.join(NOISE_AWARE)}")
+        self.device, self.noise_aware = device, noise_aware
         self.model = load_denoiser("mnist-ddpm", device=device)
-        self.nets = {
-            name: load_classifier(f"mnist-{name}", device=device)
-            for name in ("guide", "judge", "noise-aware", "robust")
-        }
+        self.nets = {name: load_classifier(f"mnist-{name}", device=device) for name in ("guide", "judge", "robust")}
+        self.nets["noise-aware"] = load_classifier(noise_aware, device=device)
         x, y = load_mnist("heldout")
         self.real_x, self.real_y = x.to(device), y.to(device)
         self._real_features = None
@@ -328,9 +331,9 @@ def image_classifier(flag: str, name: str, net: torch.nn.Module) -> torch.nn.Mod
     except (TypeError, RuntimeError, ValueError):
         ok = False
     if not ok:
-        from lossguide.models import CLASSIFIERS
+        from lossguide.models import CLASSIFIERS, NOISE_AWARE
 
-        fits = [c for c in CLASSIFIERS if c != "mnist-noise-aware"]
+        fits = [c for c in CLASSIFIERS if c not in NOISE_AWARE]
         raise ValueError(f"{flag} {name} does not map digits [B, 1, 28, 28] to 10 class logits (a noise-aware "
                          f"classifier takes (x_t, t)); pass an image classifier: {', '.join(fits)}")  # fmt: skip
     return net
