@@ -84,7 +84,8 @@ RULES = {
     "(×/÷3 from its tuner start in harness/methods.DEFAULTS, width 2, 2 rounds, 32 tuning seeds 10000–10031, "
     "DDIM-50, judge validity minus the noise-like share under FID ≤ 1.5 × unguided on those seeds), then "
     "evaluated on seeds 50000–50499. The validity rule against shen2024 at its equal-tuned η; the lead 'survives "
-    "equal tuning' where every other row is less valid at adjusted p < 0.05. Each row's tuned value is printed beside its published one.",
+    "equal tuning' where every other row is less valid at adjusted p < 0.05. Each row's tuned value is printed "
+    "beside its published one.",
     "cg_reference": "Noise-aware reference: cg guided by `mnist-noise-aware-long` (the shipped network trained 400 "
     "epochs instead of 60, its scale tuned by the same beam search) against shen2024 on seeds 50000–50999 by the "
     "validity rule (McNemar, Holm over this section's pairs), and against cg with the shipped reference on the "
