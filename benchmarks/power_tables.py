@@ -54,11 +54,16 @@ COMMANDS = {
     f"--settings docs/power/settings-class-feature.json {SEEDS_1000} --out runs/n1000-class-feature",
     # equal tuning: no --settings, so every row (shen2024's η too) is tuned by the same beam search; the n = 500
     # run's evaluation shards were copied in, so a row whose tuned value is the published one is not sampled again
-    "n500-equal-tuning": f"lossguide bench --tasks class-feature --methods {','.join(CLASS)} {SEEDS} "
+    "n500-equal-tuning": f"lossguide bench --tasks class-feature --methods {','.join(CLASS)},freedom+polyak {SEEDS} "
     "--out runs/n500-equal-tuning",
     # cg with the long-trained noise-aware classifier, its scale tuned by the same beam search
     "n1000-cg-long": f"lossguide bench --tasks class-feature --methods cg --cg-reference mnist-noise-aware-long "
     f"{SEEDS_1000} --out runs/n1000-cg-long",
+    # Table 5 at n = 500: the equal-tuned FreeDoM and FreeDoM + Polyak, cg with the long-trained reference at its
+    # tuned scale (docs/power/settings-table5.json merges the two runs' settings.json)
+    "n500-table5": "lossguide bench --tasks class-feature --methods freedom,freedom+polyak,cg --cg-reference "
+    f"mnist-noise-aware-long --steps 20,50,100 --settings docs/power/settings-table5.json {SEEDS} "
+    "--out runs/n500-table5",
 }
 #: written before the runs finished (commit "power_tables: rules before the n = 500 runs"); a rule changed after
 #: them is reported on the page as changed
@@ -80,7 +85,8 @@ RULES = {
     # the three rules below were committed before the runs they judge finished (n1000-class-feature had started)
     "fid1000": "FID at n = 1,000 (seeds 50000–50999): the target rule and the FID rule applied at n = 1,000 with the "
     "spread of five draws of 1,000 real digits; where n = 500 and n = 1,000 disagree, n = 1,000 decides.",
-    "equal_tuning": "Equal tuning: every row of the class table, shen2024's η included, tuned by one beam search "
+    "equal_tuning": "Equal tuning: every row of the class table (and FreeDoM + Polyak, for Table 5), shen2024's η "
+    "included, tuned by one beam search "
     "(×/÷3 from its tuner start in harness/methods.DEFAULTS, width 2, 2 rounds, 32 tuning seeds 10000–10031, "
     "DDIM-50, judge validity minus the noise-like share under FID ≤ 1.5 × unguided on those seeds), then "
     "evaluated on seeds 50000–50499. The validity rule against shen2024 at its equal-tuned η; the lead 'survives "
@@ -91,6 +97,11 @@ RULES = {
     "validity rule (McNemar, Holm over this section's pairs), and against cg with the shipped reference on the "
     "same seeds. Accuracy per t on the held-out digits beside the KDE / LDA near-Bayes references; the issue's "
     "≥ 60% at t = 600 is met or missed by that number.",
+    "table5": "Table 5 at n = 500 (DDIM-20/50/100, seeds 50000–50499): at each budget McNemar of FreeDoM + Polyak "
+    "against FreeDoM and of cg (long-trained reference) against FreeDoM, Holm over the six. 'Polyak speeds FreeDoM "
+    "up' where FreeDoM + Polyak is more valid at DDIM-20 (adjusted p < 0.05) and less valid at no budget; 'cg "
+    "converges faster' where cg is more valid than FreeDoM at DDIM-20 (adjusted p < 0.05) and its lead "
+    "(validity difference) is smaller at DDIM-100 than at DDIM-20.",
     "fig1": "Fig. 1 at n = 1,000 (FreeDoM at its class-feature scale, DDIM-50, seeds 50000–50999, failed = the "
     "judge's label is not the target): confirmed when the failed samples' median final guide loss lies at or "
     "below the 95th percentile of the same loss on the 1,000 held-out digits (the loss-curves experiment's rule, "
@@ -389,6 +400,47 @@ def section_cg_reference(runs: Path) -> list[str]:
             f"{v['p']:.2g}, Holm over the three pairs {v['p_holm']:.2g}): **{verdict}**.", ""]  # fmt: skip
 
 
+def section_table5(runs: Path) -> list[str]:
+    """Validity against DDIM steps for FreeDoM, FreeDoM + Polyak and cg (rule ``table5``)."""
+    rs = rows(runs, "n500-table5")
+    if not rs:
+        return ["(not run)", ""]
+    by = {(r["method"], r["steps"]): r for r in rs}
+    budgets = sorted({r["steps"] for r in rs})
+    tests = {(m, b): paired_test(by[("freedom", b)], by[(m, b)])
+             for m in ("freedom+polyak", "cg") for b in budgets}  # fmt: skip
+    for t, p in zip(tests.values(), holm([t["p"] for t in tests.values()]), strict=True):
+        t["p_holm"] = p
+    table = []
+    for m in ("freedom", "freedom+polyak", "cg"):
+        row = {"method": m, "param": by[(m, budgets[0])]["param"]}
+        for b in budgets:
+            r, t = by[(m, b)], tests.get((m, b))
+            row[f"DDIM-{b} validity"] = _validity(r)
+            row[f"DDIM-{b} FID"] = f"{r['fid']:.2f}"
+            row[f"DDIM-{b} vs FreeDoM (only / FreeDoM only, Holm p)"] = (
+                "–" if t is None else f"{t['other_better']} / {t['ref_better']}, {t['p_holm']:.2g}"
+            )
+        table.append(row)
+
+    def more(m, b):
+        t = tests[(m, b)]
+        return t["p_holm"] < ALPHA and t["other_better"] > t["ref_better"]
+
+    def less(m, b):
+        t = tests[(m, b)]
+        return t["p_holm"] < ALPHA and t["other_better"] < t["ref_better"]
+
+    lo, hi = budgets[0], budgets[-1]
+    polyak = more("freedom+polyak", lo) and not any(less("freedom+polyak", b) for b in budgets)
+    lead = {b: by[("cg", b)]["judge_validity"] - by[("freedom", b)]["judge_validity"] for b in budgets}
+    cg_fast = more("cg", lo) and lead[hi] < lead[lo]
+    return [md_table(table, list(table[0])), "",
+            f"Table 5 (rule `table5`): Polyak speeds FreeDoM up: **{'confirmed' if polyak else 'not confirmed'}**; "
+            f"cg converges faster (lead {100 * lead[lo]:+.1f} points at DDIM-{lo}, {100 * lead[hi]:+.1f} at "
+            f"DDIM-{hi}): **{'confirmed' if cg_fast else 'not confirmed'}**.", ""]  # fmt: skip
+
+
 def section_inverse(runs: Path) -> list[str]:
     rs = rows(runs, "n500-inverse")
     if not rs:
@@ -434,6 +486,8 @@ def main() -> None:
              "```bash", COMMANDS["n500-equal-tuning"], "```", "", *section_equal_tuning(args.runs),
              "## A stronger noise-aware reference for cg (class-feature, DDIM-50)", "",
              "```bash", COMMANDS["n1000-cg-long"], "```", "", *section_cg_reference(args.runs),
+             "## Convergence against DDIM steps (Table 5, class-feature)", "",
+             "```bash", COMMANDS["n500-table5"], "```", "", *section_table5(args.runs),
              "## Ablation (class-feature, DDIM-50)", "",
              "```bash", COMMANDS["n500-ablation"], "```", "", *section_ablation(args.runs),
              "## Sketch and inpainting (unsquared residual, `--norm l2`)", "",
