@@ -123,23 +123,21 @@ def _cell(r: dict) -> str:
     return r["method"] if r["steps"] == 50 else f"{r['method']} @ DDIM-{r['steps']}"
 
 
+def adjust(tests: dict, ref: str) -> dict:
+    """Holm over one family of paired tests (rule ``validity``): each gets ``p_holm`` and a ``verdict``."""
+    for t, p in zip(tests.values(), holm([t["p"] for t in tests.values()]), strict=True):
+        t["p_holm"] = p
+        t["verdict"] = ("not distinguishable" if p >= ALPHA
+                        else f"{ref} better" if t["ref_better"] > t["other_better"] else "other better")  # fmt: skip
+    return tests
+
+
 def paired(rs: list[dict], ref: str) -> dict[str, dict]:
     """Every cell against ``ref`` (a method at DDIM-50) on the same seeds, Holm over the family."""
     base = next((r for r in rs if r["method"] == ref and r["steps"] == 50), None)
     if base is None:
         return {}
-    out = {}
-    for r in rs:
-        if r is base:
-            continue
-        t = paired_test(base, r)
-        out[_cell(r)] = {"ref_better": t["ref_better"], "other_better": t["other_better"], "p": t["p"]}
-    adj = holm([v["p"] for v in out.values()])
-    for v, p in zip(out.values(), adj, strict=True):
-        v["p_holm"] = p
-        v["verdict"] = ("not distinguishable" if p >= ALPHA
-                        else f"{ref} better" if v["ref_better"] > v["other_better"] else "other better")  # fmt: skip
-    return out
+    return adjust({_cell(r): paired_test(base, r) for r in rs if r is not base}, ref)
 
 
 def fid_spread(runs: Path, n: int) -> list[float]:
@@ -382,18 +380,15 @@ def section_cg_reference(runs: Path) -> list[str]:
         return [*out, "(not run)", ""]
     cg_long = {**long_rows[0], "method": "cg (mnist-noise-aware-long)"}
     cg_old, shen = (next(r for r in base if r["method"] == m) for m in ("cg", "shen2024"))
-    pairs = {_cell(cg_old): paired_test(shen, cg_old), _cell(cg_long): paired_test(shen, cg_long),
-             "long vs shipped": paired_test(cg_old, cg_long)}  # fmt: skip
-    for t, p in zip(pairs.values(), holm([t["p"] for t in pairs.values()]), strict=True):
-        t["p_holm"] = p
-        t["verdict"] = ("not distinguishable" if p >= ALPHA
-                        else "shen2024 better" if t["ref_better"] > t["other_better"] else "other better")  # fmt: skip
+    pairs = adjust({_cell(cg_old): paired_test(shen, cg_old), _cell(cg_long): paired_test(shen, cg_long),
+                    "long vs shipped": paired_test(cg_old, cg_long)}, "shen2024")  # fmt: skip
     table = [{"method": _cell(r), "param": r["param"], "n": r["n"], "judge validity [95% CI]": _validity(r),
               "noise-like": f"{100 * r['noise_like']:.1f}%", "FID": f"{r['fid']:.2f}", "NFE": r["nfe"],
               **_test_cells(pairs.get(_cell(r)))} for r in (shen, cg_old, cg_long)]  # fmt: skip
     v = pairs["long vs shipped"]
-    verdict = ("not distinguishable" if v["p_holm"] >= ALPHA
-               else "more valid" if v["other_better"] > v["ref_better"] else "less valid")  # fmt: skip
+    verdict = {"not distinguishable": "not distinguishable", "other better": "more valid"}.get(
+        v["verdict"], "less valid"
+    )
     return [*out, md_table(table, list(table[0])), "",
             f"cg with the long-trained reference against cg with the shipped one, same seeds: {v['other_better']} "
             f"seeds valid only with the long one, {v['ref_better']} only with the shipped one (McNemar p = "
@@ -407,10 +402,8 @@ def section_table5(runs: Path) -> list[str]:
         return ["(not run)", ""]
     by = {(r["method"], r["steps"]): r for r in rs}
     budgets = sorted({r["steps"] for r in rs})
-    tests = {(m, b): paired_test(by[("freedom", b)], by[(m, b)])
-             for m in ("freedom+polyak", "cg") for b in budgets}  # fmt: skip
-    for t, p in zip(tests.values(), holm([t["p"] for t in tests.values()]), strict=True):
-        t["p_holm"] = p
+    tests = adjust({(m, b): paired_test(by[("freedom", b)], by[(m, b)])
+                    for m in ("freedom+polyak", "cg") for b in budgets}, "freedom")  # fmt: skip
     table = []
     for m in ("freedom", "freedom+polyak", "cg"):
         row = {"method": m, "param": by[(m, budgets[0])]["param"]}
@@ -423,18 +416,12 @@ def section_table5(runs: Path) -> list[str]:
             )
         table.append(row)
 
-    def more(m, b):
-        t = tests[(m, b)]
-        return t["p_holm"] < ALPHA and t["other_better"] > t["ref_better"]
-
-    def less(m, b):
-        t = tests[(m, b)]
-        return t["p_holm"] < ALPHA and t["other_better"] < t["ref_better"]
-
     lo, hi = budgets[0], budgets[-1]
-    polyak = more("freedom+polyak", lo) and not any(less("freedom+polyak", b) for b in budgets)
+    polyak = tests[("freedom+polyak", lo)]["verdict"] == "other better" and not any(
+        tests[("freedom+polyak", b)]["verdict"] == "freedom better" for b in budgets
+    )
     lead = {b: by[("cg", b)]["judge_validity"] - by[("freedom", b)]["judge_validity"] for b in budgets}
-    cg_fast = more("cg", lo) and lead[hi] < lead[lo]
+    cg_fast = tests[("cg", lo)]["verdict"] == "other better" and lead[hi] < lead[lo]
     return [md_table(table, list(table[0])), "",
             f"Table 5 (rule `table5`): Polyak speeds FreeDoM up: **{'confirmed' if polyak else 'not confirmed'}**; "
             f"cg converges faster (lead {100 * lead[lo]:+.1f} points at DDIM-{lo}, {100 * lead[hi]:+.1f} at "
