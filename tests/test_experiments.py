@@ -2,8 +2,8 @@
 
 import json
 import math
-import numpy as np
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,3 +177,5 @@ def test_collect_only_replaces_the_named_sections(tmp_path):
         (runs / "distill").mkdir()
         (runs / "distill" / "report.md").write_text("# distill title\n")
         collect(runs, docs, only=["distill"])
+    page = collect(runs, docs, summary="## Summary\n\nnew words", only=[]).read_text()  # the summary alone
+    assert "new words" in page and "some words" not in page and "new g" in page and "more old feat" in page

@@ -4,7 +4,8 @@
 ``RUNS/<name>-feature/report.md``, the ``--loss feature`` run) for every registered experiment that has one,
 copies its PNG/GIF figures to ``DOCS/results/<name>/`` and writes
 ``DOCS/results.md``: the optional hand-written summary first, then each report with its heading demoted one
-level and its figure links pointing at the copies. ``--only NAME,...`` replaces just those reports' sections.
+level and its figure links pointing at the copies. ``--only NAME,...`` replaces just those reports' sections
+(and, with ``--summary``, the summary before them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 
 from lossguide.experiments import EXPERIMENTS
 from lossguide.io import atomic_write_text
+
+TITLE = "# Results of `lossguide experiment`"
+#: where the summary ends and the reports begin (so that ``--only`` can replace the summary too)
+REPORTS = "<!-- the experiments' reports follow (python -m lossguide.experiments.collect) -->"
 
 
 def _section(runs: Path, docs: Path, name: str) -> str | None:
@@ -37,10 +42,15 @@ def _section(runs: Path, docs: Path, name: str) -> str | None:
 def collect(runs: Path, docs: Path, summary: str = "", only: list[str] | None = None) -> Path:
     """Write ``DOCS/results.md`` from every report in ``runs``; with ``only`` (folder names such as
     ``gradients-feature``), replace just those reports' sections of the existing page (same heading), keeping the
-    rest, so that one rerun experiment updates the page without the others' run folders."""
+    rest, so that one rerun experiment updates the page without the others' run folders; a ``summary`` given with
+    ``only`` replaces the page's summary as well."""
     out = docs / "results.md"
     if only is not None:
         text = out.read_text()
+        if summary:
+            if REPORTS not in text:
+                raise ValueError(f"{out} has no '{REPORTS}' line after its summary; rebuild the whole page instead")
+            text = "\n".join([TITLE, "", summary.strip(), "", REPORTS]) + text[text.index(REPORTS) + len(REPORTS) :]
         for name in only:
             new = _section(runs, docs, name)
             if new is None:
@@ -53,8 +63,7 @@ def collect(runs: Path, docs: Path, summary: str = "", only: list[str] | None = 
             text = text[:start] + new + ("\n" + text[end:] if end >= 0 else "\n")
         atomic_write_text(out, text)
         return out
-    parts = ["# Results of `lossguide experiment`", "", summary.strip(), ""] if summary else [
-        "# Results of `lossguide experiment`", ""]  # fmt: skip
+    parts = [TITLE, "", summary.strip(), "", REPORTS, ""] if summary else [TITLE, "", REPORTS, ""]
     folders = [f for n in EXPERIMENTS for f in (n, f"{n}-feature")]  # a --loss feature run follows its ce run
     for name in folders:
         section = _section(runs, docs, name)
