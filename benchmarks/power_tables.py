@@ -378,7 +378,8 @@ def section_equal_tuning(runs: Path) -> list[str]:
         table += [{"method": k, "published value": "–", "equal-tuned value": r["param"],
                    "candidates tried": sum(t["method"] == r["method"] for t in edge_trace),
                    "judge validity [95% CI]": _validity(r), "noise-like": f"{100 * r['noise_like']:.1f}%",
-                   "FID": f"{r['fid']:.2f}", "NFE": r["nfe"], **_test_cells(t3[k])} for k, r in more.items()]  # fmt: skip
+                   "FID": f"{r['fid']:.2f}", "NFE": r["nfe"], **_test_cells(t3[k])}
+                  for k, r in more.items()]  # fmt: skip
     ceiling = settings.get("_fid_ceiling", {}).get("class-feature")
     why = "" if survives else f" (not less valid: {', '.join(losers)})"
     on_tuning = "" if ceiling is None else f" The FID ceiling on the tuning seeds was {ceiling:.2f}."
