@@ -19,12 +19,13 @@ from lossguide.writers import md_table
 
 ALPHA = 0.05
 SETUP = (
-    "The step parameters are those of the published n = 100 tables (docs/paper-setup.md), frozen in "
-    "`docs/power/settings-*.json`: these runs add power, not tuning (each baseline was tuned on seeds 10000+ by the "
-    "bench's beam search, shen2024 runs at its preset defaults). Evaluation seeds 50000–50499 (target = seed mod 10) "
-    "lie outside every seed block used in development (evaluation 0–99, shen_scan 1000–1039, the audit's 3000–3099, "
-    "tuning 9000+ and 10000+). FID/KID on the judge's features against the 1,000 held-out digits; wall times with "
-    "one torch thread per run, two runs side by side on a 2-core CPU."
+    "The main rows use the step parameters of the published n = 100 tables (docs/paper-setup.md), frozen in "
+    "`docs/power/settings-*.json`; the equal-tuning section tunes every row again with one beam search (shen2024's η "
+    "included) and finds the same values. Evaluation seeds 50000–50499 (50000–50999 for the n = 1,000 sections; "
+    "target = seed mod 10) lie outside every seed block used in development (evaluation 0–99, shen_scan 1000–1039, "
+    "the audit's 3000–3099, tuning 9000+ and 10000+). FID/KID on the judge's features against the 1,000 held-out "
+    "digits; wall times with one torch thread per run, two to four runs side by side on a 2-core CPU, except the "
+    "quiet timing runs."
 )
 SEEDS = "--n-eval 500 --eval-seed0 50000"
 SEEDS_1000 = "--n-eval 1000 --eval-seed0 50000"
@@ -497,7 +498,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/power.md"))
     args = ap.parse_args()
     cls = section_class(args.runs)
-    lines = ["# The main comparison at n = 500, paired (issue 23)", "",
+    lines = ["# The main comparison at n = 500 and 1,000, paired (issue 23)", "",
              "Made by `python benchmarks/power_tables.py` from the runs below. " + SETUP, "",
              "## Rules (fixed in `benchmarks/power_tables.py` before the runs ended)", "",
              *(f"- `{k}`: {v}" for k, v in RULES.items()), "",
