@@ -294,11 +294,11 @@ def section_fid1000(runs: Path) -> list[str]:
         s, u = by["shen2024"], by["none"]
         ok = s["judge_validity"] >= 0.95 and s["fid"] <= 1.5 * u["fid"]
         closer = sorted((r for r in rs if r is not s and r["fid"] < s["fid"] - spread), key=lambda r: r["fid"])
-        lower = ", ".join(f"{_cell(r)} ({r['fid']:.2f})" for r in closer) or "none"
+        lower = ", ".join(f"{'unguided' if r['method'] == 'none' else _cell(r)} ({r['fid']:.2f})" for r in closer)
         out += [f"Target at n = {n} (rules `target`, `fid1000`): shen2024 {100 * s['judge_validity']:.1f}% valid at "
                 f"FID {s['fid']:.2f} against the ceiling 1.5 × {u['fid']:.2f} = {1.5 * u['fid']:.2f}: "
                 f"**{'met' if ok else 'missed'}**. Rows whose FID is lower than shen2024's by more than the "
-                f"real-digit spread: {lower}.", ""]  # fmt: skip
+                f"real-digit spread: {lower or 'none'}.", ""]  # fmt: skip
     return out
 
 
