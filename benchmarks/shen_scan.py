@@ -14,9 +14,10 @@ import time
 import torch
 
 from lossguide import presets
-from lossguide.experiments.mnist import MnistKit
+from lossguide.harness.tasks.mnist import MnistKit
 from lossguide.io import atomic_write_json
-from lossguide.run_sample import parse_params, parse_seeds
+from lossguide.run_sample import parse_params
+from lossguide.runfolder import parse_seeds
 
 
 def main() -> None:
