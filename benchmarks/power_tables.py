@@ -401,10 +401,17 @@ def section_cg_reference(runs: Path) -> list[str]:
     acc = Path("docs/power/noise-aware-accuracy.json")
     if acc.exists():
         a = json.loads(acc.read_text())
+        at600 = next((r for r in a["rows"] if r["t"] == 600), None)
         out += [f"Held-out accuracy per t (`python benchmarks/noise_aware_ceiling.py --json {acc}`, noise seed "
                 f"{a['seed']}; KDE and LDA are near-Bayes references, see docs/benchmarks.md):", "",
                 md_table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in a["rows"]],
                          list(a["rows"][0])), ""]  # fmt: skip
+        if at600 is not None:
+            got = at600["mnist-noise-aware-long"]
+            near = [v for k, v in at600.items() if k.startswith(("KDE", "LDA"))]
+            out += [f"At t = 600 the long-trained reference is {100 * got:.1f}% accurate: the issue's ≥ 60% is "
+                    f"**{'met' if got >= 0.6 else 'missed'}** (near-Bayes references {100 * min(near):.1f}–"
+                    f"{100 * max(near):.1f}%).", ""]  # fmt: skip
     long_rows = rows(runs, "n1000-cg-long")
     base = [r for r in rows(runs, "n1000-class-feature") if r["method"] in ("shen2024", "cg")]
     if not long_rows or len(base) < 2:

@@ -179,3 +179,7 @@ def test_collect_only_replaces_the_named_sections(tmp_path):
         collect(runs, docs, only=["distill"])
     page = collect(runs, docs, summary="## Summary\n\nnew words", only=[]).read_text()  # the summary alone
     assert "new words" in page and "some words" not in page and "new g" in page and "more old feat" in page
+    collect(runs, docs, summary="## Summary\n\n## gradients title\n\nquoted in the summary", only=[])
+    (runs / "gradients" / "report.md").write_text("# gradients title\n\nnewer g\n")
+    page = collect(runs, docs, only=["gradients"]).read_text()  # the report's section, not the summary's line
+    assert "quoted in the summary" in page and "newer g" in page and "new g\n" not in page

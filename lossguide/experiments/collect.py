@@ -56,7 +56,7 @@ def collect(runs: Path, docs: Path, summary: str = "", only: list[str] | None = 
             if new is None:
                 raise FileNotFoundError(f"{runs / name / 'report.md'}: no report to put into {out}")
             head = new.splitlines()[0]
-            start = text.find(head + "\n")
+            start = text.find(head + "\n", text.find(REPORTS) if REPORTS in text else 0)  # not in the summary
             if start < 0:
                 raise ValueError(f"{out} has no section {head!r} to replace; rebuild the whole page instead")
             end = text.find("\n## ", start + len(head))

@@ -262,7 +262,8 @@ class Bench:
             else:
                 if self._kit is None:
                     self._kit = MnistKit(self.cfg.device, noise_aware=self.cfg.cg_reference)
-                if self._kit.noise_aware != self.cfg.cg_reference:
+                guides_cg = any(_guides_noise_aware(m) for m in self.cfg.methods)
+                if guides_cg and self._kit.noise_aware != self.cfg.cg_reference:
                     raise ValueError(
                         f"the shared MnistKit guides cg with {self._kit.noise_aware}, the config with "
                         f"{self.cfg.cg_reference}; build the kit with noise_aware=cfg.cg_reference"

@@ -133,9 +133,7 @@ def finish(name: str, model: torch.nn.Module, seconds: float, out: Path, batch: 
         model = model.half().float()
     eval_gen = torch.Generator().manual_seed(12345)
     if spec["arch"] == "NoiseAwareCNN":
-        metrics = {
-            f"heldout_acc_t{t}": accuracy(model, x_ho, y_ho, t, eval_gen, schedule) for t in NOISE_AWARE_EVAL_T
-        }
+        metrics = {f"heldout_acc_t{t}": accuracy(model, x_ho, y_ho, t, eval_gen, schedule) for t in NOISE_AWARE_EVAL_T}
     else:
         metrics = {"heldout_acc": accuracy(model, x_ho, y_ho)}
     if "pgd_eps" in spec:
@@ -147,7 +145,8 @@ def finish(name: str, model: torch.nn.Module, seconds: float, out: Path, batch: 
     path = out / f"{name}.safetensors"
     tmp = path.with_suffix(".tmp")
     dtype = torch.float16 if spec.get("fp16") else torch.float32
-    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(path)
     entry = {
         "file": path.name,
