@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from lossguide.harness.report import paired_test
@@ -191,18 +192,13 @@ def section_class(runs: Path) -> list[str]:
     test = paired(rs, "shen2024")
     table = []
     for r in sorted(rs, key=lambda r: (-r["judge_validity"], r["wall_s_per_sample"])):
-        k = round(r["judge_validity"] * r["n"])
-        lo, hi = wilson_interval(k, r["n"])
         t = test.get(_cell(r))
-        table.append({"method": _cell(r), "param": r["param"], "n": r["n"],
-                      "judge validity [95% CI]": f"{100 * r['judge_validity']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]",
+        table.append({"method": _cell(r), "param": r["param"], "n": r["n"], "judge validity [95% CI]": _validity(r),
                       "worst class": f"{100 * r['worst_class_validity']:.0f}%",
                       "noise-like": f"{100 * r['noise_like']:.1f}%", "FID": f"{r['fid']:.2f}",
                       "NFE": r["nfe"], "s/sample (in run)": f"{r['wall_s_per_sample']:.2f}",
                       "s/sample (quiet)": "–" if r["quiet_s"] is None else f"{r['quiet_s']:.2f}",
-                      "shen2024 only / other only": "–" if t is None else f"{t['ref_better']} / {t['other_better']}",
-                      "McNemar p (Holm)": "–" if t is None else f"{t['p']:.2g} ({t['p_holm']:.2g})",
-                      "verdict vs shen2024": "–" if t is None else t["verdict"]})  # fmt: skip
+                      **_test_cells(t)})  # fmt: skip
     out = [md_table(table, list(table[0])), "",
            f"Real digits at n = {n} (five draws of `fid_floor`): FID {min(floor):.2f}–{max(floor):.2f} "
            f"(spread {spread:.2f}); a FID difference smaller than {spread:.2f} is not read as one.", ""]  # fmt: skip
@@ -247,12 +243,9 @@ def section_ablation(runs: Path) -> list[str]:
     test = paired(base + rs, "shen2024")
     table = []
     for r in base + rs:
-        k = round(r["judge_validity"] * r["n"])
-        lo, hi = wilson_interval(k, r["n"])
         t = test.get(_cell(r))
         helps = "–" if t is None else ("helps" if t["verdict"] == "shen2024 better" else "is not needed here")
-        table.append({"method": _cell(r), "param": r["param"], "n": r["n"],
-                      "judge validity [95% CI]": f"{100 * r['judge_validity']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]",
+        table.append({"method": _cell(r), "param": r["param"], "n": r["n"], "judge validity [95% CI]": _validity(r),
                       "noise-like": f"{100 * r['noise_like']:.1f}%", "FID": f"{r['fid']:.2f}", "NFE": r["nfe"],
                       "s/sample": f"{r['wall_s_per_sample']:.2f}",
                       "shen2024 only / variant only": "–" if t is None else f"{t['ref_better']} / {t['other_better']}",
@@ -324,8 +317,6 @@ def real_guide_loss_p95() -> float:
 
 def section_fig1(runs: Path) -> list[str]:
     """Fig. 1 at n = 1,000 (rule ``fig1``): do the failed samples reach the real digits' guide loss?"""
-    import statistics
-
     rs = rows(runs, "n1000-class-feature")
     if not rs:
         return ["(not run)", ""]
@@ -483,8 +474,6 @@ def section_table5(runs: Path) -> list[str]:
 
 def section_fig3(runs: Path) -> list[str]:
     """Success on the seeds far from their target (rule ``fig3``), from the Table 5 run's per-sample records."""
-    import statistics
-
     rs = rows(runs, "n500-table5")
     none = shard_records(runs, "n500-class-feature", "none")
     if not rs or not none:

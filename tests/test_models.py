@@ -90,7 +90,7 @@ def test_shipped_classifier_matches_its_manifest(name):
     x, y = load_mnist("heldout")
     if entry["kind"] == "noise_aware_classifier":
         gen = torch.Generator().manual_seed(12345)
-        for t in [int(k.removeprefix("heldout_acc_t")) for k in entry["metrics"]]:  # in the order trained
+        for t in [int(k.removeprefix("heldout_acc_t")) for k in entry["metrics"]]:  # measured order
             got = accuracy(model, x, y, t, gen, NoiseSchedule.linear())
             assert got == pytest.approx(entry["metrics"][f"heldout_acc_t{t}"], abs=2e-4)
     else:

@@ -83,7 +83,7 @@ class BenchConfig:
     norm: str = "squared"  # the NORM_TASKS' residual: ‖r‖² or ‖r‖ ("l2", the paper's code)
     particles: int | None = None  # K weighted particles per seed (lossguide.smc), each method their proposal
     potential: str | None = None  # the particles' potential (smc.POTENTIALS; None: tds)
-    cg_reference: str = "mnist-noise-aware"  # the noise-aware classifier cg guides with on the MNIST tasks
+    cg_reference: str = CG_REFERENCE  # the noise-aware classifier cg guides with on the MNIST tasks
 
     def to_dict(self) -> dict:
         """The config as ``config.json`` holds it: a single-particle run's has no particle keys (as before them)."""
