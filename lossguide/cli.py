@@ -284,7 +284,7 @@ def cmd_bench(args) -> int:
             cfg.steps = [int(v) for v in args.steps.split(",")]
         except ValueError:
             raise ValueError(f"--steps {args.steps!r} must be comma-separated integers, e.g. 20,50,100") from None
-    for name in ("n_eval", "eval_seed0", "n_tune", "best_of", "batch", "beam_rounds"):
+    for name in ("n_eval", "eval_seed0", "n_tune", "tune_steps", "best_of", "batch", "beam_rounds"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.no_tune:
@@ -519,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {B.eval_seed0})")  # fmt: skip
     p.add_argument("--n-tune", type=int, default=None, help=f"tuning seeds per candidate (default {B.n_tune})")
     p.add_argument("--beam-rounds", type=int, default=None, help=f"beam-search rounds (default {B.beam_rounds})")
+    p.add_argument("--tune-steps", type=int, default=None,
+                   help=f"DDIM steps the tuner samples with; tune per budget by one run per --steps value with "
+                   f"--tune-steps equal to it (default {B.tune_steps})")  # fmt: skip
     p.add_argument("--no-tune", action="store_true", help="use each method's default step parameter")
     p.add_argument(
         "--settings",

@@ -319,3 +319,21 @@ def test_a_bench_folder_in_use_is_refused_and_a_killed_writers_tmp_files_go(tmp_
     stale.write_text("{")
     assert _cli_rows(out) == first  # the same command resumes: every shard read, nothing recomputed
     assert not stale.exists() and not (out / ".lock").exists()
+
+
+def test_tune_steps_sets_the_tuners_budget_apart_from_the_evaluated_one(tmp_path):
+    """--tune-steps 2 with --steps 3: every tuning shard samples 2 DDIM steps (its path and its NFE say so), every
+    evaluation shard 3, so a run per budget tunes at that budget."""
+    from lossguide.cli import main
+
+    out = tmp_path / "b"
+    args = ["bench", "--tasks", "oracle-class", "--methods", "dps", "--steps", "3", "--tune-steps", "2", "--n-eval",
+            "2", "--n-tune", "2", "--beam-rounds", "0", "--batch", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    tune = list((out / "shards" / "tune").rglob("*.json"))
+    evals = list((out / "shards" / "eval").rglob("*.json"))
+    assert tune and evals
+    assert {p.relative_to(out).parts[5] for p in tune} == {"s2"}
+    assert {json.loads(p.read_text())["nfe_per_sample"] for p in tune} == {2}
+    assert {json.loads(p.read_text())["nfe_per_sample"] for p in evals} == {3}
+    assert json.loads((out / "config.json").read_text())["tune_steps"] == 2

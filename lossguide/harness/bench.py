@@ -135,6 +135,9 @@ class BenchConfig:
         for s in self.steps:
             if not 1 <= s <= 1000:
                 raise ValueError(f"--steps must be ≥ 1 and at most the models' 1000 training timesteps, got {s}")
+        if not 1 <= self.tune_steps <= 1000:
+            raise ValueError(f"--tune-steps must be ≥ 1 and at most the models' 1000 training timesteps, got "
+                             f"{self.tune_steps}")  # fmt: skip
         if not (math.isfinite(self.ddim_eta) and self.ddim_eta >= 0):
             raise ValueError(f"--ddim-eta must be a finite number ≥ 0, got {self.ddim_eta}")
         if self.settings_file is not None:
