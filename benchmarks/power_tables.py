@@ -479,30 +479,56 @@ def section_table5(runs: Path) -> list[str]:
     rs = rows(runs, "n500-table5")
     if not rs:
         return ["(not run)", ""]
-    by = {(r["method"], r["steps"]): r for r in rs}
-    budgets = sorted({r["steps"] for r in rs})
+    return table5({(r["method"], r["steps"]): r for r in rs})
+
+
+def section_per_budget(runs: Path) -> list[str]:
+    """Table 5 with every row tuned at its own budget (rule ``per_budget``), beside the DDIM-50-tuned verdict."""
+    fixed = {(r["method"], r["steps"]): r for r in rows(runs, "n500-table5")}
+    tuned = [r for b in (20, 100) for r in rows(runs, f"n500-budget-{b}")]
+    if not tuned or not fixed:
+        return ["(not run)", ""]
+    by = {**{k: r for k, r in fixed.items() if k[1] == 50}, **{(r["method"], r["steps"]): r for r in tuned}}
+    if any((m, b) not in by for m in TABLE5 for b in (20, 50, 100)):
+        return ["(incomplete)", ""]
+    moved = [f"{m} at DDIM-{b}: {fixed[(m, b)]['param']} → {by[(m, b)]['param']}" for m in TABLE5 for b in (20, 100)
+             if (m, b) in fixed and fixed[(m, b)]["param"] != by[(m, b)]["param"]]  # fmt: skip
+    before, after = table5(fixed, verdicts_only=True), table5(by, verdicts_only=True)
+    same = "the same as" if before == after else "different from (the per-budget verdicts decide)"
+    return [*table5(by, per_budget=True),
+            f"Values the per-budget tuning moved: {'; '.join(moved) or 'none'}. Verdicts {same} those of the "
+            "DDIM-50-tuned table above.", ""]  # fmt: skip
+
+
+def table5(by: dict, verdicts_only: bool = False, per_budget: bool = False):
+    """Rule ``table5`` on cells keyed (method, steps): the table and the two verdicts (or only the verdicts)."""
+    budgets = sorted({b for _, b in by})
     tests = adjust({(m, b): paired_test(by[("freedom", b)], by[(m, b)])
                     for m in ("freedom+polyak", "cg") for b in budgets}, "freedom")  # fmt: skip
-    table = []
-    for m in ("freedom", "freedom+polyak", "cg"):
-        row = {"method": m, "param": by[(m, budgets[0])]["param"]}
-        for b in budgets:
-            r, t = by[(m, b)], tests.get((m, b))
-            row[f"DDIM-{b} validity"] = _validity(r)
-            row[f"DDIM-{b} FID"] = f"{r['fid']:.2f}"
-            row[f"DDIM-{b} vs FreeDoM (only / FreeDoM only, Holm p)"] = (
-                "–" if t is None else f"{t['other_better']} / {t['ref_better']}, {t['p_holm']:.2g}"
-            )
-        table.append(row)
-
     lo, hi = budgets[0], budgets[-1]
     polyak = tests[("freedom+polyak", lo)]["verdict"] == "other better" and not any(
         tests[("freedom+polyak", b)]["verdict"] == "freedom better" for b in budgets
     )
     lead = {b: by[("cg", b)]["judge_validity"] - by[("freedom", b)]["judge_validity"] for b in budgets}
     cg_fast = tests[("cg", lo)]["verdict"] == "other better" and lead[hi] < lead[lo]
+    if verdicts_only:
+        return polyak, cg_fast
+    table = []
+    for m in TABLE5:
+        row = {"method": m} if per_budget else {"method": m, "param": by[(m, budgets[0])]["param"]}
+        for b in budgets:
+            r, t = by[(m, b)], tests.get((m, b))
+            if per_budget:
+                row[f"DDIM-{b} param"] = r["param"]
+            row[f"DDIM-{b} validity"] = _validity(r)
+            row[f"DDIM-{b} FID"] = f"{r['fid']:.2f}"
+            row[f"DDIM-{b} vs FreeDoM (only / FreeDoM only, Holm p)"] = (
+                "–" if t is None else f"{t['other_better']} / {t['ref_better']}, {t['p_holm']:.2g}"
+            )
+        table.append(row)
+    rule = "`per_budget`" if per_budget else "`table5`"
     return [md_table(table, list(table[0])), "",
-            f"Table 5 (rule `table5`): Polyak speeds FreeDoM up: **{'confirmed' if polyak else 'not confirmed'}**; "
+            f"Table 5 (rule {rule}): Polyak speeds FreeDoM up: **{'confirmed' if polyak else 'not confirmed'}**; "
             f"cg converges faster (lead {100 * lead[lo]:+.1f} points at DDIM-{lo}, {100 * lead[hi]:+.1f} at "
             f"DDIM-{hi}): **{'confirmed' if cg_fast else 'not confirmed'}**.", ""]  # fmt: skip
 
@@ -604,6 +630,78 @@ def section_inverse(runs: Path) -> list[str]:
     return out
 
 
+def _value(param: str) -> str:
+    """The shard folder's value text of a row's ``param`` ("eta=0.01" → "0.01", "-" → "default")."""
+    return "default" if "=" not in param else f"{float(param.split('=')[1]):.6g}"
+
+
+def inverse_validity(runs: Path, name: str, r: dict) -> list[bool]:
+    """Per-seed judge validity (judged label = target) of one inverse cell, from its shards at its own value."""
+    recs = {}
+    pattern = f"{r['task']}/{r['method'].replace('+', '_')}/v{_value(r['param'])}/s{r['steps']}/*/*.json"
+    for f in sorted((runs / name / "shards" / "eval").glob(pattern)):
+        for q in json.loads(f.read_text())["records"]:
+            recs[q["seed"]] = q["judge_label"] == q["target"]
+    if sorted(recs) != r["per_seed"]["seeds"]:
+        raise ValueError(f"{name}: the shards of {r['method']} on {r['task']} do not cover the row's seeds")
+    return [recs[k] for k in sorted(recs)]
+
+
+def section_inverse_equal(runs: Path) -> list[str]:
+    """Every preset on sketch and inpainting at equal tuning (rules ``inverse_equal`` and ``inverse_wall``)."""
+    from lossguide.metrics import mcnemar
+
+    published = json.loads(Path("docs/power/settings-inverse.json").read_text())
+    quiet = {(r["task"], r["method"]): r["wall_s_per_sample"] for r in rows(runs, "timing-inverse")}
+    out = []
+    for task in ("sketch", "inpaint"):
+        name = f"n500-eq-{task}"
+        tr = rows(runs, name)
+        if not tr:
+            out += [f"**{task}**: (not run)", ""]
+            continue
+        ref = "shen2024-ra"
+        test = paired(tr, ref)
+        base = next(r for r in tr if r["method"] == ref)
+        valid = {r["method"]: inverse_validity(runs, name, r) for r in tr}
+        vt = adjust({r["method"]: (lambda t: {"ref_better": t["a_only"], "other_better": t["b_only"], "p": t["p"]})(
+            mcnemar(valid[ref], valid[r["method"]])) for r in tr if r is not base}, ref)  # fmt: skip
+        trace = json.loads((runs / name / "tuning.json").read_text())["trace"]
+        table = []
+        for r in sorted(tr, key=lambda r: -r["psnr"]):
+            m, t, v = r["method"], test.get(r["method"]), vt.get(r["method"])
+            pub = published.get(task, {}).get(m)
+            table.append({"method": m, "published value": "–" if pub is None else f"{pub:.4g}",
+                          "equal-tuned": r["param"], "tried": sum(q["method"] == m for q in trace) or "–",
+                          "PSNR ↑": f"{r['psnr']:.2f}", "SSIM ↑": f"{r['ssim']:.3f}",
+                          "judge validity": f"{100 * r['judge_validity']:.1f}%", "NFE": r["nfe"],
+                          "s/sample (quiet)": "–" if (task, m) not in quiet else f"{quiet[(task, m)]:.2f}",
+                          f"PSNR: {ref} higher / other higher, Holm p":
+                              "–" if t is None else f"{t['ref_better']} / {t['other_better']}, {t['p_holm']:.2g}",
+                          "verdict (PSNR)": "–" if t is None else t["verdict"],
+                          f"validity: {ref} only / other only, Holm p":
+                              "–" if v is None else f"{v['ref_better']} / {v['other_better']}, {v['p_holm']:.2g}"})  # fmt: skip
+        others = [m for m in test if not m.startswith("shen2024")]
+        leads = all(test[m]["verdict"] == f"{ref} better" for m in others)
+        out += [f"**{task}**", "", md_table(table, list(table[0])), "",
+                f"{task} (rule `inverse_equal`): the paper's method **{'leads' if leads else 'does not lead'}** "
+                f"({', '.join(m for m in others if test[m]['verdict'] != f'{ref} better') or 'every other row has lower PSNR'}"
+                f"{'' if leads else ': not lower'}).", ""]  # fmt: skip
+        if (task, ref) in quiet:
+            s_ref = quiet[(task, ref)]
+            cheap = [r for r in tr if r is not base and quiet.get((task, r["method"]), float("inf")) <= s_ref]
+            beat = [r["method"] for r in cheap if test[r["method"]]["verdict"] == "other better"]
+            timed = [r for r in tr if (task, r["method"]) in quiet]
+            frontier = [r["method"] for r in sorted(timed, key=lambda r: quiet[(task, r["method"])])
+                        if not any(quiet[(task, q["method"])] < quiet[(task, r["method"])] and q["psnr"] > r["psnr"]
+                                   for q in timed)]  # fmt: skip
+            out += [f"Equal wall time (rule `inverse_wall`): {ref} costs {s_ref:.2f} s/sample quiet; among the "
+                    f"{len(cheap)} rows at or below that cost it **{'wins' if not beat else 'does not win'}**"
+                    f"{'' if not beat else ' (' + ', '.join(beat) + ' higher PSNR)'}. PSNR-per-second frontier, "
+                    f"cheapest first: {', '.join(frontier)}.", ""]  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=Path("runs"))
@@ -629,6 +727,11 @@ def main() -> None:
              "```bash", COMMANDS["n500-best-of"], "```", "", *section_best_of(args.runs),
              "## Convergence against DDIM steps (Table 5, class-feature)", "",
              "```bash", COMMANDS["n500-table5"], "```", "", *section_table5(args.runs),
+             "## Table 5 tuned per budget (class-feature)", "",
+             "```bash", COMMANDS["n500-budget-20"], COMMANDS["n500-budget-100"], "```", "",
+             "DDIM-50 cells from the Table 5 run; the DDIM-20 and DDIM-100 cells tuned at their own budget (their "
+             "evaluation shards at a re-picked value are reused from the Table 5 run).", "",
+             *section_per_budget(args.runs),
              "## Seeds far from their target (Fig. 3, class-feature)", "",
              "From the Table 5 run's per-sample records and the unguided row of the n = 500 run.", "",
              *section_fig3(args.runs),
@@ -642,7 +745,13 @@ def main() -> None:
              "```bash", COMMANDS["n500-inverse"], "```", "",
              "Not at equal NFE: shen2024-ra (Polyak step and time travel, no RA) spends 102 denoiser passes, the "
              "others 50, each at the step value the n = 40 table tuned (one beam round on 8 seeds). In-run wall times "
-             "(two to four jobs on 2 cores).", "", *section_inverse(args.runs)]  # fmt: skip
+             "(two to four jobs on 2 cores).", "", *section_inverse(args.runs),
+             "## Sketch and inpainting, every preset at equal tuning (`--norm l2`)", "",
+             "```bash", COMMANDS["n500-eq-sketch"], COMMANDS["n500-eq-inpaint"], COMMANDS["timing-inverse"], "```",
+             "", "Each row tuned by the same beam search (×/÷3 from its tuner start, width 2, 2 rounds, 32 tuning "
+             "seeds, DDIM-50, mean PSNR); `docs/power/settings-inverse-equal.json` holds the picks. Not at equal "
+             "NFE: shen2024 and shen2024-ra spend 102 denoiser passes (time travel), the others 50; the quiet "
+             "timing run gives the equal-wall-time reading.", "", *section_inverse_equal(args.runs)]  # fmt: skip
     atomic_write_text(args.out, "\n".join(lines) + "\n")
 
 
