@@ -102,10 +102,29 @@ def test_gradients_quick(kit, tmp_path):
 
 
 def test_adversarial_gap_quick(kit, tmp_path):
-    summary, _ = _run("adversarial-gap", tmp_path)
+    summary, data = _run("adversarial-gap", tmp_path)
     rows = {(r["evaluated by"], r["metric"]): r for r in summary["rows"]}
     assert rows[("judge", "validity")]["real held-out"] > 0.95
     assert set(rows[("robust", "loss")]) >= {"plain", "plain + RA", "robust", "real held-out"}
+    st, (lo, hi) = data["ra_sign_test"], data["gap_share_left"]
+    assert st["a_wins"] + st["b_wins"] <= len(data["seeds"]) == 10 and data["seeds"][0] == 50000
+    assert lo <= hi
+
+
+def test_gap_ratio_interval_is_exact_when_the_ratio_is_fixed():
+    """RA leaving exactly 30% of every seed's gap to a constant real loss: every bootstrap resample gives 0.3; with
+    noisy real losses the interval still holds the ratio of the means."""
+    from lossguide.experiments.understanding import gap_ratio_interval
+
+    g = torch.Generator().manual_seed(0)
+    plain = 2.0 + torch.rand(200, generator=g, dtype=torch.float64)
+    real = torch.full((100,), 0.5, dtype=torch.float64)
+    ra = 0.5 + 0.3 * (plain - 0.5)
+    assert gap_ratio_interval(plain, ra, real, n_boot=200) == pytest.approx((0.3, 0.3), abs=1e-12)
+    real = 0.5 + 0.1 * torch.randn(100, generator=g, dtype=torch.float64)
+    lo, hi = gap_ratio_interval(plain, ra, real, n_boot=500)
+    point = float((ra.mean() - real.mean()) / (plain.mean() - real.mean()))
+    assert lo < point < hi and hi - lo < 0.2
 
 
 def test_ablation_and_ra_cost_quick(kit, tmp_path):
