@@ -256,3 +256,22 @@ def test_motion_task_maps_seeds_to_scenarios_and_scores_eq8_by_hand(model):
     score = {"target_mse": torch.tensor([1.0, 3.0]), "avoid": torch.tensor([0.0, 2.0]), "skating": torch.tensor([1.0])}
     assert MotionTask.objective(score, unguided_skating=1.0) == -3.0
     assert MotionTask.objective(score, unguided_skating=0.6) == -math.inf  # 1.0 > 1.5 × 0.6
+
+
+def test_paired_loss_tests_follow_the_table3_rule():
+    """The reference lower on every motion than freedom and lgd_mc: confirmed; lgd_mc lower on most: not."""
+    from lossguide.experiments.motion import paired_loss_tests
+
+    def cell(loss):
+        t = torch.tensor(loss, dtype=torch.float64)
+        return {"metrics": {"target_mse": t, "avoid": torch.zeros_like(t)}}
+
+    ref = [1.0] * 30
+    res = {"none": cell([9.0] * 30), "shen2024-ra": cell(ref), "freedom": cell([2.0] * 30),
+           "lgd_mc": cell([1.5] * 29 + [0.5])}  # fmt: skip
+    rows, text = paired_loss_tests(res)
+    assert [r["motions where reference lower"] for r in rows] == [30, 29]
+    assert "Verdict: **confirmed**" in text and "every other guided row: **yes**" in text
+    res["lgd_mc"] = cell([0.5] * 25 + [1.5] * 5)
+    rows, text = paired_loss_tests(res)
+    assert rows[1]["verdict"] == "lgd_mc lower" and "Verdict: **not confirmed**" in text
