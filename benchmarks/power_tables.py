@@ -491,7 +491,14 @@ def section_per_budget(runs: Path) -> list[str]:
     by = {**{k: r for k, r in fixed.items() if k[1] == 50}, **{(r["method"], r["steps"]): r for r in tuned}}
     if any((m, b) not in by for m in TABLE5 for b in (20, 50, 100)):
         return ["(incomplete)", ""]
-    moved = [f"{m} at DDIM-{b}: {fixed[(m, b)]['param']} → {by[(m, b)]['param']}" for m in TABLE5 for b in (20, 100)
+    def score(m, b, param):  # the tuning objective of one value in that budget's trace
+        trace = json.loads((runs / f"n500-budget-{b}" / "tuning.json").read_text())["trace"]
+        v = float(param.split("=")[1])
+        return next((t["score"] for t in trace if t["method"] == m and abs(t["value"] - v) < 1e-3 * v), float("nan"))
+
+    moved = [f"{m} at DDIM-{b}: {fixed[(m, b)]['param']} → {by[(m, b)]['param']} (tuning objective "
+             f"{score(m, b, fixed[(m, b)]['param']):.3f} → {score(m, b, by[(m, b)]['param']):.3f})"
+             for m in TABLE5 for b in (20, 100)
              if (m, b) in fixed and fixed[(m, b)]["param"] != by[(m, b)]["param"]]  # fmt: skip
     before, after = table5(fixed, verdicts_only=True), table5(by, verdicts_only=True)
     same = "the same as" if before == after else "different from (the per-budget verdicts decide)"
