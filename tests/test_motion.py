@@ -259,19 +259,23 @@ def test_motion_task_maps_seeds_to_scenarios_and_scores_eq8_by_hand(model):
 
 
 def test_paired_loss_tests_follow_the_table3_rule():
-    """The reference lower on every motion than freedom and lgd_mc: confirmed; lgd_mc lower on most: not."""
+    """The reference lower on every motion than freedom and lgd_mc: confirmed; lgd_mc lower on most: not; a
+    reference lower on most motions but with a heavy tail: the sign test says lower, the mean difference the
+    reverse, and the tail column counts the failed motions."""
     from lossguide.experiments.motion import paired_loss_tests
 
-    def cell(loss):
-        t = torch.tensor(loss, dtype=torch.float64)
-        return {"metrics": {"target_mse": t, "avoid": torch.zeros_like(t)}}
-
     ref = [1.0] * 30
-    res = {"none": cell([9.0] * 30), "shen2024-ra": cell(ref), "freedom": cell([2.0] * 30),
-           "lgd_mc": cell([1.5] * 29 + [0.5])}  # fmt: skip
-    rows, text = paired_loss_tests(res)
+    per = {"none": [9.0] * 30, "shen2024 − RA": ref, "freedom": [2.0] * 30, "lgd_mc": [1.5] * 29 + [0.5]}
+    rows, text = paired_loss_tests(per)
     assert [r["motions where reference lower"] for r in rows] == [30, 29]
     assert "Verdict: **confirmed**" in text and "every other guided row: **yes**" in text
-    res["lgd_mc"] = cell([0.5] * 25 + [1.5] * 5)
-    rows, text = paired_loss_tests(res)
+    assert rows[0]["mean difference [95% CI]"] == "-1.00 [-1.00, -1.00]"
+    per["lgd_mc"] = [0.5] * 25 + [1.5] * 5
+    rows, text = paired_loss_tests(per)
     assert rows[1]["verdict"] == "lgd_mc lower" and "Verdict: **not confirmed**" in text
+    per = {"none": [9.0] * 30, "shen2024 − RA": [1.0] * 25 + [40.0] * 5, "freedom": [2.0] * 30}
+    rows, text = paired_loss_tests(per)
+    assert rows[0]["verdict"] == "shen2024 − RA lower"  # 25 of 30 motions
+    assert rows[0]["mean Loss (reference / method)"] == "7.50 / 2.00"
+    assert rows[0]["mean difference [95% CI]"].startswith("+5.50 [+")  # the interval excludes 0 on the other side
+    assert rows[0]["motions ≥ unguided median (reference / method)"] == "5 / 0"
