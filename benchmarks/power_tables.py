@@ -674,13 +674,17 @@ def section_inverse_equal(runs: Path) -> list[str]:
         vt = adjust({r["method"]: (lambda t: {"ref_better": t["a_only"], "other_better": t["b_only"], "p": t["p"]})(
             mcnemar(valid[ref], valid[r["method"]])) for r in tr if r is not base}, ref)  # fmt: skip
         trace = json.loads((runs / name / "tuning.json").read_text())["trace"]
+        before = {r["method"]: r for r in rows(runs, "n500-inverse") if r["task"] == task}  # published values
         table = []
         for r in sorted(tr, key=lambda r: -r["psnr"]):
             m, t, v = r["method"], test.get(r["method"]), vt.get(r["method"])
             pub = published.get(task, {}).get(m)
             table.append({"method": m, "published value": "–" if pub is None else f"{pub:.4g}",
                           "equal-tuned": r["param"], "tried": sum(q["method"] == m for q in trace) or "–",
-                          "PSNR ↑": f"{r['psnr']:.2f}", "SSIM ↑": f"{r['ssim']:.3f}",
+                          "PSNR ↑": f"{r['psnr']:.2f}",
+                          "PSNR at the published value": f"{before[m]['psnr']:.2f}"
+                              if m in before and before[m]["param"] != r["param"] else "",
+                          "SSIM ↑": f"{r['ssim']:.3f}",
                           "judge validity": f"{100 * r['judge_validity']:.1f}%", "NFE": r["nfe"],
                           "s/sample (quiet)": "–" if (task, m) not in quiet else f"{quiet[(task, m)]:.2f}",
                           f"PSNR: {ref} higher / other higher, Holm p":
