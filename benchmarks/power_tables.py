@@ -81,6 +81,9 @@ COMMANDS = {
        f"--out runs/n500-eq-{t}" for t in ("sketch", "inpaint")},
     **{f"n500-budget-{b}": f"lossguide bench --tasks class-feature --methods {','.join(TABLE5)} --cg-reference "
        f"mnist-noise-aware-long --steps {b} --tune-steps {b} {SEEDS} --out runs/n500-budget-{b}" for b in (20, 100)},
+    # equal NFE on sketch/inpainting: FreeDoM with time travel (102 NFE, shen2024-ra's count), tuned the same way
+    **{f"n500-eq-tt-{t}": f"lossguide bench --tasks {t} --norm l2 --methods freedom+tt {SEEDS} --out runs/n500-eq-tt-{t}"
+       for t in ("sketch", "inpaint")},
     "timing-inverse": f"lossguide bench --tasks sketch,inpaint --norm l2 --methods {','.join(INVERSE_ALL)} "
     "--settings docs/power/settings-inverse-equal.json --n-eval 20 --eval-seed0 60000 --batch 20 "
     "--out runs/timing-inverse",
@@ -157,6 +160,9 @@ RULES = {
     "row, one process); shen2024-ra 'wins at equal wall time' on a task when no row at or below its s/sample has "
     "higher PSNR by rule `inverse_equal`; the PSNR-per-second frontier (rows no cheaper row beats on mean PSNR) "
     "is listed, descriptive.",
+    "inverse_nfe": "Written before the run: equal NFE on sketch and inpainting, FreeDoM + time travel (102 NFE) tuned by "
+    "the same beam search, seeds 50000–50499, against shen2024-ra by the sign test on per-seed PSNR (a family of one "
+    "per task); shen2024-ra 'leads at equal NFE' where FreeDoM + time travel has lower PSNR at p < 0.05.",
     "per_budget": "Table 5 tuned per budget: FreeDoM, FreeDoM + Polyak and cg (long-trained reference) tuned "
     "again at DDIM-20 and DDIM-100 (`--tune-steps` = the budget; same beam, seeds and objective as "
     "`equal_tuning`), evaluated on seeds 50000–50499; rule `table5` applied to the per-budget values (DDIM-50 "
