@@ -708,6 +708,14 @@ def section_inverse_equal(runs: Path) -> list[str]:
                 f"{task} (rule `inverse_equal`): the paper's method **{'leads' if leads else 'does not lead'}** "
                 f"({', '.join(m for m in others if test[m]['verdict'] != f'{ref} better') or 'every other row has lower PSNR'}"
                 f"{'' if leads else ': not lower'}).", ""]  # fmt: skip
+        tt = rows(runs, f"n500-eq-tt-{task}")
+        if tt:
+            t1 = paired_test(base, tt[0])
+            won = t1["p"] < ALPHA and t1["ref_better"] > t1["other_better"]
+            out += [f"Equal NFE (rule `inverse_nfe`): FreeDoM + time travel ({tt[0]['param']}, {tt[0]['nfe']} NFE) "
+                    f"{tt[0]['psnr']:.2f} dB, judge validity {100 * tt[0]['judge_validity']:.1f}%; {ref} higher on "
+                    f"{t1['ref_better']} seeds, lower on {t1['other_better']} (sign test p = {t1['p']:.2g}): {ref} "
+                    f"**{'leads' if won else 'does not lead'} at equal NFE**.", ""]  # fmt: skip
         if (task, ref) in quiet:
             s_ref = quiet[(task, ref)]
             cheap = [r for r in tr if r is not base and quiet.get((task, r["method"]), float("inf")) <= s_ref]
@@ -770,9 +778,11 @@ def main() -> None:
              "## Sketch and inpainting, every preset at equal tuning (`--norm l2`)", "",
              "```bash", COMMANDS["n500-eq-sketch"], COMMANDS["n500-eq-inpaint"], COMMANDS["timing-inverse"], "```",
              "", "Each row tuned by the same beam search (×/÷3 from its tuner start, width 2, 2 rounds, 32 tuning "
-             "seeds, DDIM-50, mean PSNR); `docs/power/settings-inverse-equal.json` holds the picks. Not at equal "
-             "NFE: shen2024 and shen2024-ra spend 102 denoiser passes (time travel), the others 50; the quiet "
-             "timing run gives the equal-wall-time reading.", "", *section_inverse_equal(args.runs)]  # fmt: skip
+             "seeds, DDIM-50, mean PSNR); `docs/power/settings-inverse-equal.json` holds the picks. shen2024 and "
+             "shen2024-ra spend 102 denoiser passes (time travel), the others 50; FreeDoM + time travel gives the "
+             "equal-NFE reading, the quiet timing run the equal-wall-time one.", "",
+             "```bash", COMMANDS["n500-eq-tt-sketch"], COMMANDS["n500-eq-tt-inpaint"], "```", "",
+             *section_inverse_equal(args.runs)]  # fmt: skip
     atomic_write_text(args.out, "\n".join(lines) + "\n")
 
 
