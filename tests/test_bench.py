@@ -224,6 +224,7 @@ def test_a_damaged_or_foreign_shard_is_computed_again(tmp_path):
     (["--particles", "2", "--ddim-eta", "1", "--best-of", "2"], r"--best-of and --particles .*pass one of them"),
     (["--eval-seed0", "10010", "--n-eval", "4"], r"evaluation seeds 10010–10013 overlap the tuning seeds 10000–10031"),
     (["--eval-seed0", "-1"], r"--eval-seed0 must be ≥ 0, got -1"),
+    (["--no-tune", "--tune-steps", "20"], r"--tune-steps 20 has no effect with --no-tune or --settings .*drop it"),
     (["--tasks", "sketch", "--methods", "dps", "--cg-reference", "mnist-noise-aware-long"],
      r"--cg-reference mnist-noise-aware-long changes only cg on the MNIST class tasks, .*drop it"),
     (["--particles", "2", "--ddim-eta", "1", "--methods", "none,shen2024"],

@@ -110,6 +110,8 @@ def paired_loss_tests(per: dict[str, list[float]], n_boot: int = 4000) -> tuple[
     ref = display(REFERENCE)
     if ref not in per:
         return [], ""
+    # a non-finite Loss is the worst outcome (sign_test would count NaN as the lower, winning side)
+    per = {m: [v if math.isfinite(v) else math.inf for v in vals] for m, vals in per.items()}
     others = [m for m in per if m not in ("none", ref)]
     raw = [sign_test(per[ref], per[o]) for o in others]  # a_wins: the reference's Loss is higher
     adj = holm([t["p"] for t in raw])

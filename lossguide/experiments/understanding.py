@@ -10,6 +10,7 @@ the settings store ``lossguide/harness/settings.json`` (tuned on seeds ≥ 1000)
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 
@@ -360,7 +361,8 @@ def adversarial_gap(out, quick: bool = False, loss: str = "ce") -> dict:
     rob = {label: per[("robust", label)] for label in gen_sets}
     lo, hi = gap_ratio_interval(rob["plain"], rob["plain + RA"], rob["real held-out"])
     # paired on the same seeds: does RA lower the robust loss of the plain-guided samples? (sign test)
-    st = sign_test(rob["plain"].tolist(), rob["plain + RA"].tolist())
+    worst = {k: torch.nan_to_num(rob[k], nan=math.inf).tolist() for k in ("plain", "plain + RA")}  # NaN loss: worst
+    st = sign_test(worst["plain"], worst["plain + RA"])
     ra_lower = st["p"] < ALPHA and st["b_wins"] < st["a_wins"]  # b = plain + RA: fewer seeds where it is higher
     ra_higher = st["p"] < ALPHA and st["b_wins"] > st["a_wins"]
     judge = {label: (classify(k.nets["judge"], x).argmax(1).cpu() == y.cpu()).tolist()

@@ -138,6 +138,9 @@ class BenchConfig:
         if not 1 <= self.tune_steps <= 1000:
             raise ValueError(f"--tune-steps must be ≥ 1 and at most the models' 1000 training timesteps, got "
                              f"{self.tune_steps}")  # fmt: skip
+        if self.tune_steps != BenchConfig.tune_steps and not tuned_here:
+            raise ValueError(f"--tune-steps {self.tune_steps} has no effect with --no-tune or --settings (nothing is "
+                             "tuned); drop it")  # fmt: skip
         if not (math.isfinite(self.ddim_eta) and self.ddim_eta >= 0):
             raise ValueError(f"--ddim-eta must be a finite number ≥ 0, got {self.ddim_eta}")
         if self.settings_file is not None:
