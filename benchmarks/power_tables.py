@@ -492,7 +492,7 @@ def section_table5(runs: Path) -> list[str]:
     rs = rows(runs, "n500-table5")
     if not rs:
         return ["(not run)", ""]
-    return table5({(r["method"], r["steps"]): r for r in rs})
+    return table5({(r["method"], r["steps"]): r for r in rs})[0]
 
 
 def section_per_budget(runs: Path) -> list[str]:
@@ -504,24 +504,29 @@ def section_per_budget(runs: Path) -> list[str]:
     by = {**{k: r for k, r in fixed.items() if k[1] == 50}, **{(r["method"], r["steps"]): r for r in tuned}}
     if any((m, b) not in by for m in TABLE5 for b in (20, 50, 100)):
         return ["(incomplete)", ""]
-    def score(m, b, param):  # the tuning objective of one value in that budget's trace
-        trace = json.loads((runs / f"n500-budget-{b}" / "tuning.json").read_text())["trace"]
-        v = float(param.split("=")[1])
-        return next((t["score"] for t in trace if t["method"] == m and abs(t["value"] - v) < 1e-3 * v), float("nan"))
+    def value(name):  # the exact step values of a run (a row's param text is rounded to 4 digits)
+        return json.loads((runs / name / "results.json").read_text())["settings"].get("class-feature", {})
 
-    moved = [f"{m} at DDIM-{b}: {fixed[(m, b)]['param']} → {by[(m, b)]['param']} (tuning objective "
-             f"{score(m, b, fixed[(m, b)]['param']):.3f} → {score(m, b, by[(m, b)]['param']):.3f})"
-             for m in TABLE5 for b in (20, 100)
-             if (m, b) in fixed and fixed[(m, b)]["param"] != by[(m, b)]["param"]]  # fmt: skip
-    before, after = table5(fixed, verdicts_only=True), table5(by, verdicts_only=True)
-    same = "the same as" if before == after else "different from (the per-budget verdicts decide)"
-    return [*table5(by, per_budget=True),
+    def score(trace, m, v):  # the tuning objective of value v of method m in one budget's trace
+        return next((t["score"] for t in trace if t["method"] == m and abs(t["value"] - v) <= 1e-9 * v), float("nan"))
+
+    old_v, moved = value("n500-table5"), []
+    for b in (20, 100):
+        new_v = value(f"n500-budget-{b}")
+        trace = json.loads((runs / f"n500-budget-{b}" / "tuning.json").read_text())["trace"]
+        moved += [f"{m} at DDIM-{b}: {fixed[(m, b)]['param']} → {by[(m, b)]['param']} (tuning objective "
+                  f"{score(trace, m, old_v[m]):.3f} → {score(trace, m, new_v[m]):.3f})"
+                  for m in TABLE5 if (m, b) in fixed and old_v.get(m) != new_v.get(m)]  # fmt: skip
+    lines, after = table5(by, per_budget=True)
+    same = "the same as" if table5(fixed)[1] == after else "different from (the per-budget verdicts decide)"
+    return [*lines,
             f"Values the per-budget tuning moved: {'; '.join(moved) or 'none'}. Verdicts {same} those of the "
             "DDIM-50-tuned table above.", ""]  # fmt: skip
 
 
-def table5(by: dict, verdicts_only: bool = False, per_budget: bool = False):
-    """Rule ``table5`` on cells keyed (method, steps): the table and the two verdicts (or only the verdicts)."""
+def table5(by: dict, per_budget: bool = False) -> tuple[list[str], tuple[bool, bool]]:
+    """Rule ``table5`` on cells keyed (method, steps): the table's lines and the two verdicts (Polyak speeds FreeDoM
+    up, cg converges faster)."""
     budgets = sorted({b for _, b in by})
     tests = adjust({(m, b): paired_test(by[("freedom", b)], by[(m, b)])
                     for m in ("freedom+polyak", "cg") for b in budgets}, "freedom")  # fmt: skip
@@ -531,8 +536,6 @@ def table5(by: dict, verdicts_only: bool = False, per_budget: bool = False):
     )
     lead = {b: by[("cg", b)]["judge_validity"] - by[("freedom", b)]["judge_validity"] for b in budgets}
     cg_fast = tests[("cg", lo)]["verdict"] == "other better" and lead[hi] < lead[lo]
-    if verdicts_only:
-        return polyak, cg_fast
     table = []
     for m in TABLE5:
         row = {"method": m} if per_budget else {"method": m, "param": by[(m, budgets[0])]["param"]}
@@ -550,7 +553,7 @@ def table5(by: dict, verdicts_only: bool = False, per_budget: bool = False):
     return [md_table(table, list(table[0])), "",
             f"Table 5 (rule {rule}): Polyak speeds FreeDoM up: **{'confirmed' if polyak else 'not confirmed'}**; "
             f"cg converges faster (lead {100 * lead[lo]:+.1f} points at DDIM-{lo}, {100 * lead[hi]:+.1f} at "
-            f"DDIM-{hi}): **{'confirmed' if cg_fast else 'not confirmed'}**.", ""]  # fmt: skip
+            f"DDIM-{hi}): **{'confirmed' if cg_fast else 'not confirmed'}**.", ""], (polyak, cg_fast)  # fmt: skip
 
 
 def section_fig3(runs: Path) -> list[str]:
@@ -705,13 +708,14 @@ def section_inverse_equal(runs: Path) -> list[str]:
                               "–" if t is None else f"{t['ref_better']} / {t['other_better']}, {t['p_holm']:.2g}",
                           "verdict (PSNR)": "–" if t is None else t["verdict"],
                           f"validity: {ref} only / other only, Holm p":
-                              "–" if v is None else f"{v['ref_better']} / {v['other_better']}, {v['p_holm']:.2g}"})  # fmt: skip
+                              "–" if v is None
+                              else f"{v['ref_better']} / {v['other_better']}, {v['p_holm']:.2g}"})  # fmt: skip
         others = [m for m in test if not m.startswith("shen2024")]
-        leads = all(test[m]["verdict"] == f"{ref} better" for m in others)
+        not_lower = [m for m in others if test[m]["verdict"] != f"{ref} better"]
+        why = f"not lower: {', '.join(not_lower)}" if not_lower else "every other row has lower PSNR"
         out += [f"**{task}**", "", md_table(table, list(table[0])), "",
-                f"{task} (rule `inverse_equal`): the paper's method **{'leads' if leads else 'does not lead'}** "
-                f"({', '.join(m for m in others if test[m]['verdict'] != f'{ref} better') or 'every other row has lower PSNR'}"
-                f"{'' if leads else ': not lower'}).", ""]  # fmt: skip
+                f"{task} (rule `inverse_equal`): the paper's method "
+                f"**{'does not lead' if not_lower else 'leads'}** ({why}).", ""]  # fmt: skip
         tt = rows(runs, f"n500-eq-tt-{task}")
         if tt:
             t1 = paired_test(base, tt[0])

@@ -393,8 +393,8 @@ def _run(out: Path, quick: bool) -> dict:
         "Scenarios (goal, obstacle centre at goal/2, radius r; guidance uses "
         f"r + {GUIDE_MARGIN} as the paper's code): "
         + "; ".join(f"{n}: goal {g}, obstacle {c}, r = {r}" for n, g, c, r in scenarios)
-        + f". Evaluation seeds {seeds[0]}–{seeds[-1]} per scenario (offset by {SCENARIO_STRIDE} per scenario); tuning seeds "
-        f"{list(TUNE_SEEDS)}"
+        + f". Evaluation seeds {seeds[0]}–{seeds[-1]} per scenario (offset by {SCENARIO_STRIDE} per scenario); "
+        f"tuning seeds {list(TUNE_SEEDS)}"
         + (" (not run with --quick: the tuned values of the full run are used)." if quick else "."),
         "",
         md_table(rows, cols, headers),
